@@ -1,0 +1,124 @@
+"""One collective call in flight: the small API every collective algorithm is written on.
+
+A :class:`Call` knows its group's transport, its sequence number, the signature every frame
+carries, its deadline, and counts what it moves. Algorithms only ``send``, ``post`` and
+``wait``; they never see sockets, and they never see torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from sparsecoll.errors import CollectiveTimeoutError, SparseCollError
+from sparsecoll.transport.base import Buffer, Transport
+from sparsecoll.transport.mailbox import PostedRecv
+from sparsecoll.wire import HEADER_SIZE, FrameHeader, Kind, Signature
+
+
+@dataclass(slots=True)
+class CommStats:
+    """What one call (or a sum of calls) moved, as seen by this rank."""
+
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    frames_sent: int = 0
+    frames_received: int = 0
+    rounds: int = 0
+    seconds: float = 0.0
+
+    def __iadd__(self, other: CommStats) -> CommStats:
+        self.bytes_sent += other.bytes_sent
+        self.bytes_received += other.bytes_received
+        self.frames_sent += other.frames_sent
+        self.frames_received += other.frames_received
+        self.rounds += other.rounds
+        self.seconds += other.seconds
+        return self
+
+
+class CollectiveResult(NamedTuple):
+    """The value a collective produced and what it cost: ``value, stats = await g.op(...)``."""
+
+    value: Any
+    stats: CommStats
+
+
+@dataclass(slots=True)
+class Call:
+    """The context of one collective call on one rank."""
+
+    transport: Transport
+    rank: int
+    size: int
+    context: int
+    seq: int
+    signature: Signature
+    deadline: float
+    timeout: float
+    stats: CommStats = field(default_factory=CommStats)
+
+    async def send(self, peer: int, tag: int, *buffers: Buffer | np.ndarray) -> None:
+        """Send one frame made of ``buffers`` to ``peer`` under this call's deadline."""
+        length = sum(_nbytes(buffer) for buffer in buffers)
+        header = FrameHeader(Kind.DATA, self.context, self.seq, tag, length, self.signature)
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                await self.transport.send(peer, header, buffers)
+        except TimeoutError:
+            raise self._timeout(peer, f"sending {length} bytes (tag {tag})") from None
+        self.stats.bytes_sent += HEADER_SIZE + length
+        self.stats.frames_sent += 1
+
+    def post(self, peer: int, tag: int, out: np.ndarray | memoryview | None = None) -> PostedRecv:
+        """Post a receive from ``peer``; with ``out`` the payload lands in it directly."""
+        view = None
+        if out is not None:
+            view = memoryview(out)
+            if view.ndim != 1 or view.format != "B":
+                view = view.cast("B")
+        return self.transport.mailbox.post(peer, (self.context, self.seq, tag), view, self.signature)
+
+    async def wait(self, posted: PostedRecv) -> memoryview:
+        """Wait for a posted receive; returns the payload bytes."""
+        try:
+            async with asyncio.timeout_at(self.deadline):
+                _header, payload = await posted.future
+        except TimeoutError:
+            self.transport.mailbox.cancel(posted)
+            raise self._timeout(posted.peer, f"waiting for frame tag {posted.key[2]}") from None
+        except asyncio.CancelledError:
+            self.transport.mailbox.cancel(posted)
+            raise
+        self.stats.bytes_received += HEADER_SIZE + len(payload)
+        self.stats.frames_received += 1
+        return payload
+
+    async def recv(self, peer: int, tag: int, out: np.ndarray | memoryview | None = None) -> memoryview:
+        """Post and wait in one step."""
+        return await self.wait(self.post(peer, tag, out))
+
+    async def exchange(self, send_peer: int, send_buffer: Buffer | np.ndarray, recv_peer: int,
+                       out: np.ndarray | memoryview | None, tag: int) -> memoryview:
+        """Send to one peer while receiving from another (the receive is posted first)."""
+        posted = self.post(recv_peer, tag, out)
+        try:
+            await self.send(send_peer, tag, send_buffer)
+        except BaseException:
+            self.transport.mailbox.cancel(posted)
+            raise
+        return await self.wait(posted)
+
+    def _timeout(self, peer: int, doing: str) -> SparseCollError:
+        return CollectiveTimeoutError(
+            f"collective #{self.seq} {self.signature.describe()} timed out after "
+            f"{self.timeout:.3g} s {doing} with peer {peer}", rank=self.rank, peer=peer)
+
+
+def _nbytes(buffer: Buffer | np.ndarray) -> int:
+    if isinstance(buffer, np.ndarray):
+        return buffer.nbytes
+    return memoryview(buffer).nbytes

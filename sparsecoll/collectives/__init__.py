@@ -1,0 +1,1 @@
+"""Collective algorithms, one module per family, written on :class:`sparsecoll.call.Call`."""

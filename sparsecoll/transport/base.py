@@ -1,0 +1,77 @@
+"""The interface every transport implements: frames to and from peers, nothing more.
+
+A transport knows ranks, frames and buffers; it knows nothing of collectives or gradients.
+Incoming frames are matched by the transport's :class:`~sparsecoll.transport.mailbox.Mailbox`,
+which the layer above uses to post receives. Lifecycle::
+
+    transport = SomeTransport(rank, size, secret=..., group_id=..., on_failure=...)
+    address = await transport.listen(host)          # publish it through the rendezvous store
+    await transport.connect(addresses, timeout)     # every pair authenticated, mesh complete
+    ... send / mailbox.post ...
+    await transport.close()
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+
+from sparsecoll.errors import SparseCollError
+from sparsecoll.transport.mailbox import Mailbox
+from sparsecoll.wire import DEFAULT_MAX_PAYLOAD, FrameHeader
+
+Buffer = bytes | bytearray | memoryview
+"""Anything exposing a contiguous buffer (numpy arrays included)."""
+
+
+class Transport(abc.ABC):
+    """Moves frames between this rank and every other rank of one group."""
+
+    def __init__(self, rank: int, size: int, *, secret: bytes, group_id: bytes,
+                 on_failure: Callable[[SparseCollError], None],
+                 max_payload: int = DEFAULT_MAX_PAYLOAD) -> None:
+        self.rank = rank
+        self.size = size
+        self.secret = secret
+        self.group_id = group_id
+        self.max_payload = max_payload
+        self.on_failure = on_failure
+        self.mailbox = Mailbox(rank, max_payload, 4 * max_payload, on_failure)
+        self.rejected: list[SparseCollError] = []
+        """Errors of connections dropped before they named a rank of this group (strays)."""
+
+    @abc.abstractmethod
+    async def listen(self, host: str) -> str:
+        """Start accepting peers; returns the address other ranks connect to.
+
+        Raises RendezvousError if no listener can be opened on ``host``.
+        """
+
+    @abc.abstractmethod
+    async def connect(self, addresses: Sequence[str], timeout: float) -> None:
+        """Open and authenticate one connection to every other rank.
+
+        Raises AuthenticationError (a peer's secret differs), RendezvousError or
+        CollectiveTimeoutError (the mesh was not complete within ``timeout``).
+        """
+
+    @abc.abstractmethod
+    async def send(self, peer: int, header: FrameHeader, payload: Sequence[Buffer] = ()) -> None:
+        """Send one frame to ``peer``; returns when the buffers may be reused.
+
+        Raises PeerLostError if the connection is gone. Cancelling a send that has put part
+        of a frame on the wire leaves that connection unusable for data (the peer sees
+        the failure when the group aborts or closes).
+        """
+
+    @abc.abstractmethod
+    def send_abort(self, error: SparseCollError) -> None:
+        """Tell every reachable peer that this group failed with ``error``; never blocks."""
+
+    @abc.abstractmethod
+    def fail_pending_sends(self, error: SparseCollError) -> None:
+        """Wake every send blocked on flow control with ``error`` (the group is poisoned)."""
+
+    @abc.abstractmethod
+    async def close(self, linger: float = 1.0) -> None:
+        """Say goodbye to every peer, wait up to ``linger`` seconds for theirs, release all."""
