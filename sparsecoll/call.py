@@ -68,6 +68,8 @@ class Call:
         try:
             async with asyncio.timeout_at(self.deadline):
                 await self.transport.send(peer, header, buffers)
+        except SparseCollError:
+            raise
         except TimeoutError:
             raise self._timeout(peer, f"sending {length} bytes (tag {tag})") from None
         self.stats.bytes_sent += HEADER_SIZE + length
@@ -87,6 +89,8 @@ class Call:
         try:
             async with asyncio.timeout_at(self.deadline):
                 _header, payload = await posted.future
+        except SparseCollError:
+            raise
         except TimeoutError:
             self.transport.mailbox.cancel(posted)
             raise self._timeout(posted.peer, f"waiting for frame tag {posted.key[2]}") from None

@@ -42,7 +42,10 @@ def _rank_main(rank: int, world_size: int, env: dict[str, str], target: Callable
             return await target(group, *args)
 
     try:
-        results.put((rank, "ok", asyncio.run(main())))
+        if group_kwargs is None and not asyncio.iscoroutinefunction(target):
+            results.put((rank, "ok", target(rank, world_size, *args)))
+        else:
+            results.put((rank, "ok", asyncio.run(main())))
     except SparseCollError as error:
         results.put((rank, "error", error))
     except BaseException as error:  # report anything else with its traceback

@@ -69,6 +69,7 @@ class Mailbox:
         self._unexpected_bytes = 0
         self._active: dict[tuple[int, int], Signature] = {}
         self._closed_peers: dict[int, SparseCollError] = {}
+        self._streaming: dict[int, PostedRecv | None] = {}
         self.error: SparseCollError | None = None
 
     # ----------------------------------------------------------------- receiver side
@@ -131,7 +132,8 @@ class Mailbox:
         """Where the payload of ``header`` goes: a posted buffer, a new buffer, or None to drop.
 
         Called by the transport after the header is decoded and before any payload byte is
-        read, so every limit is enforced before allocation.
+        read, so every limit is enforced before allocation. A peer's frames arrive one at a
+        time, so the mailbox remembers, per peer, which receive the streaming payload is for.
         """
         if self.error is not None:
             return None
@@ -144,6 +146,7 @@ class Mailbox:
             except SparseCollError as error:
                 self._on_failure(error)
                 return None
+            self._streaming[peer] = posted
             if posted.out is not None:
                 return posted.out[:header.length]
             return memoryview(bytearray(header.length))
@@ -157,27 +160,45 @@ class Mailbox:
                 f"exceed the budget of {self.max_unexpected_bytes}", rank=self.rank, peer=peer))
             return None
         self._unexpected_bytes += header.length
+        self._streaming[peer] = None
         return memoryview(bytearray(header.length))
 
     def on_payload(self, peer: int, header: FrameHeader, payload: memoryview) -> None:
         """The payload of ``header`` is complete in the buffer ``on_header`` returned."""
+        target = self._streaming.pop(peer, None)
         if self.error is not None:
             return
         key = (header.context, header.seq, header.tag)
         queue = self._posted.get((peer, key))
-        if queue:
+        if target is not None:
+            if queue and target in queue:
+                queue.remove(target)
+                if not queue:
+                    del self._posted[(peer, key)]
+            if not target.future.done():
+                target.future.set_result((header, payload))
+                return
+            # its receive was withdrawn while the payload streamed into the caller's buffer
+            payload = memoryview(bytearray(payload))
+            self._unexpected_bytes += header.length
+        elif queue:
+            # the receive was posted while this unrequested payload was streaming in
             posted = queue.popleft()
             if not queue:
                 del self._posted[(peer, key)]
-            if not posted.future.done():
-                posted.future.set_result((header, payload))
+            self._unexpected_bytes -= header.length
+            try:
+                self._check(peer, posted, header)
+            except SparseCollError as error:
+                posted.future.set_exception(error)
+                self._on_failure(copy_error(error))
+                return
+            if posted.out is not None:
+                posted.out[:header.length] = payload
+                payload = posted.out[:header.length]
+            posted.future.set_result((header, payload))
             return
-        buffer = payload.obj
-        if not isinstance(buffer, bytearray) or len(buffer) != header.length:
-            # its receive was withdrawn while the payload streamed into the caller's buffer
-            buffer = bytearray(payload)
-            self._unexpected_bytes += header.length
-        self._unexpected.setdefault((peer, key), deque()).append(_Pending(header, buffer))
+        self._unexpected.setdefault((peer, key), deque()).append(_Pending(header, payload.obj))
 
     def peer_closed(self, peer: int, error: SparseCollError) -> None:
         """``peer`` will send nothing more: fail the receives that wait for it."""
@@ -217,7 +238,7 @@ class Mailbox:
 
     def _mismatch(self, peer: int, mine: Signature, theirs: Signature, seq: int) -> CollectiveMismatchError:
         return CollectiveMismatchError(
-            f"collective #{seq}: this rank called {mine.describe()} but peer {peer} called "
+            f"collective #{seq}: rank {self.rank} called {mine.describe()} but rank {peer} called "
             f"{theirs.describe()}", rank=self.rank, peer=peer)
 
     def _fail_mismatch(self, peer: int, mine: Signature, theirs: Signature, seq: int) -> None:

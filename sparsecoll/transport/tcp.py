@@ -23,7 +23,7 @@ from sparsecoll.errors import (
 )
 from sparsecoll.transport.base import Buffer, Transport
 from sparsecoll.transport.handshake import accept_handshake, connect_handshake
-from sparsecoll.transport.mailbox import lost_peer_error
+from sparsecoll.transport.mailbox import copy_error, lost_peer_error
 from sparsecoll.wire import (
     HEADER_SIZE,
     MAX_ABORT_MESSAGE,
@@ -285,7 +285,9 @@ class TcpTransport(Transport):
                     if task.done() and task.exception() is not None:
                         raise task.exception()
                 if len(self._connections) == self.size - 1 and all(t.done() for t in outgoing):
-                    break
+                    break  # an abort that arrived meanwhile fails the group's first call
+                if self.mailbox.error is not None:
+                    raise copy_error(self.mailbox.error)
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     missing = sorted(set(range(self.size)) - set(self._connections) - {self.rank})
@@ -392,6 +394,8 @@ class TcpTransport(Transport):
         error = lost_peer_error(self.rank, peer, detail)
         self.mailbox.peer_closed(peer, error)
         self.on_failure(error)
+        if self._mesh_changed is not None:
+            self._mesh_changed.set()
 
     def send_abort(self, error: SparseCollError) -> None:
         payload = encode_abort(self.rank, error)
