@@ -1,0 +1,66 @@
+"""CUDA kernels behind ``random_sparsify``: the greedy scale's reductions and the kept compaction."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from numba import cuda, njit
+
+from ._cuda_compact import THREADS, compact, make_compaction
+from .random_sparsify import greedy_scale, is_kept, keep_probability
+
+ITEMS_PER_THREAD = 16
+
+
+@njit(cache=True)
+def _value_nonfinite(x, i, lam, unused):
+    return not abs(x[i]) < np.inf
+
+
+@cuda.jit
+def _sums_kernel(x, lam, out):
+    # out: [saturated count, sum of |x| over the rest, NaN/inf count], accumulated atomically
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    saturated = 0.0
+    rest = 0.0
+    bad = 0.0
+    for i in range(start, x.size, stride):
+        a = abs(np.float64(x[i]))
+        if not a < np.inf:
+            bad += 1.0
+        elif lam * a >= 1.0:
+            saturated += 1.0
+        else:
+            rest += a
+    cuda.atomic.add(out, 0, saturated)
+    cuda.atomic.add(out, 1, rest)
+    cuda.atomic.add(out, 2, bad)
+
+
+@cuda.jit
+def _scale_kernel(x, lam, idx, out):
+    t = cuda.grid(1)
+    if t < idx.size:
+        value = x[idx[t]]
+        out[t] = value / keep_probability(value, lam)
+
+
+def _sums(x: Any, lam: float) -> tuple[int, float, int]:
+    out = cuda.to_device(np.zeros(3, np.float64))
+    blocks = max(1, -(-x.size // (THREADS * ITEMS_PER_THREAD)))
+    if x.size:
+        _sums_kernel[blocks, THREADS](x, lam, out)
+    saturated, rest, bad = out.copy_to_host()
+    return int(saturated), float(rest), int(bad)
+
+
+def random_sparsify(x: Any, density: float, seed: int) -> tuple[Any, Any]:
+    lam = greedy_scale(lambda scale: _sums(x, scale), x.size, density)
+    kernels = make_compaction(is_kept, _value_nonfinite)
+    idx, _ = compact(kernels, x, lam, np.uint64(seed), 0)
+    out = cuda.device_array(idx.size, x.dtype)
+    if idx.size:
+        _scale_kernel[max(1, -(-idx.size // THREADS)), THREADS](x, lam, idx, out)
+    return idx, out
