@@ -1,8 +1,9 @@
 """Order-preserving parallel compaction on CUDA: per-block counts, a prefix sum, per-block writes.
 
 ``make_compaction(keep, nonfinite)`` builds the two kernels for a predicate ``keep(x, i, a, b)``
-and a check ``nonfinite(x, i, a, c)`` (``a``, ``b``, ``c`` are scalar parameters); ``compact`` runs them and returns the kept
-(indices, values) in index order. Imported only when a CUDA array arrives.
+and a check ``nonfinite(x, i, a, c)`` (``a``, ``b``, ``c`` are scalar parameters); ``compact``
+runs them and returns the kept (indices, values) in index order. Imported only when a CUDA
+array arrives.
 """
 
 from __future__ import annotations
@@ -11,11 +12,13 @@ import functools
 from typing import Any, Callable
 
 import numpy as np
-from numba import cuda, int64
+from numba import config, cuda, int64
 
 from ._dispatch import nonfinite_error
 
-THREADS = 256  # threads per block; the shared-memory scan below is sized by it
+# threads per block; the shared-memory scan is sized by it. The simulator runs each thread as a
+# Python thread, so it gets small blocks (which also puts several blocks in its small tests).
+THREADS = 32 if config.ENABLE_CUDASIM else 256
 TILES_PER_BLOCK = 16  # each block walks this many tiles of THREADS elements
 
 
@@ -66,25 +69,26 @@ def make_compaction(keep: Callable, nonfinite: Callable) -> tuple[Any, Any]:
 
     @cuda.jit
     def write_kernel(x, a, b, span, offsets, out_idx, out_val):
-        flags = cuda.shared.array(THREADS, int64)
+        # each thread owns a run of span / THREADS consecutive elements: it counts its run,
+        # one block-wide scan turns counts into positions, then it writes its run in order
+        counts = cuda.shared.array(THREADS, int64)
         t = cuda.threadIdx.x
-        lo = cuda.blockIdx.x * span
-        hi = min(lo + span, x.size)
-        base = offsets[cuda.blockIdx.x]
-        for start in range(lo, hi, THREADS):
-            i = start + t
-            flag = 0
-            if i < hi and keep(x, i, a, b):
-                flag = 1
-            flags[t] = flag
-            cuda.syncthreads()
-            scan_block(flags, t)
-            if flag:
-                pos = base + flags[t] - 1
+        per_thread = span // THREADS
+        start = cuda.blockIdx.x * span + t * per_thread
+        stop = min(start + per_thread, x.size)
+        kept = 0
+        for i in range(start, stop):
+            if keep(x, i, a, b):
+                kept += 1
+        counts[t] = kept
+        cuda.syncthreads()
+        scan_block(counts, t)
+        pos = offsets[cuda.blockIdx.x] + counts[t] - kept
+        for i in range(start, stop):
+            if keep(x, i, a, b):
                 out_idx[pos] = i
                 out_val[pos] = x[i]
-            base += flags[THREADS - 1]
-            cuda.syncthreads()
+                pos += 1
 
     return count_kernel, write_kernel
 
