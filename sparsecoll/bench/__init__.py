@@ -1,0 +1,1 @@
+"""sparsecoll-bench: microbenchmarks of collectives and kernels."""
