@@ -25,18 +25,16 @@ from sparsecoll.errors import (
     SparseCollError,
 )
 from sparsecoll.rendezvous import Rendezvous, listen_host, resolve
+from sparsecoll.transport import transport_class
 from sparsecoll.transport.base import Transport
 from sparsecoll.transport.handshake import group_id_for
 from sparsecoll.transport.mailbox import copy_error
-from sparsecoll.transport.tcp import TcpTransport
 from sparsecoll.wire import DEFAULT_MAX_PAYLOAD, Signature
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds a collective may wait on the network before CollectiveTimeoutError (per call)."""
 
 T = TypeVar("T")
-
-_TRANSPORTS: dict[str, type[Transport]] = {"tcp": TcpTransport}
 
 
 class Group:
@@ -189,8 +187,7 @@ async def init_group(*, rank: int | None = None, world_size: int | None = None, 
     SPARSECOLL_TIMEOUT or 300 s) bounds the set-up and is every collective's default deadline.
     """
     backend = backend or os.environ.get("SPARSECOLL_BACKEND", "tcp")
-    if backend not in _TRANSPORTS:
-        raise InvalidArgumentError(f"unknown backend {backend!r}; available: {sorted(_TRANSPORTS)}")
+    transport_type = transport_class(backend)
     timeout = float(os.environ.get("SPARSECOLL_TIMEOUT", DEFAULT_TIMEOUT)) if timeout is None else float(timeout)
     membership = await asyncio.to_thread(resolve, init_method, rank, world_size, store, timeout)
     rendezvous = Rendezvous(membership, name, timeout)
@@ -207,7 +204,7 @@ async def init_group(*, rank: int | None = None, world_size: int | None = None, 
         else:
             transport.mailbox.fail(error)
 
-    transport = _TRANSPORTS[backend](membership.rank, membership.world_size, secret=shared_secret,
+    transport = transport_type(membership.rank, membership.world_size, secret=shared_secret,
                                      group_id=group_id_for(prefix), on_failure=on_failure,
                                      max_payload=max_payload)
     try:
