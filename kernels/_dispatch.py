@@ -116,6 +116,7 @@ def key_above(threshold: float, dtype: np.dtype) -> np.generic:
         raise InvalidArgumentError("threshold is NaN")
     if threshold < 0:
         return fmt.key_dtype.type(0)
+    threshold = abs(threshold)  # -0.0 must not carry its sign bit into the key
     if np.isinf(threshold):
         return fmt.inf_key
     cast = np.asarray(threshold, dtype=np.float64).astype(dtype)
