@@ -59,12 +59,15 @@ class Call:
     signature: Signature
     deadline: float
     timeout: float
+    members: tuple[int, ...] = ()
+    """Transport rank of each rank of the group (a sub-group's ranks are renumbered from 0)."""
     stats: CommStats = field(default_factory=CommStats)
 
     async def send(self, peer: int, tag: int, *buffers: Buffer | np.ndarray) -> None:
         """Send one frame made of ``buffers`` to ``peer`` under this call's deadline."""
         length = sum(_nbytes(buffer) for buffer in buffers)
         header = FrameHeader(Kind.DATA, self.context, self.seq, tag, length, self.signature)
+        peer = self.members[peer] if self.members else peer
         try:
             async with asyncio.timeout_at(self.deadline):
                 await self.transport.send(peer, header, buffers)
@@ -82,6 +85,8 @@ class Call:
             view = memoryview(out)
             if view.ndim != 1 or view.format != "B":
                 view = view.cast("B")
+        if self.members and peer >= 0:
+            peer = self.members[peer]
         return self.transport.mailbox.post(peer, (self.context, self.seq, tag), view, self.signature)
 
     async def wait(self, posted: PostedRecv) -> memoryview:
@@ -119,7 +124,7 @@ class Call:
     def _timeout(self, peer: int, doing: str) -> SparseCollError:
         return CollectiveTimeoutError(
             f"collective #{self.seq} {self.signature.describe()} timed out after "
-            f"{self.timeout:.3g} s {doing} with peer {peer}", rank=self.rank, peer=peer)
+            f"{self.timeout:.3g} s {doing} with rank {peer}", rank=self.transport.rank, peer=peer)
 
 
 def _nbytes(buffer: Buffer | np.ndarray) -> int:

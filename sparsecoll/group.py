@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+import zlib
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import numpy as np
 
+from sparsecoll import p2p, registry
 from sparsecoll.call import Call, CollectiveResult, CommStats
 from sparsecoll.collectives import dense
 from sparsecoll.errors import (
@@ -28,7 +30,7 @@ from sparsecoll.rendezvous import Rendezvous, listen_host, resolve
 from sparsecoll.transport import transport_class
 from sparsecoll.transport.base import Transport
 from sparsecoll.transport.handshake import group_id_for
-from sparsecoll.transport.mailbox import copy_error
+from sparsecoll.transport.mailbox import ANY_SOURCE, copy_error
 from sparsecoll.wire import DEFAULT_MAX_PAYLOAD, Signature
 
 DEFAULT_TIMEOUT = 300.0
@@ -41,7 +43,8 @@ class Group:
     """Rank, size, transport, sequence numbers and deadlines of one set of ranks."""
 
     def __init__(self, rank: int, size: int, transport: Transport, *, timeout: float,
-                 backend: str, store: Any = None, name: str = "default") -> None:
+                 backend: str, store: Any = None, name: str = "default", context: int = 0,
+                 members: Sequence[int] | None = None, parent: Group | None = None) -> None:
         self.rank = rank
         self.size = size
         self.transport = transport
@@ -49,14 +52,19 @@ class Group:
         self.backend = backend
         self.store = store
         self.name = name
-        self.context = 0
+        self.context = context
+        self.members: tuple[int, ...] = tuple(range(size) if members is None else members)
+        """Rank in the whole job (the transport's rank) of each rank of this group."""
+        self.parent = parent
         self.total_stats = CommStats()
+        self._root: Group = self if parent is None else parent._root
         self._seq = 0
+        self._children = 0
         self._error: SparseCollError | None = None
         self._closed = False
 
     def __repr__(self) -> str:
-        state = "closed" if self._closed else "failed" if self._error else "ready"
+        state = "closed" if self.closed else "failed" if self.error else "ready"
         return f"<Group {self.name!r} rank {self.rank}/{self.size} {self.backend} {state}>"
 
     @property
@@ -66,8 +74,13 @@ class Group:
 
     @property
     def error(self) -> SparseCollError | None:
-        """The failure that poisoned this group, if any."""
-        return self._error
+        """The failure that poisoned this group (and every group sharing its connections)."""
+        return self._root._error
+
+    @property
+    def closed(self) -> bool:
+        """True once this group, or the group it was split from, was closed."""
+        return self._closed or self._root._closed
 
     # ----------------------------------------------------------------- lifecycle
     async def __aenter__(self) -> Group:
@@ -79,34 +92,45 @@ class Group:
         await self.close()
 
     def abort(self, reason: str = "") -> None:
-        """Fail this group on every rank: the others raise GroupAbortedError promptly."""
-        if self._closed:
+        """Fail this group on every rank: the others raise GroupAbortedError promptly.
+
+        Sub-groups share their parent's connections, so an abort (or any failure) in one
+        fails the parent and all its sub-groups alike.
+        """
+        if self.closed:
             return
         self.poison(GroupAbortedError(f"group aborted by rank {self.rank}" + (f": {reason}" if reason else ""),
-                                      rank=self.rank))
+                                      rank=self.transport.rank))
 
     async def close(self, linger: float = 1.0) -> None:
-        """Say goodbye to the peers and release sockets; later calls raise GroupClosedError."""
+        """Say goodbye to the peers and release sockets; later calls raise GroupClosedError.
+
+        Closing a sub-group only retires it; closing the group that owns the connections
+        retires every sub-group too.
+        """
         if self._closed:
             return
         self._closed = True
-        self.transport.mailbox.fail(GroupClosedError("group closed", rank=self.rank))
-        await self.transport.close(linger)
+        if self.parent is None:
+            self.transport.mailbox.fail(GroupClosedError("group closed", rank=self.rank))
+            await self.transport.close(linger)
 
     def poison(self, error: SparseCollError) -> None:
         """Record the first failure, fail every wait on it, and tell the other ranks."""
-        if self._error is not None or self._closed:
+        root = self._root
+        if root._error is not None or root._closed:
             return
-        self._error = error
+        root._error = error
         self.transport.mailbox.fail(error)
         self.transport.fail_pending_sends(error)
         self.transport.send_abort(error)
 
-    def _check_usable(self) -> None:
-        if self._closed:
+    def check_usable(self) -> None:
+        """Raise GroupClosedError, or the error that poisoned the group, if it cannot be used."""
+        if self.closed:
             raise GroupClosedError("the group is closed", rank=self.rank)
-        if self._error is not None:
-            raise copy_error(self._error)
+        if self.error is not None:
+            raise copy_error(self.error)
 
     # ----------------------------------------------------------------- calls
     async def run(self, signature: Signature, body: Callable[[Call], Awaitable[T]],
@@ -116,7 +140,7 @@ class Group:
         This is the extension point for collectives: ``body`` receives a :class:`Call` whose
         frames carry ``signature``; its return value becomes ``CollectiveResult.value``.
         """
-        self._check_usable()
+        self.check_usable()
         timeout = self.timeout if timeout is None else float(timeout)
         if timeout <= 0:
             raise InvalidArgumentError(f"timeout must be positive, got {timeout}", rank=self.rank)
@@ -124,7 +148,7 @@ class Group:
         seq = self._seq
         self._seq += 1
         call = Call(self.transport, self.rank, self.size, self.context, seq, signature,
-                    loop.time() + timeout, timeout)
+                    loop.time() + timeout, timeout, self.members if self.parent else ())
         mailbox = self.transport.mailbox
         mailbox.begin(self.context, seq, signature)
         started = time.perf_counter()
@@ -135,12 +159,12 @@ class Group:
             raise
         except asyncio.CancelledError:
             self.poison(GroupAbortedError(f"collective #{seq} was cancelled on rank {self.rank}",
-                                          rank=self.rank))
+                                          rank=self.transport.rank))
             raise
         finally:
             mailbox.end(self.context, seq)
-        if self._error is not None:
-            raise copy_error(self._error)
+        if self.error is not None:
+            raise copy_error(self.error)
         call.stats.seconds = time.perf_counter() - started
         self.total_stats += call.stats
         return CollectiveResult(value, call.stats)
@@ -172,6 +196,81 @@ class Group:
     async def barrier(self, *, timeout: float | None = None) -> CollectiveResult:
         """Return once every rank has entered the barrier."""
         return await dense.barrier(self, timeout=timeout)
+
+
+    # ----------------------------------------------------------------- point to point
+    async def send(self, array: np.ndarray, dst: int, tag: int = 0, *,
+                   timeout: float | None = None) -> CommStats:
+        """Send ``array`` to rank ``dst`` with ``tag`` (see :mod:`sparsecoll.p2p`)."""
+        return await p2p.send(self, array, dst, tag, timeout=timeout)
+
+    async def recv(self, src: int = ANY_SOURCE, tag: int = 0, *, out: np.ndarray | None = None,
+                   timeout: float | None = None) -> p2p.Message:
+        """Receive the next message with ``tag`` from ``src`` (default: any rank)."""
+        return await p2p.recv(self, src, tag, out=out, timeout=timeout)
+
+    def isend(self, array: np.ndarray, dst: int, tag: int = 0, *,
+              timeout: float | None = None) -> asyncio.Task:
+        """Start a send; returns a task (await it, or pass it to ``sparsecoll.wait_all``)."""
+        return p2p.isend(self, array, dst, tag, timeout=timeout)
+
+    def irecv(self, src: int = ANY_SOURCE, tag: int = 0, *, out: np.ndarray | None = None,
+              timeout: float | None = None) -> asyncio.Task:
+        """Post a receive now; returns a task resolving to a :class:`~sparsecoll.p2p.Message`."""
+        return p2p.irecv(self, src, tag, out=out, timeout=timeout)
+
+    # ----------------------------------------------------------------- sub-groups
+    def new_group(self, ranks: Sequence[int], name: str | None = None) -> Group | None:
+        """A group of ``ranks`` (renumbered 0.. in the order given) over the same connections.
+
+        Every rank of this group must call it, in the same order relative to other
+        ``new_group``/``split`` calls (as with torch's ``new_group``); ranks not listed get
+        None. The sub-group has its own sequence numbers and tag space and runs concurrently
+        with this group.
+        """
+        ranks = [int(rank) for rank in ranks]
+        if not ranks or len(set(ranks)) != len(ranks) or not all(0 <= r < self.size for r in ranks):
+            raise InvalidArgumentError(f"ranks {ranks} are not distinct ranks of a group of {self.size}",
+                                       rank=self.rank)
+        self.check_usable()
+        index = self._children
+        self._children += 1
+        if self.rank not in ranks:
+            return None
+        return self._child(ranks, _child_context(self.context, index, ranks), name)
+
+    async def split(self, color: int | None, key: int = 0, *, timeout: float | None = None) -> Group | None:
+        """Split into one sub-group per ``color`` (None: join none), ranked by (key, rank).
+
+        A collective over this group, like ``MPI_Comm_split``.
+        """
+        mine = np.array([-1 if color is None else int(color), int(key)], np.int64)
+        if color is not None and color < 0:
+            raise InvalidArgumentError(f"color must be >= 0 or None, got {color}", rank=self.rank)
+        table, _ = await self.allgather(mine, timeout=timeout)
+        index = self._children
+        self._children += 1
+        if color is None:
+            return None
+        ranks = sorted((r for r in range(self.size) if table[r, 0] == color), key=lambda r: (table[r, 1], r))
+        return self._child(ranks, _child_context(self.context, index, [int(color)]), None)
+
+    def _child(self, ranks: list[int], context: int, name: str | None) -> Group:
+        return Group(ranks.index(self.rank), len(ranks), self.transport, timeout=self.timeout,
+                     backend=self.backend, store=self.store, name=name or f"{self.name}/{context:08x}",
+                     context=context, members=[self.members[r] for r in ranks], parent=self)
+
+    # ----------------------------------------------------------------- registry
+    async def collective(self, name: str, array: np.ndarray, **options: Any) -> CollectiveResult:
+        """Run the collective registered as ``name`` (see :mod:`sparsecoll.registry`)."""
+        return await registry.collective(name)(self, array, **options)
+
+
+def _child_context(parent: int, index: int, identity: Sequence[int]) -> int:
+    """A context id every member derives alike: parent, creation index, and what tells
+    siblings apart. Nonzero, so it never equals a top-level group's context 0."""
+    digest = zlib.crc32(np.asarray([parent, index, *identity], np.int64).tobytes())
+    return digest or 1
 
 
 async def init_group(*, rank: int | None = None, world_size: int | None = None, store: Any = None,

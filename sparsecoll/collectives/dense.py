@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from sparsecoll.arrays import as_sendable, result_buffer
 from sparsecoll.call import Call, CollectiveResult
 from sparsecoll.errors import FrameError, InvalidArgumentError
 from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code, shape_hash
@@ -36,27 +37,6 @@ _UFUNCS = {ReduceOp.SUM: np.add, ReduceOp.MEAN: np.add, ReduceOp.MAX: np.maximum
 
 
 # --------------------------------------------------------------------------- helpers
-def as_sendable(group: Group, array: np.ndarray) -> np.ndarray:
-    """The caller's array as a C-contiguous numpy array of a dtype the wire carries."""
-    array = np.ascontiguousarray(array)
-    try:
-        dtype_code(array.dtype)
-    except FrameError:
-        raise InvalidArgumentError(f"dtype {array.dtype} is not supported", rank=group.rank) from None
-    return array
-
-
-def _result_buffer(group: Group, array: np.ndarray, out: np.ndarray | None, shape: tuple[int, ...]) -> np.ndarray:
-    if out is None:
-        return np.empty(shape, array.dtype)
-    if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != array.dtype:
-        raise InvalidArgumentError(
-            f"out must be a {array.dtype} array of shape {shape}", rank=group.rank)
-    if not out.flags.c_contiguous or not out.flags.writeable:
-        raise InvalidArgumentError("out must be C-contiguous and writeable", rank=group.rank)
-    return out
-
-
 def chunk_bounds(count: int, parts: int) -> list[int]:
     """Offsets that split ``count`` items into ``parts`` near-equal chunks (larger ones first)."""
     base, extra = divmod(count, parts)
@@ -180,10 +160,10 @@ async def allreduce(group: Group, array: np.ndarray, op: str = "sum", *, out: np
     reduce_op = REDUCE_OPS.get(op)
     if reduce_op is None:
         raise InvalidArgumentError(f"unknown op {op!r}; choose from {sorted(REDUCE_OPS)}", rank=group.rank)
-    array = as_sendable(group, array)
+    array = as_sendable(array, group.rank)
     if reduce_op == ReduceOp.MEAN and array.dtype.kind != "f":
         raise InvalidArgumentError(f"mean needs a floating dtype, not {array.dtype}", rank=group.rank)
-    result = _result_buffer(group, array, out, array.shape)
+    result = result_buffer(array, out, array.shape, group.rank)
     if algorithm is None:
         small = array.nbytes <= SMALL_ALLREDUCE_BYTES or array.size < group.size
         algorithm = Algorithm.RECURSIVE_DOUBLING if small else Algorithm.RING
@@ -223,8 +203,8 @@ async def ring_allgather(call: Call, blocks: list[np.ndarray], tag_base: int = 0
 async def allgather(group: Group, array: np.ndarray, *, out: np.ndarray | None = None,
                     timeout: float | None = None) -> CollectiveResult:
     """Stack every rank's equally shaped array into shape (size, *array.shape)."""
-    array = as_sendable(group, array)
-    result = _result_buffer(group, array, out, (group.size, *array.shape))
+    array = as_sendable(array, group.rank)
+    result = result_buffer(array, out, (group.size, *array.shape), group.rank)
     signature = Signature(Op.ALLGATHER, Algorithm.RING, dtype_code(array.dtype), 0, -1,
                           array.size, 0, shape_hash(array.shape))
     result[group.rank] = array
@@ -245,7 +225,7 @@ async def allgatherv(group: Group, array: np.ndarray, *, counts: list[int] | Non
     Without ``counts`` the lengths are exchanged first (one small ring allgather inside the
     same call); with ``counts`` every rank must pass the same list.
     """
-    array = as_sendable(group, array).reshape(-1)
+    array = as_sendable(array, group.rank).reshape(-1)
     if counts is not None:
         counts = [int(count) for count in counts]
         if len(counts) != group.size or min(counts) < 0 or counts[group.rank] != array.size:
@@ -319,8 +299,8 @@ async def broadcast(group: Group, array: np.ndarray, root: int = 0, *, out: np.n
     """Root's array on every rank (others pass an array of the same shape and dtype)."""
     if not 0 <= root < group.size:
         raise InvalidArgumentError(f"root {root} is not a rank of a group of {group.size}", rank=group.rank)
-    array = as_sendable(group, array)
-    result = _result_buffer(group, array, out, array.shape)
+    array = as_sendable(array, group.rank)
+    result = result_buffer(array, out, array.shape, group.rank)
     small = array.nbytes <= SMALL_BROADCAST_BYTES or group.size <= 2
     algorithm = Algorithm.BINOMIAL_TREE if small else Algorithm.RING
     signature = Signature(Op.BROADCAST, algorithm, dtype_code(array.dtype), 0, root,

@@ -25,6 +25,7 @@ from sparsecoll.errors import (
 from sparsecoll.wire import FrameHeader, Signature
 
 MatchKey = tuple[int, int, int]  # (context, seq, tag)
+ANY_SOURCE = -1
 
 
 def copy_error(error: SparseCollError) -> SparseCollError:
@@ -41,6 +42,8 @@ class PostedRecv:
     signature: Signature | None
     out: memoryview | None
     future: asyncio.Future = field(repr=False)
+    source: int = -1
+    """The peer the matched frame came from (for receives posted with ANY_SOURCE)."""
 
     @property
     def done(self) -> bool:
@@ -53,6 +56,7 @@ class _Pending:
 
     header: FrameHeader
     payload: bytearray
+    arrival: int
 
 
 class Mailbox:
@@ -70,34 +74,26 @@ class Mailbox:
         self._active: dict[tuple[int, int], Signature] = {}
         self._closed_peers: dict[int, SparseCollError] = {}
         self._streaming: dict[int, PostedRecv | None] = {}
+        self._arrivals = 0
         self.error: SparseCollError | None = None
 
     # ----------------------------------------------------------------- receiver side
     def post(self, peer: int, key: MatchKey, out: memoryview | None = None,
              signature: Signature | None = None) -> PostedRecv:
-        """Ask for the next frame from ``peer`` matching ``key``; returns at once."""
+        """Ask for the next frame from ``peer`` (or ANY_SOURCE) matching ``key``; returns at once."""
         loop = asyncio.get_running_loop()
         posted = PostedRecv(peer, key, signature, out, loop.create_future())
         if self.error is not None:
             posted.future.set_exception(copy_error(self.error))
             return posted
-        queued = self._unexpected.get((peer, key))
+        source = self._earliest_unexpected(key) if peer == ANY_SOURCE else peer
+        queued = self._unexpected.get((source, key))
         if queued:
             pending = queued.popleft()
             if not queued:
-                del self._unexpected[(peer, key)]
+                del self._unexpected[(source, key)]
             self._unexpected_bytes -= len(pending.payload)
-            try:
-                self._check(peer, posted, pending.header)
-            except SparseCollError as error:
-                posted.future.set_exception(error)
-                self._on_failure(copy_error(error))
-                return posted
-            if out is not None:
-                out[:len(pending.payload)] = pending.payload
-                posted.future.set_result((pending.header, out[:len(pending.payload)]))
-            else:
-                posted.future.set_result((pending.header, memoryview(pending.payload)))
+            self._deliver_pending(source, posted, pending)
             return posted
         if peer in self._closed_peers:
             posted.future.set_exception(copy_error(self._closed_peers[peer]))
@@ -105,13 +101,32 @@ class Mailbox:
         self._posted.setdefault((peer, key), deque()).append(posted)
         return posted
 
+    def _earliest_unexpected(self, key: MatchKey) -> int:
+        """The peer whose oldest kept frame for ``key`` arrived first, or ANY_SOURCE."""
+        best, best_arrival = ANY_SOURCE, None
+        for (peer, frame_key), queue in self._unexpected.items():
+            if frame_key == key and (best_arrival is None or queue[0].arrival < best_arrival):
+                best, best_arrival = peer, queue[0].arrival
+        return best
+
+    def _deliver_pending(self, source: int, posted: PostedRecv, pending: _Pending) -> None:
+        try:
+            self._check(source, posted, pending.header)
+        except SparseCollError as error:
+            posted.future.set_exception(error)
+            self._on_failure(copy_error(error))
+            return
+        posted.source = source
+        length = len(pending.payload)
+        if posted.out is not None:
+            posted.out[:length] = pending.payload
+            posted.future.set_result((pending.header, posted.out[:length]))
+        else:
+            posted.future.set_result((pending.header, memoryview(pending.payload)))
+
     def cancel(self, posted: PostedRecv) -> None:
         """Withdraw a receive that nobody waits for any more."""
-        queue = self._posted.get((posted.peer, posted.key))
-        if queue and posted in queue:
-            queue.remove(posted)
-            if not queue:
-                del self._posted[(posted.peer, posted.key)]
+        self._unpost(posted)
         if not posted.future.done():
             posted.future.cancel()
 
@@ -138,7 +153,7 @@ class Mailbox:
         if self.error is not None:
             return None
         key = (header.context, header.seq, header.tag)
-        queue = self._posted.get((peer, key))
+        queue = self._posted.get((peer, key)) or self._posted.get((ANY_SOURCE, key))
         if queue:
             posted = queue[0]
             try:
@@ -169,36 +184,33 @@ class Mailbox:
         if self.error is not None:
             return
         key = (header.context, header.seq, header.tag)
-        queue = self._posted.get((peer, key))
         if target is not None:
-            if queue and target in queue:
-                queue.remove(target)
-                if not queue:
-                    del self._posted[(peer, key)]
+            self._unpost(target)
             if not target.future.done():
+                target.source = peer
                 target.future.set_result((header, payload))
                 return
             # its receive was withdrawn while the payload streamed into the caller's buffer
             payload = memoryview(bytearray(payload))
             self._unexpected_bytes += header.length
-        elif queue:
-            # the receive was posted while this unrequested payload was streaming in
-            posted = queue.popleft()
-            if not queue:
-                del self._posted[(peer, key)]
+        queue = self._posted.get((peer, key)) or self._posted.get((ANY_SOURCE, key))
+        if queue:
+            # a receive was posted while this unrequested payload was streaming in
+            posted = queue[0]
+            self._unpost(posted)
             self._unexpected_bytes -= header.length
-            try:
-                self._check(peer, posted, header)
-            except SparseCollError as error:
-                posted.future.set_exception(error)
-                self._on_failure(copy_error(error))
-                return
-            if posted.out is not None:
-                posted.out[:header.length] = payload
-                payload = posted.out[:header.length]
-            posted.future.set_result((header, payload))
+            self._deliver_pending(peer, posted, _Pending(header, payload.obj, 0))
             return
-        self._unexpected.setdefault((peer, key), deque()).append(_Pending(header, payload.obj))
+        self._arrivals += 1
+        self._unexpected.setdefault((peer, key), deque()).append(
+            _Pending(header, payload.obj, self._arrivals))
+
+    def _unpost(self, posted: PostedRecv) -> None:
+        queue = self._posted.get((posted.peer, posted.key))
+        if queue and posted in queue:
+            queue.remove(posted)
+            if not queue:
+                del self._posted[(posted.peer, posted.key)]
 
     def peer_closed(self, peer: int, error: SparseCollError) -> None:
         """``peer`` will send nothing more: fail the receives that wait for it."""

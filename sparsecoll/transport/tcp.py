@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from sparsecoll.errors import (
     CollectiveTimeoutError,
     FrameError,
+    GroupAbortedError,
     PeerLostError,
     RendezvousError,
     SparseCollError,
@@ -194,6 +195,8 @@ class _Connection:
         views = [_as_bytes(buffer) for buffer in buffers]
         async with self._send_lock:
             if self.tx_broken:
+                if self._transport.mailbox.error is not None:
+                    raise copy_error(self._transport.mailbox.error)
                 raise lost_peer_error(self._transport.rank, self.peer, "an earlier send was interrupted")
             started = False
             try:
@@ -388,7 +391,14 @@ class TcpTransport(Transport):
         connection = self._connections.get(peer)
         if connection is None or connection.closed and not connection.bye_received:
             raise lost_peer_error(self.rank, peer, "no open connection")
-        await connection.send([encode_header(header), *payload])
+        try:
+            await connection.send([encode_header(header), *payload])
+        except asyncio.CancelledError:
+            if connection.tx_broken:
+                self.on_failure(GroupAbortedError(
+                    f"a send to rank {peer} was cancelled mid-frame; the connection cannot be "
+                    "resynchronized", rank=self.rank, peer=peer))
+            raise
 
     def peer_lost(self, peer: int, detail: str) -> None:
         error = lost_peer_error(self.rank, peer, detail)

@@ -1,0 +1,156 @@
+"""Point-to-point messages between two ranks of a group, matched by (source, tag).
+
+Messages from one source with one tag arrive in the order they were sent, as in MPI.
+A receive may name its source or take ``ANY_SOURCE``. Point-to-point frames carry their
+group's context and a reserved sequence number, so they never mix with collectives or with
+another group's messages.
+
+Failure rules: a receive or send that times out or is cancelled before its frame started
+leaves the group usable (the receive is withdrawn; a message that arrives later waits for
+the next matching receive). A send cancelled after part of its frame reached the socket
+cannot be resynchronized: the group is aborted with ``GroupAbortedError`` (a peer whose only
+path to the sender was that connection sees ``PeerLostError`` when the sender closes it).
+A lost peer poisons the group, as for collectives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from sparsecoll.arrays import as_sendable, is_device_array
+from sparsecoll.call import CommStats
+from sparsecoll.errors import CollectiveTimeoutError, InvalidArgumentError, SparseCollError
+from sparsecoll.transport.mailbox import ANY_SOURCE
+from sparsecoll.wire import HEADER_SIZE, FrameHeader, Kind, Op, Signature, dtype_code, dtype_from_code
+
+if TYPE_CHECKING:
+    from sparsecoll.group import Group
+
+P2P_SEQ = (1 << 64) - 1
+"""Sequence number reserved for point-to-point frames (collectives count up from 0)."""
+MAX_TAG = (1 << 32) - 1
+
+
+class Message(NamedTuple):
+    """A received message: its array, the rank that sent it, and its tag."""
+
+    value: np.ndarray
+    source: int
+    tag: int
+
+
+def _check_tag(group: Group, tag: int) -> None:
+    if not 0 <= tag <= MAX_TAG:
+        raise InvalidArgumentError(f"tag must be in [0, {MAX_TAG}], got {tag}", rank=group.rank)
+
+
+def _check_peer(group: Group, peer: int, role: str, allow_any: bool = False) -> None:
+    if allow_any and peer == ANY_SOURCE:
+        return
+    if not 0 <= peer < group.size or peer == group.rank:
+        raise InvalidArgumentError(f"{role} {peer} is not another rank of a group of {group.size}",
+                                   rank=group.rank)
+
+
+async def send(group: Group, array: Any, dst: int, tag: int = 0, *,
+               timeout: float | None = None) -> CommStats:
+    """Send ``array`` to rank ``dst``; returns once the buffer may be reused."""
+    group.check_usable()
+    _check_peer(group, dst, "destination")
+    _check_tag(group, tag)
+    data = as_sendable(array, group.rank)
+    signature = Signature(Op.P2P, 0, dtype_code(data.dtype), 0, -1, data.size)
+    header = FrameHeader(Kind.DATA, group.context, P2P_SEQ, tag, data.nbytes, signature)
+    seconds = group.timeout if timeout is None else timeout
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    try:
+        async with asyncio.timeout(seconds):
+            await group.transport.send(group.members[dst], header, [data])
+    except SparseCollError:
+        raise
+    except TimeoutError:
+        raise CollectiveTimeoutError(f"send of {data.nbytes} bytes (tag {tag}) to rank {dst} took "
+                                     f"more than {seconds:.3g} s", rank=group.rank, peer=dst) from None
+    return CommStats(bytes_sent=HEADER_SIZE + data.nbytes, frames_sent=1, rounds=1,
+                     seconds=loop.time() - started)
+
+
+def _post(group: Group, src: int, tag: int, out: np.ndarray | None):
+    group.check_usable()
+    _check_peer(group, src, "source", allow_any=True)
+    _check_tag(group, tag)
+    view = None
+    if out is not None:
+        if is_device_array(out) or not isinstance(out, np.ndarray) or not out.flags.c_contiguous \
+                or not out.flags.writeable:
+            raise InvalidArgumentError("out must be a writeable C-contiguous numpy array", rank=group.rank)
+        view = memoryview(out.reshape(-1)).cast("B")
+    peer = src if src == ANY_SOURCE else group.members[src]
+    return group.transport.mailbox.post(peer, (group.context, P2P_SEQ, tag), view)
+
+
+async def _wait(group: Group, posted, tag: int, out: np.ndarray | None,
+                timeout: float | None) -> Message:
+    seconds = group.timeout if timeout is None else timeout
+    try:
+        async with asyncio.timeout(seconds):
+            header, payload = await posted.future
+    except SparseCollError:
+        raise
+    except TimeoutError:
+        group.transport.mailbox.cancel(posted)
+        who = "any rank" if posted.peer == ANY_SOURCE else f"rank {group.members.index(posted.peer)}"
+        raise CollectiveTimeoutError(f"no message with tag {tag} from {who} within {seconds:.3g} s",
+                                     rank=group.rank,
+                                     peer=None if posted.peer == ANY_SOURCE else posted.peer) from None
+    except asyncio.CancelledError:
+        group.transport.mailbox.cancel(posted)
+        raise
+    source = group.members.index(posted.source)
+    dtype = dtype_from_code(header.signature.dtype) or np.dtype(np.uint8)
+    if out is None:
+        return Message(np.frombuffer(payload, dtype), source, tag)
+    if dtype != out.dtype:
+        raise InvalidArgumentError(f"rank {source} sent {dtype}, the receive buffer is {out.dtype}",
+                                   rank=group.rank, peer=posted.source)
+    count = header.length // dtype.itemsize
+    return Message(out if count == out.size else out.reshape(-1)[:count], source, tag)
+
+
+async def recv(group: Group, src: int = ANY_SOURCE, tag: int = 0, *, out: np.ndarray | None = None,
+               timeout: float | None = None) -> Message:
+    """Receive the next message with ``tag`` from ``src`` (or any rank).
+
+    With ``out`` the payload lands in it directly (it may be larger than the message; the
+    value is then the filled prefix); without it a new 1-D array of the sent dtype is returned.
+    """
+    return await _wait(group, _post(group, src, tag, out), tag, out, timeout)
+
+
+def irecv(group: Group, src: int = ANY_SOURCE, tag: int = 0, *, out: np.ndarray | None = None,
+          timeout: float | None = None) -> asyncio.Task:
+    """Post a receive now (so matching follows call order) and return its task."""
+    posted = _post(group, src, tag, out)
+    return asyncio.ensure_future(_wait(group, posted, tag, out, timeout))
+
+
+def isend(group: Group, array: Any, dst: int, tag: int = 0, *,
+          timeout: float | None = None) -> asyncio.Task:
+    """Start a send and return its task; sends to one peer leave in call order."""
+    return asyncio.ensure_future(send(group, array, dst, tag, timeout=timeout))
+
+
+async def wait_all(handles: Iterable[asyncio.Future]) -> list[Any]:
+    """Wait for every handle; if one fails, cancel the rest and raise its error."""
+    handles = list(handles)
+    try:
+        return list(await asyncio.gather(*handles))
+    except BaseException:
+        for handle in handles:
+            handle.cancel()
+        raise
