@@ -1,0 +1,74 @@
+"""Sphinx configuration: the API reference comes from the package's docstrings.
+
+Builds offline with what ships with Sphinx (the alabaster theme, no intersphinx):
+``python -m sphinx -W -b html docs docs/_build/html``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import sparsecoll
+
+project = "sparsecoll"
+author = "the sparsecoll authors"
+copyright = "the sparsecoll authors"
+version = release = sparsecoll.__version__
+
+extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon"]
+exclude_patterns = ["_build"]
+html_theme = "alabaster"
+html_static_path: list[str] = []
+
+autodoc_member_order = "bysource"
+autodoc_typehints = "signature"
+
+# Names the package does not document (numpy, torch, asyncio types) stay plain text.
+nitpicky = False
+default_role = "py:obj"
+add_module_names = False
+
+
+def _public_alias(app, env, node, contnode):
+    """Link ``sparsecoll.call.CommStats`` and the like to where the reference documents them.
+
+    Users import the public names from ``sparsecoll`` (``sparsecoll.CommStats``) and the
+    reference documents them there, but type hints name the defining module.
+    """
+    target = node.get("reftarget", "")
+    if node.get("refdomain") != "py" or not target.startswith("sparsecoll."):
+        return None
+    public = "sparsecoll." + target.rpartition(".")[2]
+    domain = env.get_domain("py")
+    if public == target or public not in domain.objects:
+        return None
+    return domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], public, node, contnode)
+
+
+# Docstrings that use plain-text notation RST misreads: ``|x|`` for an absolute value (an
+# undefined substitution to RST) and ``(*shape)`` for unpacking (an unclosed emphasis). Their
+# owners should mark these up as literals; then drop the name from this set.
+PLAIN_TEXT_DOCSTRINGS = {
+    "sparsecoll.Group.allgather",
+    "sparsecoll.compress.CountSketchCodec.heavy_hitters",
+    "sparsecoll.kernels.sketch_heavy_hitters",
+    "sparsecoll.kernels.topk_sparse",
+}
+_INLINE_MARKUP = re.compile(r"(``.+?``|:[\w:.-]+:`[^`]+`)")
+_ABSOLUTE_VALUE = re.compile(r"(?<![\w\\|])\|(?=\S)([^|`]*?\S)\|(?![\w|])")
+_UNPACKING = re.compile(r"(?<=[(\[ ])\*(?=[A-Za-z_][\w.]*[)\],])")
+
+
+def _escape_plain_text(app, what, name, obj, options, lines):
+    """Escape ``|`` and ``*`` outside inline literals in the docstrings listed above."""
+    if name not in PLAIN_TEXT_DOCSTRINGS:
+        return
+    for number, line in enumerate(lines):
+        parts = _INLINE_MARKUP.split(line)
+        parts[::2] = [_UNPACKING.sub(r"\\*", _ABSOLUTE_VALUE.sub(r"\\|\1\\|", text)) for text in parts[::2]]
+        lines[number] = "".join(parts)
+
+
+def setup(app):
+    app.connect("missing-reference", _public_alias)
+    app.connect("autodoc-process-docstring", _escape_plain_text)
