@@ -6,7 +6,6 @@ Builds offline with what ships with Sphinx (the alabaster theme, no intersphinx)
 
 from __future__ import annotations
 
-import re
 
 import sparsecoll
 
@@ -45,30 +44,5 @@ def _public_alias(app, env, node, contnode):
     return domain.resolve_xref(env, node["refdoc"], app.builder, node["reftype"], public, node, contnode)
 
 
-# Docstrings that use plain-text notation RST misreads: ``|x|`` for an absolute value (an
-# undefined substitution to RST) and ``(*shape)`` for unpacking (an unclosed emphasis). Their
-# owners should mark these up as literals; then drop the name from this set.
-PLAIN_TEXT_DOCSTRINGS = {
-    "sparsecoll.Group.allgather",
-    "sparsecoll.compress.CountSketchCodec.heavy_hitters",
-    "sparsecoll.kernels.sketch_heavy_hitters",
-    "sparsecoll.kernels.topk_sparse",
-}
-_INLINE_MARKUP = re.compile(r"(``.+?``|:[\w:.-]+:`[^`]+`)")
-_ABSOLUTE_VALUE = re.compile(r"(?<![\w\\|])\|(?=\S)([^|`]*?\S)\|(?![\w|])")
-_UNPACKING = re.compile(r"(?<=[(\[ ])\*(?=[A-Za-z_][\w.]*[)\],])")
-
-
-def _escape_plain_text(app, what, name, obj, options, lines):
-    """Escape ``|`` and ``*`` outside inline literals in the docstrings listed above."""
-    if name not in PLAIN_TEXT_DOCSTRINGS:
-        return
-    for number, line in enumerate(lines):
-        parts = _INLINE_MARKUP.split(line)
-        parts[::2] = [_UNPACKING.sub(r"\\*", _ABSOLUTE_VALUE.sub(r"\\|\1\\|", text)) for text in parts[::2]]
-        lines[number] = "".join(parts)
-
-
 def setup(app):
     app.connect("missing-reference", _public_alias)
-    app.connect("autodoc-process-docstring", _escape_plain_text)

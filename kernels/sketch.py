@@ -188,7 +188,7 @@ def sketch_query(table: Any, hashes: np.ndarray, indices: Any) -> Any:
 
 
 def sketch_heavy_hitters(table: Any, hashes: np.ndarray, size: int, k: int) -> tuple[Any, Any]:
-    """The k coordinates of ``[0, size)`` with the largest |estimate|, as (sorted indices, estimates)."""
+    """The k coordinates of ``[0, size)`` with the largest ``|estimate|``, as (sorted indices, estimates)."""
     _check_table(table, hashes)
     if size < 0:
         raise InvalidArgumentError(f"size must be >= 0, not {size}")

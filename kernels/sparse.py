@@ -144,7 +144,7 @@ def merge_sorted(idx_a: Any, val_a: Any, idx_b: Any, val_b: Any) -> tuple[Any, A
 
 
 def topk_sparse(indices: Any, values: Any, k: int) -> tuple[Any, Any]:
-    """The k entries of a sparse vector with largest |value|, indices still ascending."""
+    """The k entries of a sparse vector with largest ``|value|``, indices still ascending."""
     if backend_of(indices, values) == CUDA:
         from . import _sparse_cuda
 

@@ -78,8 +78,10 @@ class Call:
         self.stats.bytes_sent += HEADER_SIZE + length
         self.stats.frames_sent += 1
 
-    def post(self, peer: int, tag: int, out: np.ndarray | memoryview | None = None) -> PostedRecv:
-        """Post a receive from ``peer``; with ``out`` the payload lands in it directly."""
+    def post(self, peer: int, tag: int, out: np.ndarray | memoryview | None = None,
+             limit: int | None = None) -> PostedRecv:
+        """Post a receive from ``peer``; with ``out`` the payload lands in it directly, without
+        it into a new buffer of at most ``limit`` bytes."""
         view = None
         if out is not None:
             view = memoryview(out)
@@ -87,7 +89,8 @@ class Call:
                 view = view.cast("B")
         if self.members and peer >= 0:
             peer = self.members[peer]
-        return self.transport.mailbox.post(peer, (self.context, self.seq, tag), view, self.signature)
+        return self.transport.mailbox.post(peer, (self.context, self.seq, tag), view, self.signature,
+                                           limit)
 
     async def wait(self, posted: PostedRecv) -> memoryview:
         """Wait for a posted receive; returns the payload bytes."""
@@ -106,16 +109,18 @@ class Call:
         self.stats.frames_received += 1
         return payload
 
-    async def recv(self, peer: int, tag: int, out: np.ndarray | memoryview | None = None) -> memoryview:
+    async def recv(self, peer: int, tag: int, out: np.ndarray | memoryview | None = None,
+                   limit: int | None = None) -> memoryview:
         """Post and wait in one step."""
-        return await self.wait(self.post(peer, tag, out))
+        return await self.wait(self.post(peer, tag, out, limit))
 
-    async def exchange(self, send_peer: int, send_buffer: Buffer | np.ndarray, recv_peer: int,
-                       out: np.ndarray | memoryview | None, tag: int) -> memoryview:
+    async def exchange(self, send_peer: int, send_buffers: Buffer | np.ndarray | list, recv_peer: int,
+                       out: np.ndarray | memoryview | None, tag: int, limit: int | None = None) -> memoryview:
         """Send to one peer while receiving from another (the receive is posted first)."""
-        posted = self.post(recv_peer, tag, out)
+        posted = self.post(recv_peer, tag, out, limit)
+        buffers = send_buffers if isinstance(send_buffers, list) else [send_buffers]
         try:
-            await self.send(send_peer, tag, send_buffer)
+            await self.send(send_peer, tag, *buffers)
         except BaseException:
             self.transport.mailbox.cancel(posted)
             raise

@@ -178,7 +178,7 @@ class Group:
 
     async def allgather(self, array: np.ndarray, *, out: np.ndarray | None = None,
                         timeout: float | None = None) -> CollectiveResult:
-        """Every rank's equally shaped array, stacked: result shape (size, *array.shape)."""
+        """Every rank's equally shaped array, stacked: result shape ``(size, *array.shape)``."""
         return await dense.allgather(self, array, out=out, timeout=timeout)
 
     async def allgatherv(self, array: np.ndarray, *, counts: list[int] | None = None,
@@ -260,10 +260,31 @@ class Group:
                      backend=self.backend, store=self.store, name=name or f"{self.name}/{context:08x}",
                      context=context, members=[self.members[r] for r in ranks], parent=self)
 
-    # ----------------------------------------------------------------- registry
+    # ----------------------------------------------------------------- sparse and compressed
     async def collective(self, name: str, array: np.ndarray, **options: Any) -> CollectiveResult:
         """Run the collective registered as ``name`` (see :mod:`sparsecoll.registry`)."""
         return await registry.collective(name)(self, array, **options)
+
+    async def reduce_gradient(self, grad: np.ndarray, algorithm: str = "gtopk", **options: Any) -> CollectiveResult:
+        """Sum a gradient with the algorithm named by a string (dense, allgather, gtopk, sketch,
+        cltk, or a registered one); see :mod:`sparsecoll.collectives.reduce`."""
+        return await self.collective("reduce", grad, algorithm=algorithm, **options)
+
+    async def sparse_allgather(self, grad: np.ndarray, **options: Any) -> CollectiveResult:
+        """Every rank's top-k / threshold / random-k selection, summed (Aji & Heafield)."""
+        return await self.collective("allgather", grad, **options)
+
+    async def gtopk(self, grad: np.ndarray, **options: Any) -> CollectiveResult:
+        """Global top-k by recursive doubling, O(k log P) per rank (Shi et al.)."""
+        return await self.collective("gtopk", grad, **options)
+
+    async def sketch_allreduce(self, grad: np.ndarray, **options: Any) -> CollectiveResult:
+        """Top-k through summed count sketches, traffic independent of d (Ivkin et al.)."""
+        return await self.collective("sketch", grad, **options)
+
+    async def cltk(self, grad: np.ndarray, **options: Any) -> CollectiveResult:
+        """The rotating leader's top-k indices, then a k-sized allreduce (ScaleCom)."""
+        return await self.collective("cltk", grad, **options)
 
 
 def _child_context(parent: int, index: int, identity: Sequence[int]) -> int:

@@ -32,6 +32,13 @@ _COMPRESSORS: dict[str, Any] = {
 }
 _COLLECTIVES: dict[str, Any] = {
     "dense": "sparsecoll.collectives.dense:allreduce",
+    "allgather": "sparsecoll.collectives.sparse_allgather:sparse_allgather",
+    "gtopk": "sparsecoll.collectives.gtopk:gtopk",
+    "sketch": "sparsecoll.collectives.sketch:sketch_allreduce",
+    "cltk": "sparsecoll.collectives.cltk:cltk",
+    "lazy": "sparsecoll.collectives.lazy:lazy_allreduce",
+    "quantized-broadcast": "sparsecoll.collectives.quantized:broadcast_parameters",
+    "reduce": "sparsecoll.collectives.reduce:reduce_gradient",
 }
 
 

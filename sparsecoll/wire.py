@@ -54,6 +54,14 @@ class Op(enum.IntEnum):
     ALLGATHERV = 4
     BROADCAST = 5
     BARRIER = 6
+    SPARSE_ALLGATHER = 7
+    GTOPK = 8
+    SKETCH_ALLREDUCE = 9
+    CLTK = 10
+    LAZY = 11
+    QUANTIZED_BROADCAST = 12
+    CUSTOM = 200
+    """For collectives users write on ``Group.run``; tell them apart with ``Signature.extra``."""
 
 
 class Algorithm(enum.IntEnum):
@@ -65,6 +73,9 @@ class Algorithm(enum.IntEnum):
     BINOMIAL_TREE = 3
     SCATTER_ALLGATHER = 4
     DISSEMINATION = 5
+    TOPK = 6
+    THRESHOLD = 7
+    RANDOM_K = 8
 
 
 class ReduceOp(enum.IntEnum):
@@ -252,3 +263,58 @@ def decode_abort(payload: bytes, receiver_rank: int) -> SparseCollError:
         raise FrameError(f"unknown error code {code} in abort frame")
     text = payload[_ABORT.size:].decode("utf-8", "replace")
     return cls(f"{text} (reported by rank {origin})", rank=receiver_rank, peer=None if peer < 0 else peer)
+
+
+# --------------------------------------------------------------------------- sparse payloads
+# A sparse payload is [count: u64][indices: count x u32 (int64 when d >= 2^32)] followed by the
+# values: count x the gradient dtype, or, quantized at b bits, ceil(count / block) float32
+# scales then the packed codes. Its size follows from (count, dtype, bits) alone, so a
+# receiver checks the length before it reads anything.
+_COUNT = struct.Struct("<Q")
+QUANT_BLOCK = 256
+
+
+def index_dtype(size: int) -> np.dtype:
+    """uint32 indices for vectors under 2^32 elements, int64 beyond."""
+    return np.dtype(np.uint32) if size < (1 << 32) else np.dtype(np.int64)
+
+
+def packed_bytes(count: int, bits: int) -> int:
+    """Bytes of ``count`` codes of ``bits`` bits each, packed."""
+    return (count * bits + 7) // 8
+
+
+def sparse_payload_size(count: int, size: int, dtype: np.dtype, bits: int | None) -> int:
+    """Exact byte length of a sparse payload with ``count`` pairs."""
+    values = count * np.dtype(dtype).itemsize if not bits else \
+        4 * (-(-count // QUANT_BLOCK)) + packed_bytes(count, bits)
+    return _COUNT.size + count * index_dtype(size).itemsize + values
+
+
+def sparse_buffers(indices: np.ndarray, values: list[np.ndarray], size: int) -> list[np.ndarray]:
+    """The buffers of one sparse payload, ready for ``Call.send`` (no concatenation)."""
+    count = np.array([indices.size], np.uint64)
+    return [count, np.ascontiguousarray(indices, index_dtype(size)), *values]
+
+
+def split_sparse(payload: bytes | bytearray | memoryview, size: int, dtype: np.dtype,
+                 bits: int | None) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(indices as int64, value arrays) of a received sparse payload; FrameError if malformed."""
+    view = memoryview(payload)
+    if len(view) < _COUNT.size:
+        raise FrameError(f"sparse payload of {len(view)} bytes has no count")
+    (count,) = _COUNT.unpack_from(view)
+    if count > size or len(view) != sparse_payload_size(count, size, dtype, bits):
+        raise FrameError(f"sparse payload of {len(view)} bytes does not hold {count} pairs of a "
+                         f"{size}-element {np.dtype(dtype)} vector")
+    position = _COUNT.size
+    indices = np.frombuffer(view, index_dtype(size), count, position)
+    if count and (int(indices.max()) >= size or int(indices.min()) < 0):
+        raise FrameError(f"sparse payload holds indices outside [0, {size})")
+    position += indices.nbytes
+    if not bits:
+        return indices.astype(np.int64), [np.frombuffer(view, dtype, count, position)]
+    blocks = -(-count // QUANT_BLOCK)
+    scales = np.frombuffer(view, np.float32, blocks, position)
+    packed = np.frombuffer(view, np.uint8, packed_bytes(count, bits), position + scales.nbytes)
+    return indices.astype(np.int64), [scales, packed]

@@ -98,7 +98,7 @@ def _tag_stride(largest: int, dtype: np.dtype) -> int:
 
 
 # --------------------------------------------------------------------------- allreduce
-async def ring_allreduce(call: Call, flat: np.ndarray, ufunc: np.ufunc) -> None:
+async def ring_allreduce(call: Call, flat: np.ndarray, ufunc: np.ufunc, tag_base: int = 0) -> None:
     """Reduce-scatter then allgather around the ring, in place on ``flat``."""
     size, rank = call.size, call.rank
     right, left = (rank + 1) % size, (rank - 1) % size
@@ -112,14 +112,15 @@ async def ring_allreduce(call: Call, flat: np.ndarray, ufunc: np.ufunc) -> None:
 
     for step in range(size - 1):
         await pipelined_step(call, right, chunk((rank - step) % size), left,
-                             chunk((rank - step - 1) % size), step * stride, scratch, ufunc)
+                             chunk((rank - step - 1) % size), tag_base + step * stride, scratch, ufunc)
     for step in range(size - 1):
         await pipelined_step(call, right, chunk((rank - step + 1) % size), left,
-                             chunk((rank - step) % size), (size - 1 + step) * stride)
+                             chunk((rank - step) % size), tag_base + (size - 1 + step) * stride)
     call.stats.rounds += 2 * (size - 1)
 
 
-async def recursive_doubling_allreduce(call: Call, flat: np.ndarray, ufunc: np.ufunc) -> None:
+async def recursive_doubling_allreduce(call: Call, flat: np.ndarray, ufunc: np.ufunc,
+                                       tag_base: int = 0) -> None:
     """Exchange-and-reduce with partners at distance 1, 2, 4...; in place on ``flat``.
 
     For P not a power of two, the first 2r ranks (r = P - 2^floor(log2 P)) pair up: each
@@ -133,11 +134,11 @@ async def recursive_doubling_allreduce(call: Call, flat: np.ndarray, ufunc: np.u
     rounds = power.bit_length() - 1
     if rank < 2 * extra:
         if rank % 2 == 0:
-            await call.send(rank + 1, 0, flat)
-            await call.recv(rank + 1, rounds + 1, flat)
+            await call.send(rank + 1, tag_base, flat)
+            await call.recv(rank + 1, tag_base + rounds + 1, flat)
             call.stats.rounds += 2
             return
-        await call.recv(rank - 1, 0, scratch)
+        await call.recv(rank - 1, tag_base, scratch)
         ufunc(flat, scratch, out=flat)
         virtual = rank // 2
         call.stats.rounds += 1
@@ -146,11 +147,11 @@ async def recursive_doubling_allreduce(call: Call, flat: np.ndarray, ufunc: np.u
     for round_index in range(rounds):
         partner_virtual = virtual ^ (1 << round_index)
         partner = partner_virtual * 2 + 1 if partner_virtual < extra else partner_virtual + extra
-        await call.exchange(partner, flat, partner, scratch, tag=round_index + 1)
+        await call.exchange(partner, flat, partner, scratch, tag=tag_base + round_index + 1)
         ufunc(flat, scratch, out=flat)
     call.stats.rounds += rounds
     if rank < 2 * extra:
-        await call.send(rank - 1, rounds + 1, flat)
+        await call.send(rank - 1, tag_base + rounds + 1, flat)
         call.stats.rounds += 1
 
 
@@ -260,37 +261,37 @@ async def allgatherv(group: Group, array: np.ndarray, *, counts: list[int] | Non
 
 
 # --------------------------------------------------------------------------- broadcast
-async def binomial_broadcast(call: Call, flat: np.ndarray, root: int) -> None:
+async def binomial_broadcast(call: Call, flat: np.ndarray, root: int, tag: int = 0) -> None:
     """Root's data down a binomial tree: log2 P rounds, each rank receives once."""
     size = call.size
     virtual = (call.rank - root) % size
     mask = 1
     while mask < size:
         if virtual & mask:
-            await call.recv((virtual - mask + root) % size, 0, flat)
+            await call.recv((virtual - mask + root) % size, tag, flat)
             break
         mask <<= 1
     mask >>= 1
     while mask > 0:
         if virtual + mask < size:
-            await call.send((virtual + mask + root) % size, 0, flat)
+            await call.send((virtual + mask + root) % size, tag, flat)
         mask >>= 1
     call.stats.rounds += max(1, (size - 1).bit_length())
 
 
-async def chain_broadcast(call: Call, flat: np.ndarray, root: int) -> None:
+async def chain_broadcast(call: Call, flat: np.ndarray, root: int, tag_base: int = 0) -> None:
     """Root's data along the ring in segments, each rank forwarding as segments arrive."""
     size = call.size
     virtual = (call.rank - root) % size
     left, right = (call.rank - 1) % size, (call.rank + 1) % size
     pieces = _segments(len(flat), _segment_items(flat.dtype))
-    posted = [call.post(left, index, flat[start:stop]) for index, (start, stop) in enumerate(pieces)] \
+    posted = [call.post(left, tag_base + index, flat[start:stop]) for index, (start, stop) in enumerate(pieces)] \
         if virtual != 0 else []
     for index, (start, stop) in enumerate(pieces):
         if posted:
             await call.wait(posted[index])
         if virtual != size - 1:
-            await call.send(right, index, flat[start:stop])
+            await call.send(right, tag_base + index, flat[start:stop])
     call.stats.rounds += size - 1
 
 

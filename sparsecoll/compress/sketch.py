@@ -58,6 +58,6 @@ class CountSketchCodec:
         return sketch_merge(into, other)
 
     def heavy_hitters(self, table: Any, size: int, k: int) -> SparsePayload:
-        """The k coordinates of ``[0, size)`` with the largest |estimate|, with their estimates."""
+        """The k coordinates of ``[0, size)`` with the largest ``|estimate|``, with their estimates."""
         indices, estimates = sketch_heavy_hitters(table, self.hashes, size, k)
         return SparsePayload(indices, estimates, size)

@@ -44,6 +44,8 @@ class PostedRecv:
     future: asyncio.Future = field(repr=False)
     source: int = -1
     """The peer the matched frame came from (for receives posted with ANY_SOURCE)."""
+    limit: int | None = None
+    """Largest payload a receive without ``out`` accepts (what the collective can need)."""
 
     @property
     def done(self) -> bool:
@@ -79,10 +81,10 @@ class Mailbox:
 
     # ----------------------------------------------------------------- receiver side
     def post(self, peer: int, key: MatchKey, out: memoryview | None = None,
-             signature: Signature | None = None) -> PostedRecv:
+             signature: Signature | None = None, limit: int | None = None) -> PostedRecv:
         """Ask for the next frame from ``peer`` (or ANY_SOURCE) matching ``key``; returns at once."""
         loop = asyncio.get_running_loop()
-        posted = PostedRecv(peer, key, signature, out, loop.create_future())
+        posted = PostedRecv(peer, key, signature, out, loop.create_future(), limit=limit)
         if self.error is not None:
             posted.future.set_exception(copy_error(self.error))
             return posted
@@ -239,6 +241,10 @@ class Mailbox:
     def _check(self, peer: int, posted: PostedRecv, header: FrameHeader) -> None:
         if posted.signature is not None and header.signature != posted.signature:
             raise self._mismatch(peer, posted.signature, header.signature, header.seq)
+        if posted.limit is not None and header.length > posted.limit:
+            raise FrameTooLargeError(
+                f"frame of {header.length} bytes where the collective needs at most {posted.limit}",
+                rank=self.rank, peer=peer)
         if posted.out is not None and header.length > len(posted.out):
             raise FrameTooLargeError(
                 f"frame of {header.length} bytes for a receive of {len(posted.out)} bytes",

@@ -1,0 +1,105 @@
+"""gTop-k (Shi et al. 2019): the global top-k by recursive doubling, O(k log P) per rank.
+
+1. Each rank selects its local top-k (indices ascending).
+2. In round r it exchanges its current k pairs with the rank at distance 2^r, merges the two
+   sparse vectors (summing shared indices) and keeps the top k of the merge. Both partners
+   compute the same merge (addition commutes, ties break by index), so after log2 P rounds
+   every rank holds the same k pairs, bit for bit.
+3. P not a power of two: with p = 2^floor(log2 P) and e = P - p, ranks 0..2e-1 pair up first;
+   each even one hands its k pairs to its odd neighbour (which merges them) and sits out the
+   rounds; the p remaining ranks run step 2; each odd one then sends the result back.
+Each merge truncates to k, so the result is the paper's approximation of the top-k of the
+summed selections: exactly it for P = 2, close to it otherwise. ``sent_indices`` marks the
+local entries that survived into the result; the rest belong in the error-feedback residual.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from sparsecoll import kernels
+from sparsecoll.call import Call, CollectiveResult
+from sparsecoll.collectives.sparse_common import (
+    SparseResult,
+    decode_sparse,
+    encode_values,
+    float_vector,
+    payload_limit,
+    resolve_k,
+    select,
+)
+from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code, sparse_buffers
+
+if TYPE_CHECKING:
+    from sparsecoll.group import Group
+
+
+def merge_top(mine: tuple[np.ndarray, np.ndarray], theirs: tuple[np.ndarray, np.ndarray],
+              k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top k of the sum of two sparse vectors (indices ascending)."""
+    indices, values = kernels.merge_sorted(mine[0], mine[1], theirs[0], theirs[1])
+    if indices.size <= k:
+        return indices, values
+    return kernels.topk_sparse(indices, values, k)
+
+
+async def gtopk(group: Group, grad: np.ndarray, *, k: int | None = None, density: float | None = None,
+                quantize_bits: int | None = None, exact: bool = False, seed: int = 0, step: int = 0,
+                timeout: float | None = None) -> CollectiveResult:
+    """Global top-k of the ranks' top-k selections; value is a :class:`SparseResult`."""
+    flat = float_vector(grad)
+    size = flat.size
+    count = resolve_k(size, k, density)
+    local_indices, local_values = select(flat, count, "topk-exact" if exact else "topk", None, None,
+                                         seed + 104729 * group.rank + 7919 * step)
+    signature = Signature(Op.GTOPK, Algorithm.RECURSIVE_DOUBLING, dtype_code(flat.dtype),
+                          ReduceOp.SUM, -1, size, count, quantize_bits or 0)
+    limit = payload_limit(count, size, flat.dtype, quantize_bits)
+
+    async def body(call: Call) -> SparseResult:
+        rank, ranks = call.rank, call.size
+        round_seed = seed + 7919 * step + 104729 * rank
+
+        def wire(current: tuple[np.ndarray, np.ndarray], tag: int) -> tuple[list, tuple]:
+            # the sender keeps exactly what the receiver decodes, so partners stay identical
+            wire_values, decoded = encode_values(current[1], quantize_bits, round_seed + 31 * tag)
+            return sparse_buffers(current[0], wire_values, size), (current[0], decoded)
+
+        def decode(payload) -> tuple[np.ndarray, np.ndarray]:
+            return decode_sparse(payload, size, flat.dtype, quantize_bits)
+
+        _, current = wire((local_indices, local_values), 0)  # quantizing again is idempotent
+        sent_values = current[1]
+        power = 1 << (ranks.bit_length() - 1)
+        extra = ranks - power
+        rounds = power.bit_length() - 1
+        final_tag = rounds + 1
+        if rank < 2 * extra and rank % 2 == 0:
+            buffers, current = wire(current, 0)
+            await call.send(rank + 1, 0, *buffers)
+            current = decode(await call.recv(rank + 1, final_tag, limit=limit))
+            call.stats.rounds += 2
+        else:
+            if rank < 2 * extra:
+                current = merge_top(current, decode(await call.recv(rank - 1, 0, limit=limit)), count)
+                virtual = rank // 2
+                call.stats.rounds += 1
+            else:
+                virtual = rank - extra
+            for round_index in range(rounds):
+                partner_virtual = virtual ^ (1 << round_index)
+                partner = partner_virtual * 2 + 1 if partner_virtual < extra else partner_virtual + extra
+                buffers, current = wire(current, round_index + 1)
+                theirs = decode(await call.exchange(partner, buffers, partner, None, round_index + 1, limit))
+                current = merge_top(current, theirs, count)
+            call.stats.rounds += rounds
+            if rank < 2 * extra:
+                buffers, current = wire(current, final_tag)
+                await call.send(rank - 1, final_tag, *buffers)
+                call.stats.rounds += 1
+        taken = np.isin(local_indices, current[0], assume_unique=True)
+        return SparseResult(current[0], current[1], size, local_indices[taken], sent_values[taken])
+
+    return await group.run(signature, body, timeout)

@@ -1,0 +1,168 @@
+"""What the sparse collectives share: their result, local selection, quantized values, and a
+ring that gathers variable-size byte blocks.
+
+Results are bit-identical on every rank: values are always summed in rank order (or, in
+pairwise merges, with a commutative add), never in arrival order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from sparsecoll import kernels
+from sparsecoll.call import Call
+from sparsecoll.errors import InvalidArgumentError
+from sparsecoll.wire import Algorithm, QUANT_BLOCK, sparse_buffers, sparse_payload_size, split_sparse
+
+SELECTIONS = {"topk": Algorithm.TOPK, "topk-exact": Algorithm.TOPK, "threshold": Algorithm.THRESHOLD,
+              "randomk": Algorithm.RANDOM_K}
+
+
+@dataclass
+class SparseResult:
+    """The reduced gradient and what this rank contributed to it.
+
+    ``indices`` (int64, ascending) and ``values`` (summed over ranks) describe a sparse vector
+    of ``size`` elements; ``indices is None`` means ``values`` is the dense sum. For error
+    feedback, ``sent_indices``/``sent_values`` are this rank's entries that entered the sum, as
+    they entered it (after quantization): the residual is ``grad`` minus those.
+    """
+
+    indices: np.ndarray | None
+    values: np.ndarray
+    size: int
+    sent_indices: np.ndarray | None
+    sent_values: np.ndarray
+
+    def dense(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The reduced gradient as a dense vector (into ``out`` when given)."""
+        result = np.zeros(self.size, self.values.dtype) if out is None else out
+        if self.indices is None:
+            result[...] = self.values
+            return result
+        if out is not None:
+            result.fill(0)
+        result[self.indices] = self.values
+        return result
+
+    def residual(self, grad: np.ndarray) -> np.ndarray:
+        """What this rank did not send: ``grad`` minus its contribution (error feedback)."""
+        flat = np.array(grad, copy=True).reshape(-1)
+        if self.sent_indices is None:
+            flat -= self.sent_values.astype(flat.dtype, copy=False)
+        else:
+            flat[self.sent_indices] -= self.sent_values.astype(flat.dtype, copy=False)
+        return flat
+
+
+def resolve_k(size: int, k: int | None, density: float | None) -> int:
+    """k from an explicit count or a density in (0, 1]."""
+    if (k is None) == (density is None):
+        raise InvalidArgumentError("give exactly one of k and density")
+    if k is None:
+        if not 0.0 < density <= 1.0:
+            raise InvalidArgumentError(f"density must be in (0, 1], not {density}")
+        k = max(1, round(size * density)) if size else 0
+    if not 0 <= k <= size:
+        raise InvalidArgumentError(f"k={k} is not in [0, {size}]")
+    return int(k)
+
+
+def float_vector(array: np.ndarray) -> np.ndarray:
+    """The gradient as a flat contiguous float array (the sparse collectives need floats)."""
+    flat = np.ascontiguousarray(array).reshape(-1)
+    if flat.dtype.kind != "f":
+        raise InvalidArgumentError(f"sparse collectives need a float gradient, not {flat.dtype}")
+    return flat
+
+
+def select(flat: np.ndarray, k: int, selection: str, threshold: float | None,
+           density: float | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's (indices, values) to contribute, by top-k, threshold or random-k."""
+    if selection == "topk":
+        return kernels.topk(flat, k, method="fast", seed=seed) if k else _empty(flat)
+    if selection == "topk-exact":
+        return kernels.topk(flat, k, method="exact") if k else _empty(flat)
+    if selection == "threshold":
+        if threshold is None:
+            raise InvalidArgumentError("selection='threshold' needs threshold=")
+        return kernels.select_threshold(flat, threshold)
+    if selection == "randomk":
+        if density is None:
+            raise InvalidArgumentError("selection='randomk' needs density=")
+        return kernels.random_sparsify(flat, density, seed=seed)
+    raise InvalidArgumentError(f"unknown selection {selection!r}; choose from {sorted(SELECTIONS)}")
+
+
+def _empty(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return np.empty(0, np.int64), np.empty(0, flat.dtype)
+
+
+def encode_values(values: np.ndarray, bits: int | None, seed: int) -> tuple[list[np.ndarray], np.ndarray]:
+    """Wire form of ``values`` and the values a receiver will decode from it."""
+    if not bits:
+        return [values], values
+    if values.size == 0:
+        return [np.empty(0, np.float32), np.empty(0, np.uint8)], values
+    packed, scales = kernels.quantize(values, bits, block_size=QUANT_BLOCK, seed=seed)
+    decoded = kernels.dequantize(packed, scales, bits, values.size, block_size=QUANT_BLOCK,
+                                 dtype=values.dtype)
+    return [scales, packed], decoded
+
+
+def decode_values(parts: list[np.ndarray], count: int, bits: int | None, dtype: np.dtype) -> np.ndarray:
+    """Values of a received sparse payload (dequantized when ``bits`` is set)."""
+    if not bits:
+        return parts[0]
+    if count == 0:
+        return np.empty(0, dtype)
+    scales, packed = parts
+    return kernels.dequantize(packed, scales, bits, count, block_size=QUANT_BLOCK, dtype=dtype)
+
+
+def decode_sparse(payload, size: int, dtype: np.dtype, bits: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """(indices, values) of a received sparse payload; FrameError if it is malformed."""
+    indices, parts = split_sparse(payload, size, dtype, bits)
+    return indices, decode_values(parts, indices.size, bits, dtype)
+
+
+def payload_limit(count: int, size: int, dtype: np.dtype, bits: int | None) -> int:
+    """Largest sparse payload of at most ``count`` pairs: what a receive may accept."""
+    return sparse_payload_size(count, size, dtype, bits)
+
+
+async def ring_gather_blocks(call: Call, own: list[np.ndarray], limit: int, tag_base: int = 0) -> list:
+    """Every rank's block of bytes, in rank order, by a ring (each block forwarded P-1 times).
+
+    ``own`` is this rank's block as a list of buffers (sent gathered, not concatenated);
+    received blocks are accepted up to ``limit`` bytes.
+    """
+    size, rank = call.size, call.rank
+    right, left = (rank + 1) % size, (rank - 1) % size
+    blocks: list = [None] * size
+    blocks[rank] = own
+    for step in range(size - 1):
+        outgoing = blocks[(rank - step) % size]
+        received = await call.exchange(right, outgoing if isinstance(outgoing, list) else [outgoing],
+                                       left, None, tag_base + step, limit)
+        blocks[(rank - step - 1) % size] = received
+    call.stats.rounds += size - 1
+    return blocks
+
+
+def own_block(indices: np.ndarray, wire_values: list[np.ndarray], size: int) -> list[np.ndarray]:
+    """This rank's sparse payload as buffers."""
+    return sparse_buffers(indices, wire_values, size)
+
+
+def sum_in_rank_order(parts: list[tuple[np.ndarray, np.ndarray]], dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+    """Union of indices and values summed rank by rank (deterministic on every rank)."""
+    if not parts:
+        return np.empty(0, np.int64), np.empty(0, dtype)
+    union = np.unique(np.concatenate([indices for indices, _ in parts]))
+    summed = np.zeros(union.size, dtype)
+    for indices, values in parts:
+        np.add.at(summed, np.searchsorted(union, indices), values)
+    return union, summed
