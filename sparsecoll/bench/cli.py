@@ -8,14 +8,16 @@ measures a real network across hosts.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import tempfile
 from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 
-from sparsecoll.bench import collectives, soak
-from sparsecoll.bench.common import format_size, parse_size, render_table, size_sweep, write_json
+from sparsecoll.bench import collectives, soak, sparse
+from sparsecoll.bench.common import format_size, parse_count, parse_size, render_table, size_sweep, write_json
 from sparsecoll.launch import spawn
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -106,6 +108,47 @@ def soak_command(ranks: Ranks = 4,
     render_table(f"soak: {iterations} allreduces of 8 bytes", soak.COLUMNS, rows, console)
     if json_file:
         write_json(json_file, "soak", rows)
+
+
+@app.command("sparse")
+def sparse_command(
+    ranks: Annotated[str, typer.Option("--ranks", "-r", help="rank counts, e.g. 4 or 2,4,8")] = "4",
+    size: Annotated[str, typer.Option("--size", "-d", help="gradient elements, e.g. 25M")] = "1M",
+    density: Annotated[float, typer.Option(help="fraction of elements sent")] = 0.001,
+    iterations: Annotated[int, typer.Option("--iters", "-n")] = 3,
+    algorithms: Annotated[str, typer.Option(help="comma-separated")] = ",".join(sparse.ALGORITHMS),
+    link: Annotated[str | None, typer.Option(help="emulate links of this rate, e.g. 1gbit (root)")] = None,
+    json_file: JsonFile = None,
+) -> None:
+    """Dense vs sparse collectives end to end, optionally over tbf-shaped namespace links."""
+    elements = parse_count(size)
+    rows = []
+    for world in [int(value) for value in ranks.split(",")]:
+        rows += _sparse_run(world, elements, density, iterations, algorithms.split(","), link)
+    title = f"sparse vs dense, d={size}, density {density}" + (f", {link} links" if link else ", loopback")
+    render_table(title, sparse.COLUMNS, rows, console)
+    if json_file:
+        write_json(json_file, "sparse", rows, link=link or "loopback", density=density)
+        console.print(f"wrote {json_file}")
+
+
+def _sparse_run(world: int, elements: int, density: float, iterations: int, algorithms: list[str],
+                link: str | None) -> list[dict]:
+    with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
+        network = None
+        if link:
+            from sparsecoll.bench.netem import EmulatedNetwork
+
+            net = stack.enter_context(EmulatedNetwork(world, link))
+            network = {"namespaces": [net.namespace(r) for r in range(world)],
+                       "addresses": [net.address(r) for r in range(world)],
+                       "interfaces": [net.interface(r) for r in range(world)]}
+        results = spawn(world, sparse.run_rank, elements, density, algorithms, iterations, network,
+                        os.path.join(scratch, "store"), timeout=3600)
+    failures = [result for result in results if isinstance(result, Exception)]
+    if failures:
+        raise failures[0]
+    return results[0]
 
 
 @app.command("kernels")

@@ -25,6 +25,14 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2)]
 
 
+def parse_count(text: str) -> int:
+    """Element counts in decimal units: '25M' is 25,000,000 (a ResNet-50 gradient), '1K' 1,000."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?)\s*", text.upper())
+    if not match:
+        raise ValueError(f"not a count: {text!r} (examples: 1000, 1M, 25M)")
+    return int(float(match.group(1)) * {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}[match.group(2)])
+
+
 def format_size(nbytes: int) -> str:
     """Bytes as nccl-tests prints them in its first column, but human-readable."""
     for unit, factor in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):

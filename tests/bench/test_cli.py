@@ -51,3 +51,38 @@ def test_soak_keeps_descriptors_and_memory(tmp_path: Path) -> None:
         assert row["errors"] == 0
         assert row["fds_after"] == row["fds_before"]
         assert row["rss_growth_pct"] < 5.0
+
+
+def test_sparse_comparison_rows_agree_with_their_formulas(tmp_path: Path) -> None:
+    out = tmp_path / "sparse.json"
+    result = runner.invoke(app, ["sparse", "--ranks", "2", "-d", "200K", "--density", "0.01",
+                                 "--iters", "1", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row["algorithm"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"dense", "gloo", "allgather", "gtopk", "sketch", "cltk"}
+    for name in ("allgather", "gtopk"):
+        assert rows[name]["bytes_sent"] == rows[name]["formula_bytes"]
+    for row in rows.values():
+        assert row["wrong"] == 0 and row["time_ms"] > 0 and row["speedup_vs_gloo"] > 0
+    assert rows["allgather"]["bytes_sent"] < rows["dense"]["bytes_sent"] / 20
+
+
+@pytest.mark.slow
+def test_emulated_links_are_created_shaped_and_removed(tmp_path: Path) -> None:
+    import os
+    import shutil
+    import subprocess
+
+    if os.geteuid() != 0 or shutil.which("tc") is None:
+        pytest.skip("network namespaces and tc need root")
+    out = tmp_path / "link.json"
+    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    result = runner.invoke(app, ["sparse", "--ranks", "2", "-d", "2M", "--density", "0.001", "--iters", "1",
+                                 "--algorithms", "dense,gloo,gtopk", "--link", "100mbit", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row["algorithm"]: row for row in json.loads(out.read_text())["rows"]}
+    # 8 MB of float32 over a 100 Mbit/s link: the dense allreduce cannot beat the wire
+    assert rows["dense"]["time_ms"] > 0.9 * rows["dense"]["bytes_sent"] * 8 / 100e6 * 1e3
+    assert rows["gtopk"]["speedup_vs_gloo"] > 5
+    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert after == before, "namespaces were left behind"

@@ -1,0 +1,118 @@
+"""Emulated slow links: one network namespace per rank, joined by a bridge, each link shaped.
+
+Every rank's namespace holds one end of a veth pair whose other end sits on a bridge in a
+switch namespace; ``tc tbf`` shapes both directions of every pair to the chosen rate, so each
+rank has its own full-duplex link, as on a real switch. Everything lives in namespaces this
+module creates and always deletes (also when the body fails); no address outside them is
+used. Latency cannot be added here (this kernel has no netem), only bandwidth. Root only.
+
+    with EmulatedNetwork(4, "1gbit") as net:
+        net.address(0)            # "10.213.0.1", rank 0's address inside its namespace
+        enter_namespace(net.namespace(0))   # in a child process, before opening sockets
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import shutil
+import subprocess
+from types import TracebackType
+
+from sparsecoll.errors import InvalidArgumentError
+
+CLONE_NEWNET = 0x40000000
+SUBNET = "10.213.0"
+
+
+def parse_rate(text: str) -> str:
+    """'1gbit', '10gbit', '100mbit' (tc's units), checked."""
+    rate = text.strip().lower()
+    if not re.fullmatch(r"\d+(\.\d+)?(k|m|g)?bit", rate):
+        raise InvalidArgumentError(f"link rate {text!r} is not like 1gbit, 10gbit or 100mbit")
+    return rate
+
+
+def _rate_bits(rate: str) -> float:
+    number, unit = re.fullmatch(r"([\d.]+)(k|m|g)?bit", rate).groups()
+    return float(number) * {None: 1, "k": 1e3, "m": 1e6, "g": 1e9}[unit]
+
+
+def _run(*argv: str) -> None:
+    subprocess.run(argv, check=True, capture_output=True, text=True)
+
+
+class EmulatedNetwork:
+    """``ranks`` namespaces on a shaped bridge; a context manager that cleans up after itself."""
+
+    def __init__(self, ranks: int, rate: str = "1gbit", prefix: str | None = None) -> None:
+        if os.geteuid() != 0:
+            raise PermissionError("emulated links need root (network namespaces and tc)")
+        if shutil.which("ip") is None or shutil.which("tc") is None:
+            raise FileNotFoundError("emulated links need iproute2's ip and tc")
+        if not 1 <= ranks <= 200:
+            raise InvalidArgumentError(f"ranks must be in [1, 200], not {ranks}")
+        self.ranks = ranks
+        self.rate = parse_rate(rate)
+        self.prefix = prefix or f"sc{os.getpid() % 100000}"
+        self._created: list[str] = []
+
+    def namespace(self, rank: int) -> str:
+        """Name of rank ``rank``'s namespace."""
+        return f"{self.prefix}-r{rank}"
+
+    def address(self, rank: int) -> str:
+        """Rank ``rank``'s address inside its namespace."""
+        return f"{SUBNET}.{rank + 1}"
+
+    def interface(self, rank: int) -> str:
+        """Name of the rank's network interface inside its namespace."""
+        return f"{self.prefix}v{rank}"[:15]
+
+    def __enter__(self) -> EmulatedNetwork:
+        try:
+            self._build()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def _build(self) -> None:
+        switch = f"{self.prefix}-sw"
+        self._add_namespace(switch)
+        _run("ip", "-n", switch, "link", "add", "br0", "type", "bridge")
+        _run("ip", "-n", switch, "link", "set", "br0", "up")
+        burst = max(32_000, int(_rate_bits(self.rate) / 8 / 250))  # at least one timer tick's worth
+        for rank in range(self.ranks):
+            namespace, inside, outside = self.namespace(rank), self.interface(rank), f"{self.prefix}s{rank}"[:15]
+            self._add_namespace(namespace)
+            _run("ip", "link", "add", inside, "netns", namespace, "type", "veth", "peer", "name", outside,
+                 "netns", switch)
+            _run("ip", "-n", switch, "link", "set", outside, "master", "br0", "up")
+            _run("ip", "-n", namespace, "addr", "add", f"{self.address(rank)}/24", "dev", inside)
+            _run("ip", "-n", namespace, "link", "set", inside, "up")
+            _run("ip", "-n", namespace, "link", "set", "lo", "up")
+            for ns, device in ((namespace, inside), (switch, outside)):
+                _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", device, "root", "tbf",
+                     "rate", self.rate, "burst", str(burst), "latency", "50ms")
+
+    def _add_namespace(self, name: str) -> None:
+        _run("ip", "netns", "add", name)
+        self._created.append(name)
+
+    def close(self) -> None:
+        """Delete every namespace this network created (their links go with them)."""
+        while self._created:
+            subprocess.run(["ip", "netns", "delete", self._created.pop()], capture_output=True)
+
+
+def enter_namespace(name: str) -> None:
+    """Move the calling process (all its future sockets) into network namespace ``name``."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    with open(f"/var/run/netns/{name}") as handle:
+        if libc.setns(handle.fileno(), CLONE_NEWNET) != 0:
+            raise OSError(ctypes.get_errno(), f"setns into {name} failed")
