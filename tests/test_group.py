@@ -41,7 +41,7 @@ async def killed_mid_collective(group) -> tuple:
     return "no error", None, 0.0
 
 
-def test_killed_peer_raises_peer_lost_on_every_survivor() -> None:
+def test_killed_peer_raises_peer_lost_on_every_survivor(backend: str) -> None:
     results = run_ranks(4, killed_mid_collective, timeout=60, expect_dead={2})
     for rank in (0, 1, 3):
         name, peer, seconds = results[rank]
@@ -69,7 +69,7 @@ async def stalled_rank(group) -> tuple:
     return "no error", None, 0.0
 
 
-def test_stalled_peer_times_out_and_the_abort_reaches_everyone() -> None:
+def test_stalled_peer_times_out_and_the_abort_reaches_everyone(backend: str) -> None:
     results = run_ranks(4, stalled_rank, timeout=60)
     for rank in (0, 1, 3):
         name, peer, seconds = results[rank]
@@ -86,7 +86,7 @@ async def init_only(group) -> str:
 
 
 @pytest.mark.parametrize("world", [2, 3])
-def test_wrong_secret_fails_authentication(world: int) -> None:
+def test_wrong_secret_fails_authentication(world: int, backend: str) -> None:
     results = run_ranks(world, init_only, timeout=60, group_kwargs={"timeout": 10},
                         per_rank_env={1: {"SPARSECOLL_SECRET": "not-the-secret"}})
     assert all(isinstance(result, SparseCollError) for result in results), results
@@ -125,7 +125,7 @@ async def mismatched_calls(group_rank: int, world: int) -> list[str]:
     return outcomes
 
 
-def test_disagreeing_ranks_raise_collective_mismatch_everywhere() -> None:
+def test_disagreeing_ranks_raise_collective_mismatch_everywhere(backend: str) -> None:
     results = run_ranks(4, mismatched_calls, timeout=90, group_kwargs=None)
     for rank, outcomes in enumerate(results):
         assert outcomes == ["CollectiveMismatchError"] * 4, f"rank {rank}: {outcomes}"
@@ -144,7 +144,7 @@ async def oversized_frame(group) -> str:
     return "no error"
 
 
-def test_oversized_frame_is_refused_on_every_rank() -> None:
+def test_oversized_frame_is_refused_on_every_rank(backend: str) -> None:
     results = run_ranks(3, oversized_frame, timeout=60)
     assert results == ["FrameTooLargeError"] * 3
 
@@ -174,7 +174,7 @@ async def abort_and_close(group) -> list[str]:
     return outcomes
 
 
-def test_abort_reaches_peers_and_closed_group_refuses_calls() -> None:
+def test_abort_reaches_peers_and_closed_group_refuses_calls(backend: str) -> None:
     results = run_ranks(3, abort_and_close, timeout=60)
     assert results[0] == ["GroupAbortedError", "GroupClosedError"]
     for outcome in results[1:]:
@@ -189,7 +189,7 @@ async def timeout_argument(group) -> str:
     return "accepted"
 
 
-def test_bad_arguments_raise_before_anything_is_sent() -> None:
+def test_bad_arguments_raise_before_anything_is_sent(backend: str) -> None:
     assert run_ranks(1, timeout_argument, timeout=30) == ["InvalidArgumentError"]
 
 
@@ -211,7 +211,7 @@ async def bad_calls(group) -> list[str]:
     return names
 
 
-def test_invalid_arguments_leave_the_group_usable() -> None:
+def test_invalid_arguments_leave_the_group_usable(backend: str) -> None:
     for names in run_ranks(2, bad_calls, timeout=30):
         assert names == ["InvalidArgumentError"] * 6 + ["usable"]
 
@@ -229,7 +229,7 @@ def sync_facade(rank: int, world: int) -> tuple:
     return float(value[0]), gathered.ravel().tolist(), stats.bytes_sent > 0, closed
 
 
-def test_sync_facade_runs_collectives_from_plain_code() -> None:
+def test_sync_facade_runs_collectives_from_plain_code(backend: str) -> None:
     results = run_ranks(3, sync_facade, timeout=60, group_kwargs=None)
     for value, gathered, counted, closed in results:
         assert value == 2.0 and gathered == [0, 1, 2] and counted and closed

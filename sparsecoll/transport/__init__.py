@@ -1,4 +1,5 @@
-"""Transports: move frames between ranks. ``base`` is the interface, ``tcp`` the socket one.
+"""Transports: move frames between ranks. ``base`` is the interface, ``tcp`` the socket one,
+``ucx`` the UCX one (ucxx: InfiniBand, shared memory, TCP; host and GPU buffers).
 
 ``TRANSPORTS`` maps a backend name (``init_group(backend=...)`` or SPARSECOLL_BACKEND) to the
 module and class that implement it; modules are imported only when their backend is chosen,
@@ -14,6 +15,7 @@ from sparsecoll.transport.base import Transport
 
 TRANSPORTS: dict[str, tuple[str, str]] = {
     "tcp": ("sparsecoll.transport.tcp", "TcpTransport"),
+    "ucx": ("sparsecoll.transport.ucx", "UcxTransport"),
 }
 
 

@@ -96,7 +96,7 @@ def reference(case: tuple, world: int):
 
 
 @pytest.mark.parametrize("world", range(1, 9))
-def test_dense_collectives_match_numpy(world: int) -> None:
+def test_dense_collectives_match_numpy(world: int, backend: str) -> None:
     per_rank = run_ranks(world, battery, timeout=240)
     for rank, results in enumerate(per_rank):
         assert isinstance(results, dict), f"rank {rank} failed: {results!r}"
@@ -133,7 +133,7 @@ async def float_sums(group) -> list[bytes]:
 
 
 @pytest.mark.parametrize("world", [3, 4])
-def test_allreduce_bit_identical_on_every_rank(world: int) -> None:
+def test_allreduce_bit_identical_on_every_rank(world: int, backend: str) -> None:
     per_rank = run_ranks(world, float_sums, timeout=60)
     assert all(result == per_rank[0] for result in per_rank[1:])
 
@@ -151,7 +151,7 @@ async def measured_bytes(group) -> dict:
 
 
 @pytest.mark.parametrize("world", [2, 4, 5])
-def test_bytes_on_the_wire_match_the_formulas(world: int) -> None:
+def test_bytes_on_the_wire_match_the_formulas(world: int, backend: str) -> None:
     per_rank = run_ranks(world, measured_bytes, timeout=60)
     for rank, stats in enumerate(per_rank):
         for count in (1000, 50_000, 50_001):
