@@ -54,9 +54,13 @@ def heavy_tailed(rank: int, size: int) -> np.ndarray:
 async def run_rank(rank: int, world: int, size: int, density: float, algorithms: Sequence[str],
                    iterations: int, network: dict | None, store_path: str) -> list[dict]:
     """One rank of the comparison; returns complete rows (slowest-rank times) on every rank."""
+    import numba
     import torch
     import torch.distributed as dist
 
+    # ranks share this host's cores: one thread each, as torchrun sets OMP_NUM_THREADS=1
+    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, (os.cpu_count() or 1) // world)))
+    torch.set_num_threads(1)
     if network is not None:
         from sparsecoll.bench.netem import enter_namespace
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from sparsecoll.arrays import as_sendable, result_buffer
 from sparsecoll.call import Call, CollectiveResult
+from sparsecoll.collectives.doubling import DoublingPlan
 from sparsecoll.errors import FrameError, InvalidArgumentError
 from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code, shape_hash
 
@@ -123,35 +124,27 @@ async def recursive_doubling_allreduce(call: Call, flat: np.ndarray, ufunc: np.u
                                        tag_base: int = 0) -> None:
     """Exchange-and-reduce with partners at distance 1, 2, 4...; in place on ``flat``.
 
-    For P not a power of two, the first 2r ranks (r = P - 2^floor(log2 P)) pair up: each
-    even one hands its array to its odd neighbour before the rounds and gets the result
-    back after them, so the rounds run on exactly 2^floor(log2 P) ranks.
+    For P not a power of two, ranks fold in first and out last (see :mod:`.doubling`).
     """
-    size, rank = call.size, call.rank
-    power = 1 << (size.bit_length() - 1)
-    extra = size - power
+    plan = DoublingPlan(call.rank, call.size)
     scratch = np.empty_like(flat)
-    rounds = power.bit_length() - 1
-    if rank < 2 * extra:
-        if rank % 2 == 0:
-            await call.send(rank + 1, tag_base, flat)
-            await call.recv(rank + 1, tag_base + rounds + 1, flat)
-            call.stats.rounds += 2
-            return
-        await call.recv(rank - 1, tag_base, scratch)
+    final_tag = tag_base + plan.rounds + 1
+    if plan.folded:
+        await call.send(plan.rank + 1, tag_base, flat)
+        await call.recv(plan.rank + 1, final_tag, flat)
+        call.stats.rounds += 2
+        return
+    if plan.host:
+        await call.recv(plan.rank - 1, tag_base, scratch)
         ufunc(flat, scratch, out=flat)
-        virtual = rank // 2
         call.stats.rounds += 1
-    else:
-        virtual = rank - extra
-    for round_index in range(rounds):
-        partner_virtual = virtual ^ (1 << round_index)
-        partner = partner_virtual * 2 + 1 if partner_virtual < extra else partner_virtual + extra
+    for round_index in range(plan.rounds):
+        partner = plan.partner(round_index)
         await call.exchange(partner, flat, partner, scratch, tag=tag_base + round_index + 1)
         ufunc(flat, scratch, out=flat)
-    call.stats.rounds += rounds
-    if rank < 2 * extra:
-        await call.send(rank - 1, tag_base + rounds + 1, flat)
+    call.stats.rounds += plan.rounds
+    if plan.host:
+        await call.send(plan.rank - 1, final_tag, flat)
         call.stats.rounds += 1
 
 

@@ -5,9 +5,9 @@
    sparse vectors (summing shared indices) and keeps the top k of the merge. Both partners
    compute the same merge (addition commutes, ties break by index), so after log2 P rounds
    every rank holds the same k pairs, bit for bit.
-3. P not a power of two: with p = 2^floor(log2 P) and e = P - p, ranks 0..2e-1 pair up first;
-   each even one hands its k pairs to its odd neighbour (which merges them) and sits out the
-   rounds; the p remaining ranks run step 2; each odd one then sends the result back.
+3. P not a power of two: ranks 0..2e-1 (e = P - 2^floor(log2 P)) pair up first; each even
+   one hands its k pairs to its odd neighbour, which merges them, and sits the rounds out;
+   each odd one sends it the result at the end (see :mod:`.doubling`).
 Each merge truncates to k, so the result is the paper's approximation of the top-k of the
 summed selections: exactly it for P = 2, close to it otherwise. ``sent_indices`` marks the
 local entries that survived into the result; the rest belong in the error-feedback residual.
@@ -21,6 +21,7 @@ import numpy as np
 
 from sparsecoll import kernels
 from sparsecoll.call import Call, CollectiveResult
+from sparsecoll.collectives.doubling import DoublingPlan
 from sparsecoll.collectives.sparse_common import (
     SparseResult,
     decode_sparse,
@@ -72,30 +73,24 @@ async def gtopk(group: Group, grad: np.ndarray, *, k: int | None = None, density
 
         _, current = wire((local_indices, local_values), 0)  # quantizing again is idempotent
         sent_values = current[1]
-        power = 1 << (ranks.bit_length() - 1)
-        extra = ranks - power
-        rounds = power.bit_length() - 1
-        final_tag = rounds + 1
-        if rank < 2 * extra and rank % 2 == 0:
+        plan = DoublingPlan(rank, ranks)
+        final_tag = plan.rounds + 1
+        if plan.folded:
             buffers, current = wire(current, 0)
             await call.send(rank + 1, 0, *buffers)
             current = decode(await call.recv(rank + 1, final_tag, limit=limit))
             call.stats.rounds += 2
         else:
-            if rank < 2 * extra:
+            if plan.host:
                 current = merge_top(current, decode(await call.recv(rank - 1, 0, limit=limit)), count)
-                virtual = rank // 2
                 call.stats.rounds += 1
-            else:
-                virtual = rank - extra
-            for round_index in range(rounds):
-                partner_virtual = virtual ^ (1 << round_index)
-                partner = partner_virtual * 2 + 1 if partner_virtual < extra else partner_virtual + extra
+            for round_index in range(plan.rounds):
+                partner = plan.partner(round_index)
                 buffers, current = wire(current, round_index + 1)
                 theirs = decode(await call.exchange(partner, buffers, partner, None, round_index + 1, limit))
                 current = merge_top(current, theirs, count)
-            call.stats.rounds += rounds
-            if rank < 2 * extra:
+            call.stats.rounds += plan.rounds
+            if plan.host:
                 buffers, current = wire(current, final_tag)
                 await call.send(rank - 1, final_tag, *buffers)
                 call.stats.rounds += 1
