@@ -1,0 +1,189 @@
+"""Flatten parameters' gradients into contiguous buckets that the collectives read as numpy arrays.
+
+A bucket holds parameters of one param group, dtype and device, in order, up to a byte budget.
+Its gradient buffer is one flat tensor; after the first step every parameter's ``.grad`` is a
+view into it, so backward accumulates straight into the buffer and a step copies nothing (a
+gradient that was replaced, e.g. by ``zero_grad(set_to_none=True)``, is copied in once and the
+view is restored). On CPU the buffer and ``.numpy()`` share memory. Half-precision parameters
+(``float16``, ``bfloat16``: numpy has no ``bfloat16``) get a ``float32`` buffer and are copied.
+
+CUDA: :func:`as_array` stages a CUDA tensor through host memory, unless ``cupy`` is installed
+and the group's backend is UCX, in which case the collectives receive a cupy array over the
+same device memory (DLPack) and GPU buffers go to the transport as they are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+DEFAULT_BUCKET_BYTES = 25 << 20
+"""Bucket budget, DDP's default (``bucket_cap_mb=25``)."""
+
+_WIDENED = (torch.float16, torch.bfloat16)
+
+
+def small_parameters(param: torch.Tensor) -> bool:
+    """The default exclusion rule: biases and norm weights (at most one dimension) go dense."""
+    return param.dim() <= 1
+
+
+@dataclass
+class Bucket:
+    """Parameters whose gradients travel together, and their flat gradient buffer."""
+
+    index: int
+    params: list[torch.Tensor]
+    group_index: int
+    compressed: bool
+    flat: torch.Tensor
+    offsets: list[int] = field(default_factory=list)
+
+    @property
+    def size(self) -> int:
+        """Elements in the bucket."""
+        return self.flat.numel()
+
+    def slice(self, position: int) -> torch.Tensor:
+        """The buffer region of the ``position``-th parameter, shaped like it."""
+        param = self.params[position]
+        start = self.offsets[position]
+        return self.flat[start:start + param.numel()].view(param.shape)
+
+    def gather_grads(self) -> None:
+        """Bring every gradient into the buffer; a missing gradient counts as zero (as in DDP)."""
+        for position, param in enumerate(self.params):
+            grad = param.grad
+            region = self.slice(position)
+            if grad is None:
+                region.zero_()
+                continue
+            check_gradient(grad)
+            if _is_view_of(grad, region):
+                continue
+            region.copy_(grad)
+            if grad.dtype == region.dtype:
+                param.grad = region
+
+    def scatter_grads(self) -> None:
+        """Make every ``.grad`` hold the reduced gradient now in the buffer."""
+        for position, param in enumerate(self.params):
+            region = self.slice(position)
+            if param.dtype == region.dtype:
+                if not _is_view_of(param.grad, region):
+                    param.grad = region
+            elif param.grad is None:
+                param.grad = region.to(param.dtype)
+            else:
+                param.grad.copy_(region)
+
+    def zero_grads(self) -> None:
+        """Zero the buffer in place (views stay attached)."""
+        self.flat.zero_()
+        for position, param in enumerate(self.params):
+            if param.grad is not None and not _is_view_of(param.grad, self.slice(position)):
+                param.grad.zero_()
+
+
+def _is_view_of(grad: torch.Tensor | None, region: torch.Tensor) -> bool:
+    return (grad is not None and grad.data_ptr() == region.data_ptr() and grad.dtype == region.dtype
+            and grad.shape == region.shape and grad.stride() == region.stride())
+
+
+def check_gradient(grad: torch.Tensor) -> None:
+    """Sparse-layout and complex gradients cannot be compressed: say so clearly."""
+    if grad.layout != torch.strided:
+        raise TypeError(f"sparsecoll needs dense (strided) gradients, got layout {grad.layout}; "
+                        "use sparse=False in nn.Embedding and similar modules")
+    if grad.is_complex():
+        raise TypeError(f"sparsecoll compresses real gradients, got {grad.dtype}; "
+                        "view complex parameters as real (torch.view_as_real) first")
+    if not grad.is_floating_point():
+        raise TypeError(f"gradients must be floating point, got {grad.dtype}")
+
+
+def check_parameter(param: torch.Tensor) -> None:
+    """Complex or integer parameters are refused when the optimizer is built."""
+    if param.is_complex():
+        raise TypeError(f"complex parameters are not supported ({param.dtype}); "
+                        "register them as real views (torch.view_as_real)")
+    if not param.is_floating_point():
+        raise TypeError(f"parameters must be floating point, got {param.dtype}")
+
+
+def build_buckets(param_groups: Sequence[dict], bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                  dense_if: Callable[[torch.Tensor], bool] | None = small_parameters) -> list[Bucket]:
+    """Buckets of the trainable parameters, in group and parameter order.
+
+    Parameters for which ``dense_if`` is true go to buckets that are always reduced dense.
+    A bucket never mixes param groups (their momentum may differ), dtypes or devices.
+    """
+    if bucket_bytes <= 0:
+        raise ValueError(f"bucket_bytes must be positive, got {bucket_bytes}")
+    buckets: list[Bucket] = []
+    for group_index, group in enumerate(param_groups):
+        pending: dict[tuple, list[torch.Tensor]] = {}
+        for param in group["params"]:
+            if not param.requires_grad:
+                continue
+            check_parameter(param)
+            compressed = not (dense_if is not None and dense_if(param))
+            key = (compressed, param.dtype, param.device)
+            members = pending.setdefault(key, [])
+            members.append(param)
+            if sum(p.numel() for p in members) * param.element_size() >= bucket_bytes:
+                buckets.append(_make_bucket(len(buckets), members, group_index, compressed))
+                pending[key] = []
+        for (compressed, _, _), members in pending.items():
+            if members:
+                buckets.append(_make_bucket(len(buckets), members, group_index, compressed))
+    return buckets
+
+
+def _make_bucket(index: int, params: list[torch.Tensor], group_index: int, compressed: bool) -> Bucket:
+    dtype = torch.float32 if params[0].dtype in _WIDENED else params[0].dtype
+    offsets, total = [], 0
+    for param in params:
+        offsets.append(total)
+        total += param.numel()
+    flat = torch.zeros(total, dtype=dtype, device=params[0].device)
+    return Bucket(index, list(params), group_index, compressed, flat, offsets)
+
+
+def layout_signature(buckets: Iterable[Bucket]) -> np.ndarray:
+    """A small int64 vector that differs when the parameter layout differs (count, shapes, dtypes)."""
+    digest = hashlib.sha256()
+    count = 0
+    for bucket in buckets:
+        digest.update(f"[{bucket.index} {bucket.compressed} {bucket.flat.dtype}]".encode())
+        for param in bucket.params:
+            digest.update(f"{tuple(param.shape)}:{param.dtype};".encode())
+            count += 1
+    return np.concatenate([[count], np.frombuffer(digest.digest()[:16], np.int64)]).astype(np.int64)
+
+
+def as_array(tensor: torch.Tensor, backend: str = "tcp"):
+    """The array the collectives see: a numpy view on CPU; on CUDA see the module notes."""
+    if tensor.device.type == "cpu":
+        return tensor.detach().numpy()
+    if backend == "ucx":
+        try:
+            import cupy
+        except ImportError:
+            pass
+        else:
+            return cupy.from_dlpack(tensor.detach())
+    return tensor.detach().cpu().numpy()
+
+
+def to_tensor(array, like: torch.Tensor) -> torch.Tensor:
+    """A numpy (or cupy) result as a tensor on ``like``'s device, without copying on CPU."""
+    if isinstance(array, np.ndarray):
+        if not array.flags.writeable:
+            array = array.copy()
+        return torch.from_numpy(np.ascontiguousarray(array)).to(like.device)
+    return torch.from_dlpack(array).to(like.device)

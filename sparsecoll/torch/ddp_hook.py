@@ -1,0 +1,136 @@
+"""A DDP communication hook that reduces DDP's buckets with sparsecoll's compressed collectives.
+
+For users who keep ``DistributedDataParallel``::
+
+    state = CommHookState(sparsecoll.torch.init_group(), algorithm="gtopk", density=0.01)
+    model.register_comm_hook(state, comm_hook)
+
+torch's default process group (e.g. Gloo) carries only what DDP itself sends (the initial
+parameter broadcast, unused-parameter maps); gradients travel over the sparsecoll group. The
+hook keeps the same error-feedback state as :class:`~sparsecoll.torch.SparseCollOptimizer`, per
+DDP bucket. Momentum correction needs the hook to own the momentum: give ``momentum=`` here
+and build the optimizer with ``momentum=0``.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future as ConcurrentFuture
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from sparsecoll.call import CommStats
+from sparsecoll.sync import SyncGroup
+from sparsecoll.torch.error_feedback import ErrorFeedback, warmup_density
+from sparsecoll.torch.exchange import Compression, reduce_buffer
+
+_WIDENED = (torch.float16, torch.bfloat16)
+
+
+class CommHookState:
+    """Hyperparameters and per-bucket memory of :func:`comm_hook` (one per DDP model).
+
+    ``start_iter`` iterations are reduced dense first: DDP rebuilds its buckets after the
+    first iteration, and state kept for the old buckets would not fit the new ones (the
+    same reason as PowerSGD's ``start_powerSGD_iter``).
+    """
+
+    __slots__ = ("group", "compression", "momentum", "nesterov", "warmup_steps", "start_iter",
+                 "iteration", "memories", "last_stats", "_executor")
+
+    def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: float = 0.001, *,
+                 quantize_bits: int | None = None, error_feedback: bool = True, momentum: float = 0.0,
+                 nesterov: bool = False, warmup_steps: int = 0, start_iter: int = 1,
+                 dense_above: float = 0.25, seed: int = 0) -> None:
+        if not isinstance(group, SyncGroup):
+            raise TypeError("group must be a SyncGroup: create it with sparsecoll.torch.init_group()")
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        if warmup_steps < 0 or start_iter < 0:
+            raise ValueError("warmup_steps and start_iter must be >= 0")
+        self.group = group
+        self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
+                                       float(dense_above), int(seed))
+        self.compression.validate()
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov)
+        self.warmup_steps = int(warmup_steps)
+        self.start_iter = int(start_iter)
+        self.iteration = 0
+        self.memories: dict[int, ErrorFeedback] = {}
+        self.last_stats: dict[int, CommStats] = {}
+        """What each bucket's last reduction moved, by bucket index."""
+        self._executor: ThreadPoolExecutor | None = None
+
+    def density_now(self) -> float:
+        """Density of the current iteration (1.0 before ``start_iter``)."""
+        if self.iteration < self.start_iter:
+            return 1.0
+        return warmup_density(self.iteration - self.start_iter, self.compression.density, self.warmup_steps)
+
+    def submit(self, coroutine: Any) -> ConcurrentFuture:
+        """Run ``coroutine`` on the group, after every one submitted before it (rank-wide order)."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsecoll-hook")
+        return self._executor.submit(self.group.run, coroutine)
+
+    def close(self) -> None:
+        """Stop the hook's worker thread (the group stays open)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+            self._executor = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's residuals and momentum per bucket, and the iteration: save per rank."""
+        return {"rank": self.group.rank, "world_size": self.group.size, "iteration": self.iteration,
+                "memories": {index: memory.state_dict() for index, memory in self.memories.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` returned on the same rank."""
+        if (state["rank"], state["world_size"]) != (self.group.rank, self.group.size):
+            raise ValueError(f"this state was saved by rank {state['rank']} of {state['world_size']}")
+        self.iteration = int(state["iteration"])
+        self.memories = {}
+        for index, saved in state["memories"].items():
+            memory = ErrorFeedback(saved["residual"])
+            memory.load_state_dict(saved)
+            self.memories[int(index)] = memory
+
+
+def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Average ``bucket`` over the ranks with error feedback; a future of the reduced buffer.
+
+    1. take (or make) the bucket's memory; a bucket whose size changed starts afresh;
+    2. before ``start_iter`` reduce dense, then compress at the warm-up's density;
+    3. run the collective on the group's loop, in bucket order, while backward goes on;
+    4. write the mean into the bucket's buffer and complete the future with it.
+    """
+    buffer = bucket.buffer()
+    index = bucket.index()
+    work = buffer.float() if buffer.dtype in _WIDENED else buffer
+    memory = state.memories.get(index)
+    if memory is None or memory.residual.numel() != work.numel() or memory.residual.dtype != work.dtype:
+        memory = state.memories[index] = ErrorFeedback(work)
+    compressed = state.iteration >= state.start_iter
+    coroutine = reduce_buffer(state.group.group, work, memory, state.compression,
+                              density=state.density_now(), step=state.iteration,
+                              seed=state.compression.seed + 1000003 * index, compressed=compressed,
+                              momentum=state.momentum, nesterov=state.nesterov)
+    if bucket.is_last():
+        state.iteration += 1
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+
+    def complete(done: ConcurrentFuture) -> None:
+        error = done.exception()
+        if error is not None:
+            future.set_exception(error)
+            return
+        state.last_stats[index] = done.result()
+        if work is not buffer:
+            buffer.copy_(work)
+        future.set_result(buffer)
+
+    state.submit(coroutine).add_done_callback(complete)
+    return future

@@ -1,0 +1,108 @@
+"""One flat gradient buffer through error feedback and a collective: shared by the optimizer and
+the DDP hook, so both keep the same state and send the same bytes.
+
+These are coroutines of a :class:`sparsecoll.Group`; torch code runs them through a
+:class:`sparsecoll.SyncGroup`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from sparsecoll import registry
+from sparsecoll.call import CommStats
+from sparsecoll.collectives.lazy import LazyState
+from sparsecoll.collectives.reduce import BUILTIN
+from sparsecoll.errors import CollectiveMismatchError
+from sparsecoll.group import Group
+from sparsecoll.torch.buckets import as_array, to_tensor
+from sparsecoll.torch.error_feedback import ErrorFeedback
+
+
+@dataclass(slots=True)
+class Compression:
+    """How gradients are compressed: the hyperparameters the optimizer and the hook share."""
+
+    algorithm: str = "gtopk"
+    density: float = 0.001
+    quantize_bits: int | None = None
+    error_feedback: bool = True
+    dense_above: float = 0.25
+    seed: int = 0
+
+    def validate(self) -> None:
+        """Raise ValueError with the reason when a setting cannot work."""
+        if self.algorithm not in BUILTIN and self.algorithm not in registry.collectives():
+            raise ValueError(f"unknown algorithm {self.algorithm!r}: choose from {list(BUILTIN)} "
+                             "or register one with sparsecoll.register_collective")
+        if not 0.0 < self.density <= 1.0:
+            raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if not 0.0 < self.dense_above <= 1.0:
+            raise ValueError(f"dense_above must be in (0, 1], got {self.dense_above}")
+        if self.quantize_bits is not None and self.algorithm not in ("allgather", "gtopk"):
+            raise ValueError("quantize_bits needs algorithm 'allgather' or 'gtopk' (values are "
+                             f"exchanged sparse there), not {self.algorithm!r}")
+
+
+async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback, compression: Compression,
+                        *, density: float, step: int, seed: int, compressed: bool = True,
+                        momentum: float = 0.0, nesterov: bool = False, lazy: LazyState | None = None,
+                        backend: str = "tcp") -> CommStats:
+    """Replace ``grad`` (this rank's gradient) by the mean over ranks of what was sent.
+
+    Dense buffers, the "dense" algorithm and warm-up steps denser than ``dense_above`` use an
+    allreduce of ``residual + momentum-corrected gradient`` (nothing is left behind); the others
+    send a sparse part of it and keep the rest (error feedback).
+    """
+    outgoing = memory.accumulate(grad, momentum, nesterov)
+    sparse = compressed and compression.algorithm != "dense" and density < compression.dense_above
+    array = as_array(outgoing, backend)
+    if not sparse:
+        if lazy is not None:
+            result, stats = await group.reduce_gradient(array, "dense", lazy=lazy)
+            total = to_tensor(result.values, grad)
+        else:
+            in_place = isinstance(array, np.ndarray) and outgoing.device.type == "cpu"
+            total, stats = await group.allreduce(array, out=array if in_place else None)
+            total = to_tensor(total, grad)
+        torch.div(total.view_as(grad), group.size, out=grad)
+        memory.forget()
+        return stats
+    algorithm_seed = seed + 7919 * step if compression.algorithm == "sketch" else seed
+    options = {"quantize_bits": compression.quantize_bits} if compression.quantize_bits else {}
+    result, stats = await group.reduce_gradient(array, compression.algorithm, density=density, step=step,
+                                                seed=algorithm_seed, **options)
+    grad.zero_()
+    if result.indices is None:
+        grad.copy_(to_tensor(result.values, grad).view_as(grad))
+    else:
+        grad.index_copy_(0, to_tensor(result.indices, grad).long(), to_tensor(result.values, grad).to(grad.dtype))
+    grad.div_(group.size)
+    memory.sent(result)
+    if not compression.error_feedback:
+        memory.forget()
+    return stats
+
+
+async def check_layout(group: Group, signature: np.ndarray, what: str = "parameters") -> None:
+    """Raise CollectiveMismatchError on every rank when the ranks' layouts differ."""
+    gathered, _ = await group.allgather(signature)
+    rows = np.asarray(gathered).reshape(group.size, -1)
+    differing = [rank for rank in range(group.size) if not np.array_equal(rows[rank], rows[0])]
+    if differing:
+        counts = ", ".join(f"rank {rank}: {int(rows[rank][0])}" for rank in range(group.size))
+        error = CollectiveMismatchError(
+            f"{what} differ across ranks (ranks {differing} disagree with rank 0 on count, shapes or "
+            f"dtypes; counts {counts}): build the model and optimizer identically on every rank",
+            rank=group.rank)
+        group.poison(error)  # a rank still inside the allgather raises the same error, not an abort
+        raise error
+
+
+async def any_rank_flags(group: Group, flag: bool) -> bool:
+    """True on every rank when ``flag`` is true on any rank (one tiny allreduce)."""
+    total, _ = await group.allreduce(np.array([1.0 if flag else 0.0], np.float32), op="max")
+    return bool(total[0] > 0)

@@ -1,0 +1,251 @@
+"""SparseCollOptimizer: wrap any torch optimizer so that gradients travel compressed.
+
+On ``step()`` the wrapper
+
+1. brings every gradient into its bucket (a missing gradient counts as zero, as in DDP);
+2. under AMP, unscales, and skips the step on every rank if any rank saw inf/NaN;
+3. clips locally (DGC), folds SGD weight decay in and applies momentum correction;
+4. reduces every bucket with the chosen collective, keeping what was not sent (error feedback);
+5. writes the mean over ranks into ``.grad`` and calls the wrapped optimizer.
+
+Its state is rank-local: save it per rank (see :meth:`SparseCollOptimizer.state_dict`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from sparsecoll.call import CommStats
+from sparsecoll.collectives.lazy import LazyState
+from sparsecoll.sync import SyncGroup
+from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, build_buckets, layout_signature, small_parameters
+from sparsecoll.torch.error_feedback import ErrorFeedback, clip_local, warmup_density
+from sparsecoll.torch.exchange import Compression, any_rank_flags, check_layout, reduce_buffer
+
+_TAKEN_OVER = ("momentum", "weight_decay", "nesterov")
+
+
+class SparseCollOptimizer(torch.optim.Optimizer):
+    """A torch optimizer whose gradients are summed over a sparsecoll group, compressed.
+
+    ``algorithm`` is "dense", "allgather", "gtopk", "sketch", "cltk" or a registered collective;
+    ``density`` the fraction of each bucket sent. With ``momentum_correction`` and a wrapped
+    ``torch.optim.SGD``, the wrapper keeps SGD's momentum (and folds its weight decay into the
+    gradient) itself, as DGC does, and runs SGD without them; other optimizers get error
+    feedback only. Parameters for which ``dense_if`` is true (default: at most one dimension,
+    i.e. biases and norms) are reduced dense. ``warmup_steps`` moves the density exponentially
+    from 1 to ``density``; steps denser than ``dense_above`` use a dense allreduce. ``lazy`` (a
+    :class:`~sparsecoll.collectives.lazy.LazyState` used as a template, one copy per bucket)
+    needs ``algorithm="dense"``. ``grad_scaler`` (the ``torch.amp.GradScaler`` that calls
+    ``step``) lets the wrapper tell the scaler when another rank overflowed, so every rank's
+    scale follows the same path.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, optimizer: torch.optim.Optimizer, group: SyncGroup, algorithm: str = "gtopk",
+                 density: float = 0.001, *, quantize_bits: int | None = None, error_feedback: bool = True,
+                 momentum_correction: bool = True, warmup_steps: int = 0, lazy: LazyState | None = None,
+                 clip_norm: float | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
+                 dense_if: Callable[[torch.Tensor], bool] | None = small_parameters,
+                 dense_above: float = 0.25, seed: int = 0, grad_scaler: Any = None,
+                 skip_nonfinite: bool = False) -> None:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"wrap a torch.optim.Optimizer, not {type(optimizer).__name__}")
+        if not isinstance(group, SyncGroup):
+            raise TypeError("group must be a SyncGroup: create it with sparsecoll.torch.init_group()")
+        if warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if clip_norm is not None and clip_norm <= 0:
+            raise ValueError(f"clip_norm must be positive, got {clip_norm}")
+        if lazy is not None and algorithm != "dense":
+            raise ValueError(f"lazy aggregation skips dense sends: it needs algorithm='dense', not {algorithm!r}")
+        self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
+                                       float(dense_above), int(seed))
+        self.compression.validate()
+        self.optimizer = optimizer
+        self.sync = group
+        self.warmup_steps = int(warmup_steps)
+        self.clip_norm = clip_norm
+        self.grad_scaler = grad_scaler
+        self.skip_nonfinite = skip_nonfinite
+        self.momentum_correction = momentum_correction and isinstance(optimizer, torch.optim.SGD)
+        if self.momentum_correction:
+            for param_group in optimizer.param_groups:
+                if param_group.get("dampening", 0) != 0:
+                    raise ValueError("momentum correction accumulates undampened momentum (DGC): "
+                                     "use dampening=0 or momentum_correction=False")
+        self.buckets = build_buckets(optimizer.param_groups, bucket_bytes, dense_if)
+        self.memories = [ErrorFeedback(bucket.flat) for bucket in self.buckets]
+        self.lazy_states = [None if lazy is None else LazyState(lazy.threshold, lazy.max_stale)
+                            for _ in self.buckets]
+        self.steps = 0
+        """Steps taken (skipped AMP steps do not count); drives the warm-up and the seeds."""
+        self.skipped_steps = 0
+        self.last_stats = CommStats()
+        """What the last step moved, all buckets together, as seen by this rank."""
+        self._layout = layout_signature(self.buckets)
+        self._layout_checked = False
+        self._backend = "ucx" if type(group.group.transport).__module__.endswith("ucx") else "tcp"
+
+    # ------------------------------------------------------- the wrapped optimizer's face
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value: list[dict]) -> None:
+        self.optimizer.param_groups = value
+
+    @property
+    def state(self) -> Any:
+        return self.optimizer.state
+
+    @property
+    def defaults(self) -> dict:
+        return self.optimizer.defaults
+
+    def __repr__(self) -> str:
+        c = self.compression
+        return (f"SparseCollOptimizer({type(self.optimizer).__name__}, algorithm={c.algorithm!r}, "
+                f"density={c.density}, buckets={len(self.buckets)}, rank={self.sync.rank}/{self.sync.size})")
+
+    def add_param_group(self, param_group: dict) -> None:
+        raise NotImplementedError("add parameter groups to the wrapped optimizer before wrapping it")
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero the gradient buckets in place (``set_to_none`` is ignored: gradients stay views)."""
+        for bucket in self.buckets:
+            bucket.zero_grads()
+
+    def density_now(self) -> float:
+        """The density of the next step (the warm-up schedule)."""
+        return warmup_density(self.steps, self.compression.density, self.warmup_steps)
+
+    # ------------------------------------------------------------------------ the step
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Exchange the gradients compressed, then step the wrapped optimizer."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if not self._layout_checked:
+            self.sync.run(check_layout(self.sync.group, self._layout))
+            self._layout_checked = True
+        for bucket in self.buckets:
+            bucket.gather_grads()
+        if self._skip_for_overflow():
+            self.skipped_steps += 1
+            return loss
+        if self.clip_norm is not None:
+            clip_local([bucket.flat for bucket in self.buckets], self.clip_norm, self.sync.size)
+        hyper = [self._momentum_of(bucket) for bucket in self.buckets]
+        self.last_stats = self._exchange(hyper)
+        for bucket in self.buckets:
+            bucket.scatter_grads()
+        self._inner_step()
+        self.steps += 1
+        return loss
+
+    def _skip_for_overflow(self) -> bool:
+        """Unscale under AMP; True (on every rank alike) when any rank has inf/NaN gradients."""
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        if grad_scale is not None:
+            inverse = 1.0 / float(grad_scale)
+            for bucket in self.buckets:
+                bucket.flat.mul_(inverse)
+        if found_inf is None and not self.skip_nonfinite:
+            return False
+        local = bool(found_inf is not None and float(found_inf) > 0)
+        if self.skip_nonfinite and not local:
+            local = not all(bool(torch.isfinite(bucket.flat).all()) for bucket in self.buckets)
+        overflow = self.sync.run(any_rank_flags(self.sync.group, local))
+        if overflow and self.grad_scaler is not None:
+            record = self.grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
+            for flag in record.values():
+                flag.fill_(1.0)
+        return overflow
+
+    def _momentum_of(self, bucket) -> tuple[float, bool]:
+        """Momentum and Nesterov flag the wrapper applies to ``bucket``; folds weight decay in."""
+        if not self.momentum_correction:
+            return 0.0, False
+        param_group = self.param_groups[bucket.group_index]
+        weight_decay = param_group.get("weight_decay", 0.0)
+        if weight_decay:
+            for position, param in enumerate(bucket.params):
+                bucket.slice(position).add_(param.detach(), alpha=weight_decay)
+        return float(param_group.get("momentum", 0.0)), bool(param_group.get("nesterov", False))
+
+    def _exchange(self, hyper: list[tuple[float, bool]]) -> CommStats:
+        density = self.density_now()
+        group = self.sync.group
+        compression = self.compression
+
+        async def all_buckets() -> list[CommStats]:
+            # tasks start in bucket order on every rank, so the collectives' sequence numbers match
+            return await asyncio.gather(*(
+                reduce_buffer(group, bucket.flat, memory, compression, density=density, step=self.steps,
+                              seed=compression.seed + 1000003 * bucket.index, compressed=bucket.compressed,
+                              momentum=momentum, nesterov=nesterov, lazy=lazy, backend=self._backend)
+                for bucket, memory, lazy, (momentum, nesterov)
+                in zip(self.buckets, self.memories, self.lazy_states, hyper)))
+
+        total = CommStats()
+        for stats in self.sync.run(all_buckets()):
+            total += stats
+        return total
+
+    def _inner_step(self) -> None:
+        if not self.momentum_correction:
+            self.optimizer.step()
+            return
+        saved = [{name: group[name] for name in _TAKEN_OVER if name in group} for group in self.param_groups]
+        try:
+            for group in self.param_groups:
+                for name in _TAKEN_OVER:
+                    if name in group:
+                        group[name] = False if name == "nesterov" else 0.0
+            self.optimizer.step()
+        finally:
+            for group, values in zip(self.param_groups, saved):
+                group.update(values)
+
+    # ------------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped optimizer's state and this rank's residuals, momentum and step.
+
+        Residuals differ between ranks, so every rank saves its own:
+        ``torch.save(opt.state_dict(), f"opt-rank{group.rank}.pt")`` (no collective is
+        involved, so saving from one rank only loses the others' residuals).
+        """
+        return {"optimizer": self.optimizer.state_dict(),
+                "sparsecoll": {"rank": self.sync.rank, "world_size": self.sync.size, "steps": self.steps,
+                               "skipped_steps": self.skipped_steps,
+                               "layout": self._layout.tolist(),
+                               "memories": [memory.state_dict() for memory in self.memories],
+                               "lazy": [None if lazy is None else lazy.state_dict() for lazy in self.lazy_states]}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore this rank's state saved by :meth:`state_dict` on the same rank of the same world."""
+        ours = state_dict["sparsecoll"]
+        if (ours["rank"], ours["world_size"]) != (self.sync.rank, self.sync.size):
+            raise ValueError(f"this state was saved by rank {ours['rank']} of {ours['world_size']}; "
+                             f"rank {self.sync.rank} of {self.sync.size} must load its own file")
+        if not np.array_equal(np.asarray(ours["layout"], np.int64), self._layout):
+            raise ValueError("the saved state belongs to a different parameter layout")
+        self.optimizer.load_state_dict(state_dict["optimizer"])
+        for memory, saved in zip(self.memories, ours["memories"]):
+            memory.load_state_dict(saved)
+        for lazy, saved in zip(self.lazy_states, ours["lazy"]):
+            if lazy is not None and saved is not None:
+                lazy.load_state_dict(saved)
+        self.steps = int(ours["steps"])
+        self.skipped_steps = int(ours["skipped_steps"])

@@ -1,0 +1,1 @@
+"""Tests of sparsecoll.torch: buckets, error feedback, the optimizer, the DDP hook, convergence."""
