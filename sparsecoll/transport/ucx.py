@@ -2,16 +2,9 @@
 
 The same mesh, frames, HMAC handshake, deadlines, ABORT and BYE as the TCP transport; only
 the way bytes move differs. Each pair of ranks shares one UCX endpoint (the higher rank
-connects to the lower rank's listener) and every message on it is a UCX tag message on the
-endpoint's private tag, which UCX delivers in the order it was sent:
-
-* the *header message*: the 64-byte frame header, followed for small host payloads by the
-  payload itself (flag ``INLINE_PAYLOAD``: one message, one completion) or, for a payload
-  sent from several buffers, by a table of their sizes (flag ``SEGMENTED_PAYLOAD``);
-* then, unless inlined, the payload as one message per buffer, which the receiver posts
-  straight into the buffer the mailbox chose (the caller's array: zero-copy), so large
-  arrays use UCX's rendezvous protocol (RDMA on InfiniBand, CUDA IPC between GPUs).
-
+connects to the lower rank's listener); :mod:`sparsecoll.transport.ucx_connection` turns
+frames into UCX tag messages, receiving large payloads straight into the caller's array so
+that UCX's rendezvous protocol moves them (RDMA on InfiniBand, CUDA IPC between GPUs).
 Device buffers (anything with ``__cuda_array_interface__``: cupy, torch CUDA tensors, Numba
 device arrays) are handed to UCX as they are, on both sides.
 
@@ -39,9 +32,8 @@ one to close shuts it down so the process exits cleanly.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
-import struct
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,7 +42,6 @@ from sparsecoll.errors import (
     FrameError,
     GroupAbortedError,
     InvalidArgumentError,
-    PeerLostError,
     RendezvousError,
     SparseCollError,
 )
@@ -58,185 +49,16 @@ from sparsecoll.transport import ucx_runtime
 from sparsecoll.transport.base import Buffer, Transport
 from sparsecoll.transport.handshake import accept_handshake, connect_handshake
 from sparsecoll.transport.mailbox import copy_error, lost_peer_error
-from sparsecoll.transport.ucx_runtime import UCX_ERRORS, UcxChannel, as_message, copy_into, is_device
-from sparsecoll.wire import (
-    HEADER_SIZE,
-    MAX_ABORT_MESSAGE,
-    FrameHeader,
-    Kind,
-    decode_abort,
-    decode_header,
-    encode_abort,
-    encode_header,
-)
+from sparsecoll.transport.ucx_connection import UcxConnection, frame_messages
+from sparsecoll.transport.ucx_runtime import UCX_ERRORS, UcxChannel
+from sparsecoll.wire import FrameHeader, Kind, encode_abort
 
 log = logging.getLogger(__name__)
 
-INLINE_PAYLOAD = 0x8000
-"""Header flag (UCX transport only): the payload follows the header in the same message."""
-SEGMENTED_PAYLOAD = 0x4000
-"""Header flag (UCX transport only): a table of per-buffer sizes follows the header."""
-INLINE_MAX = 8192 - HEADER_SIZE
-"""Largest host payload sent inside the header message (stays below UCX's eager limit)."""
-MAX_SEGMENTS = 64
-_COUNT = struct.Struct("<I")
 HANDSHAKE_TIMEOUT = 30.0
-
-
-class _Connection:
-    """One authenticated UCX endpoint to one peer: a frame reader task and ordered sends."""
-
-    def __init__(self, transport: UcxTransport, endpoint: Any, peer: int) -> None:
-        self._transport = transport
-        self._loop = asyncio.get_running_loop()
-        self.endpoint = endpoint
-        self.peer = peer
-        self._slot = bytearray(HEADER_SIZE + INLINE_MAX)
-        self._slot_view = memoryview(self._slot)
-        self._waiters: set[asyncio.Future] = set()
-        self.tx_broken = False
-        self.bye_received = False
-        self.closed = False
-        self.eof = self._loop.create_future()
-        self._reader = asyncio.ensure_future(self._read_frames())
-
-    # ----------------------------------------------------------------- reading
-    async def _read_frames(self) -> None:
-        try:
-            while await self._read_frame():
-                pass
-        except SparseCollError as error:
-            self._stop_reading()
-            self._transport.on_failure(type(error)(error.message, rank=self._transport.rank, peer=self.peer))
-        except UCX_ERRORS as error:
-            self._lose(f"{type(error).__name__}: {error}")
-        finally:
-            self._stop_reading()
-
-    async def _read_frame(self) -> bool:
-        """Receive one frame and hand it on; False once the peer said goodbye."""
-        await self.endpoint.recv(self._slot)
-        header = decode_header(self._slot_view[:HEADER_SIZE], self._transport.max_payload)
-        if header.kind == Kind.DATA:
-            sink = self._transport.mailbox.on_header(self.peer, header)
-        elif header.kind == Kind.ABORT and header.length <= MAX_ABORT_MESSAGE + 16:
-            sink = memoryview(bytearray(header.length))
-        elif header.kind == Kind.BYE and header.length == 0:
-            sink = None
-        else:
-            raise FrameError(f"unexpected {Kind(header.kind).name} frame of {header.length} bytes")
-        await self._receive_payload(header, sink)
-        if header.kind == Kind.DATA:
-            if sink is not None:
-                self._transport.mailbox.on_payload(self.peer, header, sink)
-        elif header.kind == Kind.ABORT:
-            self._transport.on_failure(decode_abort(bytes(sink), self._transport.rank))
-        else:
-            self.bye_received = True
-            self._transport.mailbox.peer_closed(self.peer, PeerLostError(
-                f"peer {self.peer} closed the group", rank=self._transport.rank, peer=self.peer))
-            return False
-        return True
-
-    async def _receive_payload(self, header: FrameHeader, sink: Any) -> None:
-        """The payload of ``header`` into ``sink`` (None: received and dropped)."""
-        if header.length == 0:
-            return
-        if header.flags & INLINE_PAYLOAD:
-            if header.length > INLINE_MAX:
-                raise FrameError(f"inline payload of {header.length} bytes exceeds {INLINE_MAX}")
-            if sink is not None:
-                copy_into(sink, self._slot_view[HEADER_SIZE:HEADER_SIZE + header.length])
-            return
-        sizes = self._segment_sizes(header) if header.flags & SEGMENTED_PAYLOAD else [header.length]
-        offset = 0
-        for size in sizes:
-            if sink is None:
-                await self._drop_message()
-            elif size:
-                await self.endpoint.recv(sink[offset:offset + size])
-            offset += size
-
-    def _segment_sizes(self, header: FrameHeader) -> list[int]:
-        (count,) = _COUNT.unpack_from(self._slot, HEADER_SIZE)
-        if not 0 < count <= MAX_SEGMENTS:
-            raise FrameError(f"segmented frame of {count} buffers (at most {MAX_SEGMENTS})")
-        sizes = list(struct.unpack_from(f"<{count}Q", self._slot, HEADER_SIZE + _COUNT.size))
-        if sum(sizes) != header.length:
-            raise FrameError(f"segment sizes add up to {sum(sizes)}, header says {header.length}")
-        return sizes
-
-    async def _drop_message(self) -> None:
-        """Consume one message nobody wants: a 1-byte receive truncates it without allocating."""
-        try:
-            await self.endpoint.recv(bytearray(1))
-        except UCX_ERRORS as error:
-            if "truncated" not in str(error).lower():
-                raise
-
-    def _lose(self, detail: str) -> None:
-        self._stop_reading()
-        self.tx_broken = True
-        if not self._transport.closing:
-            self._transport.peer_lost(self.peer, detail)
-
-    def _stop_reading(self) -> None:
-        self.closed = True
-        if not self.eof.done():
-            self.eof.set_result(None)
-
-    # ----------------------------------------------------------------- writing
-    async def send(self, messages: Sequence[Any]) -> None:
-        """Send ``messages`` (a frame: header message, then payload messages) in order.
-
-        All messages are submitted before this coroutine first yields, so frames of
-        concurrent senders never interleave. A cancelled send still completes in the
-        background (UCX owns the buffers until then), so the connection stays in step.
-        """
-        if self.tx_broken:
-            if self._transport.mailbox.error is not None:
-                raise copy_error(self._transport.mailbox.error)
-            raise lost_peer_error(self._transport.rank, self.peer, "the endpoint failed")
-        tasks = [asyncio.ensure_future(self.endpoint.send(as_message(message))) for message in messages]
-        waiter = self._loop.create_future()
-        self._waiters.add(waiter)
-        asyncio.gather(*tasks).add_done_callback(lambda done: self._sent(done, waiter))
-        try:
-            await waiter
-        finally:
-            self._waiters.discard(waiter)
-            if waiter.done() and not waiter.cancelled():
-                waiter.exception()  # failed by fail_writer while our caller was being cancelled
-
-    def _sent(self, done: asyncio.Future, waiter: asyncio.Future) -> None:
-        error = None if done.cancelled() else done.exception()
-        if error is not None and not isinstance(error, UCX_ERRORS):
-            waiter.done() or waiter.set_exception(error)
-            return
-        if error is not None:
-            self._lose(f"{type(error).__name__}: {error}")
-        if waiter.done():
-            return
-        if error is None and not done.cancelled():
-            waiter.set_result(None)
-        else:
-            waiter.set_exception(lost_peer_error(self._transport.rank, self.peer, f"send failed: {error}"))
-
-    def fail_writer(self, error: SparseCollError) -> None:
-        for waiter in list(self._waiters):
-            if not waiter.done():
-                waiter.set_exception(copy_error(error))
-
-    async def release(self) -> None:
-        """Close the endpoint (cancelling its transfers), then let the reader finish."""
-        self._stop_reading()
-        self.tx_broken = True
-        endpoint, self.endpoint = self.endpoint, None
-        await ucx_runtime.close_endpoint(endpoint)
-        if not self._reader.done():
-            await asyncio.wait([self._reader], timeout=1.0)
-            self._reader.cancel()
-        self.fail_writer(lost_peer_error(self._transport.rank, self.peer, "the transport was closed"))
+CONNECT_ATTEMPTS = 3
+CONNECT_TIMEOUT = 5.0
+"""Seconds one endpoint creation may take (ucxx waits that long even for an unreachable peer)."""
 
 
 class UcxTransport(Transport):
@@ -249,7 +71,7 @@ class UcxTransport(Transport):
                 "the 'ucx' backend needs ucxx: pip install 'sparsecoll[ucx]' "
                 f"({ucx_runtime.import_error()})", rank=self.rank)
         self.closing = False
-        self._connections: dict[int, _Connection] = {}
+        self._connections: dict[int, UcxConnection] = {}
         self._listener: Any = None
         self._handshakes: set[asyncio.Task] = set()
         self._endpoints: set[Any] = set()
@@ -268,10 +90,13 @@ class UcxTransport(Transport):
         self._mesh_changed = asyncio.Event()
         ucx_runtime.acquire(self.rank)
         self._runtime_held = True
+        failure = ""
         try:
             self._listener = ucx_runtime.create_listener(self._on_endpoint)
         except UCX_ERRORS as error:
-            raise RendezvousError(f"cannot listen with UCX: {error}", rank=self.rank) from None
+            failure = ucx_runtime.describe(error)
+        if failure:
+            raise RendezvousError(f"cannot listen with UCX: {failure}", rank=self.rank)
         port = self._listener.port
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -312,48 +137,60 @@ class UcxTransport(Transport):
         loop = asyncio.get_running_loop()
         host, _, port = address.rpartition(":")
         host = host.strip("[]")
-        while True:
-            try:
-                endpoint = await self._open_endpoint(
-                    host, int(port), max(0.1, min(HANDSHAKE_TIMEOUT, deadline - loop.time())))
+        endpoint, failure = None, ""
+        for _attempt in range(CONNECT_ATTEMPTS):
+            # the listener is up before its address is published, so failures are rarely
+            # transient (an unreachable peer: no UCX transport in common, e.g. UCX_TLS=sm)
+            endpoint, failure = await self._open_endpoint(
+                host, int(port), max(0.1, min(CONNECT_TIMEOUT, deadline - loop.time())))
+            if endpoint is not None or loop.time() > deadline:
                 break
-            except (*UCX_ERRORS, asyncio.TimeoutError) as error:
-                if loop.time() > deadline:
-                    raise RendezvousError(f"cannot connect to {address}: {error!r}",
-                                          rank=self.rank, peer=peer) from None
-                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
+        if endpoint is None:
+            raise RendezvousError(f"cannot connect to {address} with UCX_TLS="
+                                  f"{os.environ.get('UCX_TLS', 'all')}: {failure}", rank=self.rank, peer=peer)
+        failure = ""
         try:
             await asyncio.wait_for(
                 connect_handshake(UcxChannel(endpoint), self.secret, self.group_id, self.rank,
                                   self.size, peer),
                 max(0.1, min(HANDSHAKE_TIMEOUT, deadline - loop.time())))
-        except BaseException as error:
+        except (OSError, asyncio.TimeoutError) as error:
+            failure = repr(error)
+        except BaseException:
             await self._discard_endpoint(endpoint)
-            if isinstance(error, (OSError, asyncio.TimeoutError)):
-                raise RendezvousError(f"handshake with {address} failed: {error!r}",
-                                      rank=self.rank, peer=peer) from None
             raise
+        if failure:
+            await self._discard_endpoint(endpoint)
+            raise RendezvousError(f"handshake with {address} failed: {failure}", rank=self.rank, peer=peer)
         self._add_connection(peer, endpoint)
 
-    async def _open_endpoint(self, host: str, port: int, timeout: float) -> Any:
-        """Create an endpoint; if our caller is cancelled meanwhile, close it once created.
+    async def _open_endpoint(self, host: str, port: int, timeout: float) -> tuple[Any, str]:
+        """A new endpoint and '', or None and why not; a cancelled caller's endpoint is closed.
 
         Cancelling ucxx's endpoint creation half-way would leak the UCX endpoint (and leave
         the listener's side with a failed exchange), so creation always runs to its end.
         """
         creation = asyncio.ensure_future(ucx_runtime.create_endpoint(host, port, timeout))
         try:
-            endpoint = await asyncio.shield(creation)
+            await asyncio.wait([creation])
         except asyncio.CancelledError:
             self._background.add(creation)
             creation.add_done_callback(self._close_orphan)
             raise
+        if creation.exception() is not None:
+            return None, ucx_runtime.describe(creation.exception())
+        endpoint = creation.result()
         self._endpoints.add(endpoint)
-        return endpoint
+        return endpoint, ""
 
     def _close_orphan(self, creation: asyncio.Future) -> None:
         self._background.discard(creation)
-        if not creation.cancelled() and creation.exception() is None:
+        if creation.cancelled():
+            return
+        if creation.exception() is not None:
+            ucx_runtime.describe(creation.exception())
+        else:
             self._in_background(ucx_runtime.close_endpoint(creation.result()))
 
     async def _on_endpoint(self, endpoint: Any) -> None:
@@ -389,7 +226,7 @@ class UcxTransport(Transport):
         self._add_connection(peer, endpoint)
 
     def _add_connection(self, peer: int, endpoint: Any) -> None:
-        self._connections[peer] = _Connection(self, endpoint, peer)
+        self._connections[peer] = UcxConnection(self, endpoint, peer)
         self._mesh_changed.set()
 
     async def _discard_endpoint(self, endpoint: Any) -> None:
@@ -411,33 +248,12 @@ class UcxTransport(Transport):
         if connection is None or connection.closed and not connection.bye_received:
             raise lost_peer_error(self.rank, peer, "no open connection")
         try:
-            await connection.send(self._frame_messages(header, payload))
+            await connection.send(frame_messages(header, payload, self.rank))
         except asyncio.CancelledError:
             if connection.tx_broken:
                 self.on_failure(GroupAbortedError(
                     f"a send to rank {peer} was cancelled on a failed endpoint", rank=self.rank, peer=peer))
             raise
-
-    def _frame_messages(self, header: FrameHeader, payload: Sequence[Buffer]) -> list[Any]:
-        """The UCX messages of one frame: header (with inline payload or size table), then data."""
-        buffers = [buffer for buffer in payload if ucx_runtime.nbytes(buffer)]
-        if any(is_device(buffer) for buffer in buffers) and not ucx_runtime.cuda_support():
-            raise InvalidArgumentError(
-                "a device buffer was given but UCX has no CUDA transport; add cuda_copy "
-                "(and cuda_ipc) to UCX_TLS", rank=self.rank)
-        if 0 < header.length <= INLINE_MAX and not any(is_device(buffer) for buffer in buffers):
-            message = bytearray(encode_header(dataclasses.replace(header, flags=header.flags | INLINE_PAYLOAD)))
-            for buffer in buffers:
-                message += memoryview(buffer).cast("B")
-            return [message]
-        if len(buffers) > 1:
-            if len(buffers) > MAX_SEGMENTS:
-                raise InvalidArgumentError(f"a frame holds at most {MAX_SEGMENTS} buffers", rank=self.rank)
-            sizes = [ucx_runtime.nbytes(buffer) for buffer in buffers]
-            table = _COUNT.pack(len(sizes)) + struct.pack(f"<{len(sizes)}Q", *sizes)
-            flagged = dataclasses.replace(header, flags=header.flags | SEGMENTED_PAYLOAD)
-            return [encode_header(flagged) + table, *buffers]
-        return [encode_header(header), *buffers]
 
     def peer_lost(self, peer: int, detail: str) -> None:
         error = lost_peer_error(self.rank, peer, detail)
@@ -458,10 +274,10 @@ class UcxTransport(Transport):
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _send_quietly(self, connection: _Connection, header: FrameHeader, payload: bytes,
+    async def _send_quietly(self, connection: UcxConnection, header: FrameHeader, payload: bytes,
                             timeout: float) -> None:
         try:
-            await asyncio.wait_for(connection.send(self._frame_messages(header, [payload])), timeout)
+            await asyncio.wait_for(connection.send(frame_messages(header, [payload], self.rank)), timeout)
         except (SparseCollError, asyncio.TimeoutError):
             pass
 

@@ -24,6 +24,9 @@ from sparsecoll.errors import FrameError, RendezvousError
 
 log = logging.getLogger(__name__)
 
+# UCX reads this when its library loads (at ``import ucxx``); ucxx itself sets UCX_* variables
+# that UCX would otherwise report as unused
+os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 try:
     import ucxx
     from ucxx.exceptions import UCXError
@@ -69,7 +72,6 @@ def acquire(rank: int) -> None:
     if _State.users and _State.owned and _State.loop is not loop:
         raise RendezvousError("all UCX groups of a process must run on one event loop", rank=rank)
     if ucxx.core._ctx is None:
-        os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
         try:
             ucxx.init(options=UCX_DEFAULTS, env_takes_precedence=True, progress_mode="thread",
                       enable_python_future=True)
@@ -89,13 +91,17 @@ def release() -> None:
     context = ucxx.core._ctx
     if context is None:
         return
-    # wake the notifier thread now rather than at its next 1 s poll, and join it; then mark
-    # the notifier stopped again (a waking thread consumes the mark, and the worker's
-    # destructor warns when it finds it unset)
-    context.worker.stop_request_notifier_thread()
+    # Wake the notifier thread now rather than at its next 1 s poll, and join it. Then leave
+    # the notifier marked stopped with nothing pending: a waking thread consumes the stop
+    # mark, a late completion sets "ready", and the worker's destructor warns about either.
+    worker = context.worker
+    worker.stop_request_notifier_thread()
     context.stop_notifier_thread()
-    context.worker.stop_request_notifier_thread()
-    del context
+    for _ in range(8):
+        if worker.wait_request_notifier(period_ns=1) == ucxx._lib.libucxx.PythonRequestNotifierWaitState.Timeout:
+            break
+    worker.stop_request_notifier_thread()
+    del context, worker
     try:
         ucxx.reset()
     except UCXError as error:
@@ -174,6 +180,30 @@ def copy_into(sink: Any, data: memoryview) -> None:
     cuda.as_cuda_array(sink).copy_to_device(np.frombuffer(data, np.uint8))
 
 
+def describe(error: BaseException) -> str:
+    """``error`` as text, with its tracebacks cut.
+
+    ucxx's frames in a traceback hold the UCX context; an exception kept anywhere (a task's
+    result, an error's ``__context__``) would keep the context alive past ``ucxx.reset()``.
+    """
+    text = f"{type(error).__name__}: {error}"
+    seen: BaseException | None = error
+    while seen is not None:
+        following = seen.__context__ or seen.__cause__
+        seen.__traceback__ = seen.__context__ = seen.__cause__ = None
+        seen = following
+    return text
+
+
+async def attempt(operation: Any) -> str:
+    """Await a ucxx operation; '' on success, else the error as text (see :func:`describe`)."""
+    try:
+        await operation
+    except UCXError as error:
+        return describe(error)
+    return ""
+
+
 class UcxChannel:
     """A UCX endpoint as the handshake's FrameChannel: one tag message per write."""
 
@@ -182,16 +212,14 @@ class UcxChannel:
 
     async def read(self, size: int) -> bytes:
         buffer = bytearray(size)
-        try:
-            await self.endpoint.recv(buffer)
-        except UCXError as error:
-            if "truncated" in str(error).lower():
-                raise FrameError(f"handshake message longer than the expected {size} bytes") from None
-            raise ConnectionResetError(f"UCX endpoint failed during the handshake: {error}") from None
+        failure = await attempt(self.endpoint.recv(buffer))
+        if "truncated" in failure.lower():
+            raise FrameError(f"handshake message longer than the expected {size} bytes")
+        if failure:
+            raise ConnectionResetError(f"UCX endpoint failed during the handshake: {failure}")
         return bytes(buffer)
 
     async def write(self, data: bytes) -> None:
-        try:
-            await self.endpoint.send(bytearray(data))
-        except UCXError as error:
-            raise ConnectionResetError(f"UCX endpoint failed during the handshake: {error}") from None
+        failure = await attempt(self.endpoint.send(bytearray(data)))
+        if failure:
+            raise ConnectionResetError(f"UCX endpoint failed during the handshake: {failure}")

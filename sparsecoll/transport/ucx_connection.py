@@ -1,0 +1,225 @@
+"""One UCX endpoint carrying sparsecoll frames: how a frame becomes UCX messages and back.
+
+Every message on an endpoint is a tag message on the endpoint's private tag, delivered in the
+order it was sent. A frame is
+
+* the *header message*: the 64-byte frame header, followed for small host payloads by the
+  payload itself (flag ``INLINE_PAYLOAD``: one message, one completion), or for a payload
+  sent from several buffers by a table of their sizes (flag ``SEGMENTED_PAYLOAD``);
+* then, unless inlined, one message per payload buffer, which the receiver posts straight
+  into the buffer the mailbox chose (the caller's array: zero-copy, host or device memory).
+
+The flags are bits of the header's ``flags`` field that only this transport sets or reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import struct
+from collections.abc import Sequence
+from typing import Any
+
+from sparsecoll.errors import FrameError, InvalidArgumentError, PeerLostError, SparseCollError
+from sparsecoll.transport.base import Buffer
+from sparsecoll.transport.mailbox import copy_error, lost_peer_error
+from sparsecoll.transport.ucx_runtime import (
+    UCX_ERRORS,
+    as_message,
+    attempt,
+    close_endpoint,
+    copy_into,
+    cuda_support,
+    describe,
+    is_device,
+    nbytes,
+)
+from sparsecoll.wire import HEADER_SIZE, MAX_ABORT_MESSAGE, FrameHeader, Kind, decode_abort, decode_header, encode_header
+
+INLINE_PAYLOAD = 0x8000
+"""Header flag (UCX transport only): the payload follows the header in the same message."""
+SEGMENTED_PAYLOAD = 0x4000
+"""Header flag (UCX transport only): a table of per-buffer sizes follows the header."""
+INLINE_MAX = 8192 - HEADER_SIZE
+"""Largest host payload sent inside the header message (stays below UCX's eager limit)."""
+MAX_SEGMENTS = 64
+_COUNT = struct.Struct("<I")
+
+
+def frame_messages(header: FrameHeader, payload: Sequence[Buffer], rank: int) -> list[Any]:
+    """The UCX messages of one frame: header (with inline payload or size table), then data."""
+    buffers = [buffer for buffer in payload if nbytes(buffer)]
+    if any(is_device(buffer) for buffer in buffers) and not cuda_support():
+        raise InvalidArgumentError(
+            "a device buffer was given but UCX has no CUDA transport; add cuda_copy "
+            "(and cuda_ipc) to UCX_TLS", rank=rank)
+    if 0 < header.length <= INLINE_MAX and not any(is_device(buffer) for buffer in buffers):
+        message = bytearray(encode_header(dataclasses.replace(header, flags=header.flags | INLINE_PAYLOAD)))
+        for buffer in buffers:
+            message += as_message(buffer)
+        return [message]
+    if len(buffers) > 1:
+        if len(buffers) > MAX_SEGMENTS:
+            raise InvalidArgumentError(f"a frame holds at most {MAX_SEGMENTS} buffers", rank=rank)
+        sizes = [nbytes(buffer) for buffer in buffers]
+        table = _COUNT.pack(len(sizes)) + struct.pack(f"<{len(sizes)}Q", *sizes)
+        flagged = dataclasses.replace(header, flags=header.flags | SEGMENTED_PAYLOAD)
+        return [encode_header(flagged) + table, *buffers]
+    return [encode_header(header), *buffers]
+
+
+
+class UcxConnection:
+    """One authenticated UCX endpoint to one peer: a frame reader task and ordered sends."""
+
+    def __init__(self, transport: Any, endpoint: Any, peer: int) -> None:
+        self._transport = transport
+        self._loop = asyncio.get_running_loop()
+        self.endpoint = endpoint
+        self.peer = peer
+        self._slot = bytearray(HEADER_SIZE + INLINE_MAX)
+        self._slot_view = memoryview(self._slot)
+        self._waiters: set[asyncio.Future] = set()
+        self.tx_broken = False
+        self.bye_received = False
+        self.closed = False
+        self.eof = self._loop.create_future()
+        self._reader = asyncio.ensure_future(self._read_frames())
+
+    # ----------------------------------------------------------------- reading
+    async def _read_frames(self) -> None:
+        try:
+            while await self._read_frame():
+                pass
+        except PeerLostError as error:
+            self._lose(error.message)
+        except SparseCollError as error:
+            self._stop_reading()
+            self._transport.on_failure(type(error)(error.message, rank=self._transport.rank, peer=self.peer))
+        except UCX_ERRORS as error:
+            self._lose(describe(error))
+        finally:
+            self._stop_reading()
+
+    async def _read_frame(self) -> bool:
+        """Receive one frame and hand it on; False once the peer said goodbye."""
+        await self.endpoint.recv(self._slot)
+        header = decode_header(self._slot_view[:HEADER_SIZE], self._transport.max_payload)
+        if header.kind == Kind.DATA:
+            sink = self._transport.mailbox.on_header(self.peer, header)
+        elif header.kind == Kind.ABORT and header.length <= MAX_ABORT_MESSAGE + 16:
+            sink = memoryview(bytearray(header.length))
+        elif header.kind == Kind.BYE and header.length == 0:
+            sink = None
+        else:
+            raise FrameError(f"unexpected {Kind(header.kind).name} frame of {header.length} bytes")
+        await self._receive_payload(header, sink)
+        if header.kind == Kind.DATA:
+            if sink is not None:
+                self._transport.mailbox.on_payload(self.peer, header, sink)
+        elif header.kind == Kind.ABORT:
+            self._transport.on_failure(decode_abort(bytes(sink), self._transport.rank))
+        else:
+            self.bye_received = True
+            self._transport.mailbox.peer_closed(self.peer, PeerLostError(
+                f"peer {self.peer} closed the group", rank=self._transport.rank, peer=self.peer))
+            return False
+        return True
+
+    async def _receive_payload(self, header: FrameHeader, sink: Any) -> None:
+        """The payload of ``header`` into ``sink`` (None: received and dropped)."""
+        if header.length == 0:
+            return
+        if header.flags & INLINE_PAYLOAD:
+            if header.length > INLINE_MAX:
+                raise FrameError(f"inline payload of {header.length} bytes exceeds {INLINE_MAX}")
+            if sink is not None:
+                copy_into(sink, self._slot_view[HEADER_SIZE:HEADER_SIZE + header.length])
+            return
+        sizes = self._segment_sizes(header) if header.flags & SEGMENTED_PAYLOAD else [header.length]
+        offset = 0
+        for size in sizes:
+            if sink is None:
+                await self._drop_message()
+            elif size:
+                await self.endpoint.recv(sink[offset:offset + size])
+            offset += size
+
+    def _segment_sizes(self, header: FrameHeader) -> list[int]:
+        (count,) = _COUNT.unpack_from(self._slot, HEADER_SIZE)
+        if not 0 < count <= MAX_SEGMENTS:
+            raise FrameError(f"segmented frame of {count} buffers (at most {MAX_SEGMENTS})")
+        sizes = list(struct.unpack_from(f"<{count}Q", self._slot, HEADER_SIZE + _COUNT.size))
+        if sum(sizes) != header.length:
+            raise FrameError(f"segment sizes add up to {sum(sizes)}, header says {header.length}")
+        return sizes
+
+    async def _drop_message(self) -> None:
+        """Consume one message nobody wants: a 1-byte receive truncates it without allocating."""
+        failure = await attempt(self.endpoint.recv(bytearray(1)))
+        if failure and "truncated" not in failure.lower():
+            raise PeerLostError(failure)
+
+    def _lose(self, detail: str) -> None:
+        self._stop_reading()
+        self.tx_broken = True
+        if not self._transport.closing:
+            self._transport.peer_lost(self.peer, detail)
+
+    def _stop_reading(self) -> None:
+        self.closed = True
+        if not self.eof.done():
+            self.eof.set_result(None)
+
+    # ----------------------------------------------------------------- writing
+    async def send(self, messages: Sequence[Any]) -> None:
+        """Send ``messages`` (a frame: header message, then payload messages) in order.
+
+        All messages are submitted before this coroutine first yields, so frames of
+        concurrent senders never interleave. A cancelled send still completes in the
+        background (UCX owns the buffers until then), so the connection stays in step.
+        """
+        if self.tx_broken:
+            if self._transport.mailbox.error is not None:
+                raise copy_error(self._transport.mailbox.error)
+            raise lost_peer_error(self._transport.rank, self.peer, "the endpoint failed")
+        tasks = [asyncio.ensure_future(self.endpoint.send(as_message(message))) for message in messages]
+        waiter = self._loop.create_future()
+        self._waiters.add(waiter)
+        asyncio.gather(*tasks).add_done_callback(lambda done: self._sent(done, waiter))
+        try:
+            await waiter
+        finally:
+            self._waiters.discard(waiter)
+            if waiter.done() and not waiter.cancelled():
+                waiter.exception()  # failed by fail_writer while our caller was being cancelled
+
+    def _sent(self, done: asyncio.Future, waiter: asyncio.Future) -> None:
+        error = None if done.cancelled() else done.exception()
+        if error is not None and not isinstance(error, UCX_ERRORS):
+            waiter.done() or waiter.set_exception(error)
+            return
+        if error is not None:
+            error = describe(error)
+            self._lose(error)
+        if waiter.done():
+            return
+        if error is None and not done.cancelled():
+            waiter.set_result(None)
+        else:
+            waiter.set_exception(lost_peer_error(self._transport.rank, self.peer, f"send failed: {error}"))
+
+    def fail_writer(self, error: SparseCollError) -> None:
+        for waiter in list(self._waiters):
+            if not waiter.done():
+                waiter.set_exception(copy_error(error))
+
+    async def release(self) -> None:
+        """Close the endpoint (cancelling its transfers), then let the reader finish."""
+        self._stop_reading()
+        self.tx_broken = True
+        await close_endpoint(self.endpoint)  # a closed ucxx Endpoint drops its context
+        if not self._reader.done():
+            await asyncio.wait([self._reader], timeout=1.0)
+            self._reader.cancel()
+        self.fail_writer(lost_peer_error(self._transport.rank, self.peer, "the transport was closed"))
