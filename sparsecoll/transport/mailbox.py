@@ -131,6 +131,8 @@ class Mailbox:
         self._unpost(posted)
         if not posted.future.done():
             posted.future.cancel()
+        elif not posted.future.cancelled():
+            posted.future.exception()  # a failure nobody will await: mark it seen
 
     def begin(self, context: int, seq: int, signature: Signature) -> None:
         """Declare the collective this rank runs as (context, seq), and check early arrivals."""
