@@ -12,8 +12,7 @@ DDP bucket. Momentum correction needs the hook to own the momentum: give ``momen
 and build the optimizer with ``momentum=0``.
 """
 
-from __future__ import annotations
-
+# no ``from __future__ import annotations``: DDP checks the hook's annotations as objects
 from concurrent.futures import Future as ConcurrentFuture
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
