@@ -109,7 +109,7 @@ def train_rank(rank: int, world: int, dataset: str, configs: Sequence[dict[str, 
 
 
 def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, float] | dict] = DEFAULT_CONFIGS,
-        epochs: int = 20, batch: int = 32, lr: float = 0.1, hidden: int = 128, seed: int = 0,
+        epochs: int = 30, batch: int = 32, lr: float = 0.1, hidden: int = 128, seed: int = 0,
         warmup_epochs: float = 1.0, timeout: float = 1800.0) -> list[dict[str, Any]]:
     """Rows of the report: rank 0's view, bytes averaged over ranks, ratio against dense.
 
@@ -145,7 +145,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m sparsecoll.bench.train", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "digits"])
     parser.add_argument("--world", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=0.1)
     parser.add_argument("--hidden", type=int, default=128)
