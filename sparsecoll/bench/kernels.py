@@ -20,20 +20,11 @@ from typing import Any
 
 import numpy as np
 
+from sparsecoll.bench.common import parse_count
+
 DEFAULT_SIZES = (1_000_000, 25_000_000, 100_000_000)
 DEFAULT_DENSITIES = (0.01, 0.001)
 SKETCH_SIZE = 25_000_000
-_SUFFIX = {"K": 1_000, "M": 1_000_000, "G": 1_000_000_000}
-
-
-def parse_count(text: str) -> int:
-    """'1M' -> 1_000_000, '25M', '100M', '4096' (decimal units: parameter counts)."""
-    text = text.strip().upper()
-    if text and text[-1] in _SUFFIX:
-        return int(float(text[:-1]) * _SUFFIX[text[-1]])
-    return int(text)
-
-
 def best_time(run: Callable[[], Any], repeats: int) -> float:
     """Best wall time of ``repeats`` runs in seconds, after one warm-up run."""
     run()

@@ -17,6 +17,7 @@ import ctypes
 import os
 import re
 import shutil
+import signal
 import subprocess
 from types import TracebackType
 
@@ -71,6 +72,8 @@ class EmulatedNetwork:
         return f"{self.prefix}v{rank}"[:15]
 
     def __enter__(self) -> EmulatedNetwork:
+        # a SIGTERM (timeout, kill) must still run __exit__, or the namespaces outlive us
+        self._previous_handler = signal.signal(signal.SIGTERM, _exit_on_sigterm)
         try:
             self._build()
         except BaseException:
@@ -108,6 +111,13 @@ class EmulatedNetwork:
         """Delete every namespace this network created (their links go with them)."""
         while self._created:
             subprocess.run(["ip", "netns", "delete", self._created.pop()], capture_output=True)
+        if getattr(self, "_previous_handler", None) is not None:
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def enter_namespace(name: str) -> None:
