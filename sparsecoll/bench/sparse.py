@@ -19,10 +19,12 @@ from typing import Any
 import numpy as np
 
 import sparsecoll
+from sparsecoll import kernels
 from sparsecoll.collectives.sketch import default_columns
 from sparsecoll.wire import HEADER_SIZE
 
-ALGORITHMS = ("dense", "gloo", "allgather", "gtopk", "sketch", "cltk")
+ALGORITHMS = ("dense", "gloo", "allgather", "gtopk", "sketch", "cltk", "selection")
+"""``selection`` times the local top-k alone: the part of every sparse row that is not the wire."""
 COLUMNS = [("ranks", "P"), ("d", "d"), ("k", "k"), ("algorithm", "algorithm"),
            ("time_ms", "time (ms)"), ("min_ms", "min (ms)"), ("bytes_sent", "wire B/rank"),
            ("formula_bytes", "formula B/rank"), ("speedup_vs_gloo", "x faster than Gloo"),
@@ -43,6 +45,8 @@ def formula_bytes(algorithm: str, ranks: int, size: int, k: int) -> int:
         return int(2 * (ranks - 1) / ranks * 4 * values)
     if algorithm == "cltk":
         return int(3 * (ranks - 1) / ranks * 4 * k)
+    if algorithm == "selection":
+        return 0
     raise ValueError(algorithm)
 
 
@@ -106,12 +110,16 @@ async def _measure(group: sparsecoll.Group, dist: Any, torch: Any, algorithm: st
         elif algorithm == "dense":
             _, stats = await group.allreduce(grad, out=out)
             sent = stats.bytes_sent
+        elif algorithm == "selection":
+            kernels.topk(grad, max(1, round(grad.size * density)), method="fast", seed=index)
         else:
             result, stats = await group.reduce_gradient(grad, algorithm, density=density, step=index)
             sent = stats.bytes_sent
             digest[0] = zlib.crc32(result.indices.tobytes() + result.values.tobytes())
         if index:
             times[index - 1] = time.perf_counter() - started
+    if algorithm == "selection":
+        return times, sent, 0
     if algorithm == "dense" and dist.is_initialized():
         dist.all_reduce(tensor)
         digest[0] = int(np.count_nonzero(~np.isclose(out, tensor.numpy(), rtol=1e-4, atol=1e-3)))

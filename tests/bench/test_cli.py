@@ -59,7 +59,7 @@ def test_sparse_comparison_rows_agree_with_their_formulas(tmp_path: Path) -> Non
                                  "--iters", "1", "--json", str(out)])
     assert result.exit_code == 0, result.output
     rows = {row["algorithm"]: row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"dense", "gloo", "allgather", "gtopk", "sketch", "cltk"}
+    assert set(rows) == {"dense", "gloo", "allgather", "gtopk", "sketch", "cltk", "selection"}
     for name in ("allgather", "gtopk"):
         assert rows[name]["bytes_sent"] == rows[name]["formula_bytes"]
     for row in rows.values():
