@@ -14,10 +14,11 @@ which the layer above uses to post receives. Lifecycle::
 from __future__ import annotations
 
 import abc
+import asyncio
 from collections.abc import Callable, Sequence
 
-from sparsecoll.errors import SparseCollError
-from sparsecoll.transport.mailbox import Mailbox
+from sparsecoll.errors import CollectiveTimeoutError, SparseCollError
+from sparsecoll.transport.mailbox import Mailbox, copy_error
 from sparsecoll.wire import DEFAULT_MAX_PAYLOAD, FrameHeader
 
 Buffer = bytes | bytearray | memoryview
@@ -39,6 +40,9 @@ class Transport(abc.ABC):
         self.mailbox = Mailbox(rank, max_payload, 4 * max_payload, on_failure)
         self.rejected: list[SparseCollError] = []
         """Errors of connections dropped before they named a rank of this group (strays)."""
+        self._connections: dict[int, object] = {}
+        self._mesh_changed: asyncio.Event | None = None
+        self._fatal: SparseCollError | None = None
 
     @abc.abstractmethod
     async def listen(self, host: str) -> str:
@@ -75,3 +79,32 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def close(self, linger: float = 1.0) -> None:
         """Say goodbye to every peer, wait up to ``linger`` seconds for theirs, release all."""
+
+    async def _wait_for_mesh(self, outgoing: list[asyncio.Task], deadline: float, timeout: float) -> None:
+        """Return once every peer is connected; raise the first failure or a timeout.
+
+        ``outgoing`` are the tasks connecting to lower ranks; higher ranks arrive through the
+        listener, which adds to ``_connections`` and sets ``_mesh_changed``.
+        """
+        loop = asyncio.get_running_loop()
+        while True:
+            if self._fatal is not None:
+                raise self._fatal
+            for task in outgoing:
+                if task.done() and task.exception() is not None:
+                    raise task.exception()
+            if len(self._connections) == self.size - 1 and all(task.done() for task in outgoing):
+                return  # an abort that arrived meanwhile fails the group's first call
+            if self.mailbox.error is not None:
+                raise copy_error(self.mailbox.error)
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                missing = sorted(set(range(self.size)) - set(self._connections) - {self.rank})
+                raise CollectiveTimeoutError(
+                    f"mesh incomplete after {timeout:.1f} s; no connection with ranks {missing}",
+                    rank=self.rank, peer=missing[0] if missing else None)
+            self._mesh_changed.clear()
+            waiter = asyncio.ensure_future(self._mesh_changed.wait())
+            await asyncio.wait([waiter, *(task for task in outgoing if not task.done())],
+                               timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()

@@ -15,7 +15,6 @@ import socket
 from collections.abc import Sequence
 
 from sparsecoll.errors import (
-    CollectiveTimeoutError,
     FrameError,
     GroupAbortedError,
     PeerLostError,
@@ -281,27 +280,7 @@ class TcpTransport(Transport):
         outgoing = [asyncio.ensure_future(self._connect_to(peer, addresses[peer], deadline))
                     for peer in range(self.rank)]
         try:
-            while True:
-                if self._fatal is not None:
-                    raise self._fatal
-                for task in outgoing:
-                    if task.done() and task.exception() is not None:
-                        raise task.exception()
-                if len(self._connections) == self.size - 1 and all(t.done() for t in outgoing):
-                    break  # an abort that arrived meanwhile fails the group's first call
-                if self.mailbox.error is not None:
-                    raise copy_error(self.mailbox.error)
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    missing = sorted(set(range(self.size)) - set(self._connections) - {self.rank})
-                    raise CollectiveTimeoutError(
-                        f"mesh incomplete after {timeout:.1f} s; no connection with ranks {missing}",
-                        rank=self.rank, peer=missing[0] if missing else None)
-                self._mesh_changed.clear()
-                waiters = [asyncio.ensure_future(self._mesh_changed.wait())]
-                await asyncio.wait(waiters + [t for t in outgoing if not t.done()],
-                                   timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                waiters[0].cancel()
+            await self._wait_for_mesh(outgoing, deadline, timeout)
         finally:
             for task in outgoing:
                 task.cancel()

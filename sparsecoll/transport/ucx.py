@@ -38,7 +38,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from sparsecoll.errors import (
-    CollectiveTimeoutError,
     FrameError,
     GroupAbortedError,
     InvalidArgumentError,
@@ -48,7 +47,7 @@ from sparsecoll.errors import (
 from sparsecoll.transport import ucx_runtime
 from sparsecoll.transport.base import Buffer, Transport
 from sparsecoll.transport.handshake import accept_handshake, connect_handshake
-from sparsecoll.transport.mailbox import copy_error, lost_peer_error
+from sparsecoll.transport.mailbox import lost_peer_error
 from sparsecoll.transport.ucx_connection import UcxConnection, frame_messages
 from sparsecoll.transport.ucx_runtime import UCX_ERRORS, UcxChannel
 from sparsecoll.wire import FrameHeader, Kind, encode_abort
@@ -106,27 +105,7 @@ class UcxTransport(Transport):
         outgoing = [asyncio.ensure_future(self._connect_to(peer, addresses[peer], deadline))
                     for peer in range(self.rank)]
         try:
-            while True:
-                if self._fatal is not None:
-                    raise self._fatal
-                for task in outgoing:
-                    if task.done() and task.exception() is not None:
-                        raise task.exception()
-                if len(self._connections) == self.size - 1 and all(t.done() for t in outgoing):
-                    break
-                if self.mailbox.error is not None:
-                    raise copy_error(self.mailbox.error)
-                remaining = deadline - loop.time()
-                if remaining <= 0:
-                    missing = sorted(set(range(self.size)) - set(self._connections) - {self.rank})
-                    raise CollectiveTimeoutError(
-                        f"mesh incomplete after {timeout:.1f} s; no connection with ranks {missing}",
-                        rank=self.rank, peer=missing[0] if missing else None)
-                self._mesh_changed.clear()
-                waiter = asyncio.ensure_future(self._mesh_changed.wait())
-                await asyncio.wait([waiter, *(t for t in outgoing if not t.done())],
-                                   timeout=remaining, return_when=asyncio.FIRST_COMPLETED)
-                waiter.cancel()
+            await self._wait_for_mesh(outgoing, deadline, timeout)
         finally:
             for task in outgoing:
                 task.cancel()

@@ -7,7 +7,6 @@ import pytest
 import torch
 
 from sparsecoll.collectives.lazy import LazyState
-from sparsecoll.errors import CollectiveMismatchError
 from sparsecoll.torch import SparseCollOptimizer, init_group
 from tests.ranks import run_ranks
 
