@@ -33,13 +33,12 @@ async def cltk(group: Group, grad: np.ndarray, *, k: int | None = None, density:
     count = resolve_k(size, k, density)
     leader = step % group.size
     indices = np.zeros(count, index_dtype(size))
-    if group.rank == leader:
-        chosen, _ = select(flat, count, "topk", None, None, seed + step)
-        indices[:] = chosen
     signature = Signature(Op.CLTK, Algorithm.RING, dtype_code(flat.dtype), ReduceOp.SUM, leader,
                           size, count)
 
     async def body(call: Call) -> SparseResult:
+        if call.rank == leader:  # inside the call: a NaN gradient aborts every rank
+            indices[:] = select(flat, count, "topk", None, None, seed + step)[0]
         if call.size > 1:
             await chain_broadcast(call, indices, leader)
         chosen = indices.astype(np.int64)

@@ -53,13 +53,14 @@ async def gtopk(group: Group, grad: np.ndarray, *, k: int | None = None, density
     flat = float_vector(grad)
     size = flat.size
     count = resolve_k(size, k, density)
-    local_indices, local_values = select(flat, count, "topk-exact" if exact else "topk", None, None,
-                                         seed + 104729 * group.rank + 7919 * step)
     signature = Signature(Op.GTOPK, Algorithm.RECURSIVE_DOUBLING, dtype_code(flat.dtype),
                           ReduceOp.SUM, -1, size, count, quantize_bits or 0)
     limit = payload_limit(count, size, flat.dtype, quantize_bits)
 
     async def body(call: Call) -> SparseResult:
+        # selecting inside the call: a bad gradient (NaN/inf) aborts every rank, not just this one
+        local_indices, local_values = select(flat, count, "topk-exact" if exact else "topk", None, None,
+                                             seed + 104729 * group.rank + 7919 * step)
         rank, ranks = call.rank, call.size
         round_seed = seed + 7919 * step + 104729 * rank
 

@@ -51,11 +51,11 @@ async def sketch_allreduce(group: Group, grad: np.ndarray, *, k: int | None = No
                                    f"{columns}, {candidates}")
     hashes = kernels.sketch_hashes(rows, seed)
     table = np.zeros((rows, columns), np.float32)
-    kernels.sketch_insert_dense(table, hashes, flat)
     signature = Signature(Op.SKETCH_ALLREDUCE, Algorithm.RING, dtype_code(flat.dtype), ReduceOp.SUM,
                           -1, size, count, (rows << 48) | (columns << 20) | candidates)
 
     async def body(call: Call) -> SparseResult:
+        kernels.sketch_insert_dense(table, hashes, flat)  # inside the call: NaN aborts every rank
         if call.size > 1:
             await ring_allreduce(call, table.reshape(-1), np.add)
         found, _estimates = kernels.sketch_heavy_hitters(table, hashes, size, candidates)

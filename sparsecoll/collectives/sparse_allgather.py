@@ -45,13 +45,14 @@ async def sparse_allgather(group: Group, grad: np.ndarray, *, k: int | None = No
     fixed_k = selection.startswith("topk")
     count = resolve_k(size, k, density) if fixed_k else 0
     rank_seed = seed + 7919 * step + 104729 * group.rank
-    indices, values = select(flat, count, selection, threshold, density, rank_seed)
-    wire_values, sent_values = encode_values(values, quantize_bits, rank_seed)
     signature = Signature(Op.SPARSE_ALLGATHER, SELECTIONS[selection], dtype_code(flat.dtype),
                           ReduceOp.SUM, -1, size, count, quantize_bits or 0)
     limit = payload_limit(count if fixed_k else size, size, flat.dtype, quantize_bits)
 
     async def body(call: Call) -> SparseResult:
+        # selecting inside the call: a bad gradient (NaN/inf) aborts every rank, not just this one
+        indices, values = select(flat, count, selection, threshold, density, rank_seed)
+        wire_values, sent_values = encode_values(values, quantize_bits, rank_seed)
         blocks = await ring_gather_blocks(call, own_block(indices, wire_values, size), limit)
         parts = [(indices, sent_values) if r == call.rank else
                  decode_sparse(blocks[r], size, flat.dtype, quantize_bits) for r in range(call.size)]

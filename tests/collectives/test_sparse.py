@@ -258,3 +258,32 @@ async def mismatched(group) -> list[str]:
 def test_mismatched_k_or_algorithm_fails_on_every_rank() -> None:
     for outcome in run_ranks(3, mismatched, timeout=90):
         assert outcome == ["CollectiveMismatchError"] * 2
+
+
+async def nan_on_one_rank(group) -> list[str]:
+    import time
+
+    outcomes = []
+    for name in ("gtopk", "allgather", "cltk", "sketch"):
+        async with await sparsecoll_init(name) as sub:
+            grad = gradient(sub.rank)
+            if sub.rank == 1:
+                grad[7] = np.nan
+            started = time.monotonic()
+            try:
+                await sub.reduce_gradient(grad, name, k=K, step=1, timeout=60)
+                outcomes.append("no error")
+            except Exception as error:
+                outcomes.append(f"{type(error).__name__}:{time.monotonic() - started < 10}")
+    return outcomes
+
+
+def sparsecoll_init(name: str):
+    import sparsecoll
+
+    return sparsecoll.init_group(name=f"nan-{name}", timeout=60)
+
+
+def test_a_nan_gradient_on_one_rank_fails_every_rank_promptly() -> None:
+    for outcome in run_ranks(3, nan_on_one_rank, timeout=120):
+        assert outcome == ["InvalidArgumentError:True"] * 4, outcome
