@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -90,7 +91,8 @@ def test_runs_under_torchrun(tmp_path: Path) -> None:
                           "--nproc-per-node", "3", str(script)],
                          capture_output=True, text=True, timeout=120, env=env)
     assert run.returncode == 0, run.stderr[-3000:]
-    lines = sorted(line for line in run.stdout.splitlines() if line.startswith("RESULT"))
+    # the ranks share one stdout pipe and print writes text and newline separately: match, not split
+    lines = sorted(re.findall(r"RESULT rank=\d+ size=\d+ sum=\d+", run.stdout))
     assert lines == [f"RESULT rank={rank} size=3 sum=3" for rank in range(3)], run.stdout
 
 

@@ -17,7 +17,7 @@ import abc
 import asyncio
 from collections.abc import Callable, Sequence
 
-from sparsecoll.errors import CollectiveTimeoutError, SparseCollError
+from sparsecoll.errors import CollectiveTimeoutError, PeerLostError, SparseCollError
 from sparsecoll.transport.mailbox import Mailbox, copy_error
 from sparsecoll.wire import DEFAULT_MAX_PAYLOAD, FrameHeader
 
@@ -95,7 +95,9 @@ class Transport(abc.ABC):
                     raise task.exception()
             if len(self._connections) == self.size - 1 and all(task.done() for task in outgoing):
                 return  # an abort that arrived meanwhile fails the group's first call
-            if self.mailbox.error is not None:
+            # a lost peer ends the wait; a collective failure reported by peers that finished
+            # their set-up first does not stop the mesh from completing (the first call raises it)
+            if isinstance(self.mailbox.error, PeerLostError):
                 raise copy_error(self.mailbox.error)
             remaining = deadline - loop.time()
             if remaining <= 0:
