@@ -18,7 +18,7 @@ import asyncio
 from collections.abc import Callable, Sequence
 
 from sparsecoll.errors import CollectiveTimeoutError, PeerLostError, SparseCollError
-from sparsecoll.transport.mailbox import Mailbox, copy_error
+from sparsecoll.transport.mailbox import Mailbox, copy_error, lost_peer_error
 from sparsecoll.wire import DEFAULT_MAX_PAYLOAD, FrameHeader
 
 Buffer = bytes | bytearray | memoryview
@@ -79,6 +79,14 @@ class Transport(abc.ABC):
     @abc.abstractmethod
     async def close(self, linger: float = 1.0) -> None:
         """Say goodbye to every peer, wait up to ``linger`` seconds for theirs, release all."""
+
+    def peer_lost(self, peer: int, detail: str) -> None:
+        """``peer``'s connection is gone: fail what waits for it and poison the group."""
+        error = lost_peer_error(self.rank, peer, detail)
+        self.mailbox.peer_closed(peer, error)
+        self.on_failure(error)
+        if self._mesh_changed is not None:
+            self._mesh_changed.set()
 
     async def _wait_for_mesh(self, outgoing: list[asyncio.Task], deadline: float, timeout: float) -> None:
         """Return once every peer is connected; raise the first failure or a timeout.

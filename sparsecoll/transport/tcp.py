@@ -172,13 +172,6 @@ class TcpTransport(Transport):
                     "resynchronized", rank=self.rank, peer=peer))
             raise
 
-    def peer_lost(self, peer: int, detail: str) -> None:
-        error = lost_peer_error(self.rank, peer, detail)
-        self.mailbox.peer_closed(peer, error)
-        self.on_failure(error)
-        if self._mesh_changed is not None:
-            self._mesh_changed.set()
-
     def send_abort(self, error: SparseCollError) -> None:
         payload = encode_abort(self.rank, error)
         header = FrameHeader(kind=Kind.ABORT, context=0, seq=0, tag=0, length=len(payload))
