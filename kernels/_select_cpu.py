@@ -17,6 +17,7 @@ from numba import njit, prange
 from ._scalar import uniform01
 
 CHUNK = 1 << 16  # elements per parallel work item: large enough to amortize, small enough to balance
+RUN = 64  # keys reduced to one maximum before a run is scanned: a few vector registers
 
 
 @njit(parallel=True, cache=True)
@@ -69,7 +70,9 @@ def select_capped(bits, mask, key_min, inf_key, chunk, cap):
 
     Returns slots, per-chunk counts (which may exceed ``cap``) and the NaN/inf count; chunks that
     overflowed are redone by ``gather_slots``. With a threshold from a sample the expected count
-    per chunk is known, so overflow is rare and the data is read once.
+    per chunk is known, so overflow is rare and the data is read once. Each run of ``RUN`` keys is
+    first reduced to its maximum (a branch-free loop LLVM vectorizes) and scanned only when that
+    maximum reaches ``key_min`` or marks a NaN/inf, so the NaN/inf count stays exact.
     """
     n = bits.size
     nchunks = (n + chunk - 1) // chunk
@@ -77,22 +80,29 @@ def select_capped(bits, mask, key_min, inf_key, chunk, cap):
     slot_bits = np.empty(nchunks * cap, bits.dtype)
     counts = np.zeros(nchunks, np.int64)
     bad = np.zeros(nchunks, np.int64)
+    scan_from = min(key_min, inf_key)
     for c in prange(nchunks):
         lo = c * chunk
-        hi = min(lo + chunk, n)
-        view = bits[lo:hi]
+        view = bits[lo : min(lo + chunk, n)]
         base = c * cap
         kept = 0
         nonfinite = 0
-        for j in range(view.size):
-            raw = view[j]
-            key = raw & mask
-            if key >= key_min:
-                if kept < cap:
-                    slot_idx[base + kept] = lo + j
-                    slot_bits[base + kept] = raw
-                kept += 1
-            nonfinite += key >= inf_key
+        for start in range(0, view.size, RUN):
+            run = view[start : min(start + RUN, view.size)]
+            top = run[0] & mask
+            for j in range(run.size):
+                top = max(top, run[j] & mask)
+            if top < scan_from:
+                continue
+            for j in range(run.size):
+                raw = run[j]
+                key = raw & mask
+                if key >= key_min:
+                    if kept < cap:
+                        slot_idx[base + kept] = lo + start + j
+                        slot_bits[base + kept] = raw
+                    kept += 1
+                nonfinite += key >= inf_key
         counts[c] = kept
         bad[c] = nonfinite
     return slot_idx, slot_bits, counts, bad.sum()

@@ -151,6 +151,15 @@ def test_nonfinite_input_raises(dtype, bad, size):
         topk_exact(x, 0)
 
 
+def test_fast_path_counts_every_nonfinite_value():
+    # the selection pass skips runs whose maximum is below the threshold: NaN/inf among small
+    # values must still be seen and counted exactly
+    x = np.random.default_rng(9).standard_normal(1 << 20).astype(np.float32)
+    x[np.argsort(np.abs(x))[:7]] = [np.nan, np.inf, -np.inf, np.nan, np.inf, np.nan, -np.nan]
+    with pytest.raises(InvalidArgumentError, match="holds 7 NaN or inf"):
+        topk_fast(x, 1000)
+
+
 @pytest.mark.parametrize("k", [-1, 6, 2.5, True])
 def test_bad_k_raises(k):
     with pytest.raises(InvalidArgumentError):
