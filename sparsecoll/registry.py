@@ -84,6 +84,11 @@ def compressor(name: str, **options: Any) -> Any:
     return _resolve(_COMPRESSORS, "compressor", name)(**options)
 
 
+def compressor_factory(name: str) -> Callable[..., Any]:
+    """The factory registered as compressor ``name`` (to inspect or call with your options)."""
+    return _resolve(_COMPRESSORS, "compressor", name)
+
+
 def collective(name: str) -> Callable[..., Any]:
     """The collective function registered as ``name``."""
     return _resolve(_COLLECTIVES, "collective", name)

@@ -42,7 +42,8 @@ class CommHookState:
     def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: float = 0.001, *,
                  quantize_bits: int | None = None, error_feedback: bool = True, momentum: float = 0.0,
                  nesterov: bool = False, warmup_steps: int = 0, start_iter: int = 1,
-                 dense_above: float = 0.25, seed: int = 0) -> None:
+                 dense_above: float = 0.25, seed: int = 0,
+                 algorithm_options: dict[str, Any] | None = None) -> None:
         if not isinstance(group, SyncGroup):
             raise TypeError("group must be a SyncGroup: create it with sparsecoll.torch.init_group()")
         if not 0.0 <= momentum < 1.0:
@@ -51,7 +52,7 @@ class CommHookState:
             raise ValueError("warmup_steps and start_iter must be >= 0")
         self.group = group
         self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
-                                       float(dense_above), int(seed))
+                                       float(dense_above), int(seed), dict(algorithm_options or {}))
         self.compression.validate()
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)

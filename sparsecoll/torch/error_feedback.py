@@ -53,8 +53,8 @@ class ErrorFeedback:
 
     def sent(self, result: SparseResult, mask_momentum: bool = True) -> None:
         """Steps 3 and 4: subtract this rank's contribution; mask momentum where it was sent."""
-        if result.sent_indices is None:
-            self.residual.zero_()
+        if result.sent_indices is None:  # a dense contribution: keep what its codec lost
+            self.residual.sub_(to_tensor(result.sent_values, self.residual).to(self.residual.dtype).view_as(self.residual))
             return
         indices = to_tensor(result.sent_indices, self.residual)
         values = to_tensor(result.sent_values, self.residual).to(self.residual.dtype)

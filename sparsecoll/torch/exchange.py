@@ -7,7 +7,7 @@ These are coroutines of a :class:`sparsecoll.Group`; torch code runs them throug
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -32,12 +32,15 @@ class Compression:
     error_feedback: bool = True
     dense_above: float = 0.25
     seed: int = 0
+    options: dict = field(default_factory=dict)
+    """Extra keyword options of the algorithm (a registered compressor's factory arguments)."""
 
     def validate(self) -> None:
         """Raise ValueError with the reason when a setting cannot work."""
-        if self.algorithm not in BUILTIN and self.algorithm not in registry.collectives():
-            raise ValueError(f"unknown algorithm {self.algorithm!r}: choose from {list(BUILTIN)} "
-                             "or register one with sparsecoll.register_collective")
+        if (self.algorithm not in BUILTIN and self.algorithm not in registry.collectives()
+                and self.algorithm not in registry.compressors()):
+            raise ValueError(f"unknown algorithm {self.algorithm!r}: choose from {list(BUILTIN)} or "
+                             "register one with sparsecoll.register_collective or register_compressor")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if not 0.0 < self.dense_above <= 1.0:
@@ -72,7 +75,9 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
         memory.forget()
         return stats
     algorithm_seed = seed + 7919 * step if compression.algorithm == "sketch" else seed
-    options = {"quantize_bits": compression.quantize_bits} if compression.quantize_bits else {}
+    options = dict(compression.options)
+    if compression.quantize_bits:
+        options["quantize_bits"] = compression.quantize_bits
     result, stats = await group.reduce_gradient(array, compression.algorithm, density=density, step=step,
                                                 seed=algorithm_seed, **options)
     grad.zero_()

@@ -33,8 +33,10 @@ _TAKEN_OVER = ("momentum", "weight_decay", "nesterov")
 class SparseCollOptimizer(torch.optim.Optimizer):
     """A torch optimizer whose gradients are summed over a sparsecoll group, compressed.
 
-    ``algorithm`` is "dense", "allgather", "gtopk", "sketch", "cltk" or a registered collective;
-    ``density`` the fraction of each bucket sent. With ``momentum_correction`` and a wrapped
+    ``algorithm`` is "dense", "allgather", "gtopk", "sketch", "cltk", a registered collective
+    or a registered compressor (its payloads are allgathered; ``algorithm_options`` go to its
+    factory, or to the collective, as keyword arguments); ``density`` the fraction of each
+    bucket sent. With ``momentum_correction`` and a wrapped
     ``torch.optim.SGD``, the wrapper keeps SGD's momentum (and folds its weight decay into the
     gradient) itself, as DGC does, and runs SGD without them; other optimizers get error
     feedback only. Parameters for which ``dense_if`` is true (default: at most one dimension,
@@ -54,7 +56,7 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                  clip_norm: float | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  dense_if: Callable[[torch.Tensor], bool] | None = small_parameters,
                  dense_above: float = 0.25, seed: int = 0, grad_scaler: Any = None,
-                 skip_nonfinite: bool = False) -> None:
+                 skip_nonfinite: bool = False, algorithm_options: dict[str, Any] | None = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if not isinstance(group, SyncGroup):
@@ -66,7 +68,7 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         if lazy is not None and algorithm != "dense":
             raise ValueError(f"lazy aggregation skips dense sends: it needs algorithm='dense', not {algorithm!r}")
         self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
-                                       float(dense_above), int(seed))
+                                       float(dense_above), int(seed), dict(algorithm_options or {}))
         self.compression.validate()
         self.optimizer = optimizer
         self.sync = group

@@ -8,6 +8,7 @@ import torch
 
 from sparsecoll.collectives.lazy import LazyState
 from sparsecoll.torch import SparseCollOptimizer, init_group
+import tests.codecs  # noqa: F401  (registers the 'test-sign' compressor in every rank)
 from tests.ranks import run_ranks
 
 NO_GROUP = {"group_kwargs": None}
@@ -201,3 +202,29 @@ def test_amp_overflow_on_one_rank_skips_the_step_everywhere() -> None:
     assert (steps0, skipped0) == (steps1, skipped1) == (5, 1)
     assert params0 == params1
     assert scales0 == scales1 and scales0[3] == scales0[2] / 2
+
+
+def test_sign_codec_trains_through_the_optimizer_by_name():
+    results = run_ranks(2, _train_sign, timeout=120, **NO_GROUP)
+    first, second = results
+    assert first["params"] == second["params"]  # every rank applied the same update
+    assert first["loss"][-1] < 0.5 * first["loss"][0]
+
+
+def _train_sign(rank, world):
+    torch.manual_seed(0)
+    features = torch.randn(256, 10)
+    target = features @ torch.linspace(-1, 1, 10)
+    model = torch.nn.Linear(10, 1)
+    with init_group(timeout=60, kernel_threads=1) as group:
+        opt = SparseCollOptimizer(torch.optim.SGD(model.parameters(), lr=0.05), group, "test-sign",
+                                  dense_if=None)
+        losses = []
+        for step in range(60):
+            batch = slice(64 * ((step + rank) % 4), 64 * ((step + rank) % 4 + 1))
+            loss = torch.nn.functional.mse_loss(model(features[batch]).squeeze(1), target[batch])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+    return {"loss": losses, "params": [p.detach().numpy().tolist() for p in model.parameters()]}
