@@ -33,17 +33,21 @@ class CommHookState:
 
     ``start_iter`` iterations are reduced dense first: DDP rebuilds its buckets after the
     first iteration, and state kept for the old buckets would not fit the new ones (the
-    same reason as PowerSGD's ``start_powerSGD_iter``).
+    same reason as PowerSGD's ``start_powerSGD_iter``). Give ``module`` (the DDP model) to
+    keep the state per parameter rather than per bucket: a bucket whose parameters change
+    (DDP's rebuild, or a fresh model after :meth:`load_state_dict`) then takes over their
+    residuals and momentum, so a run resumes exactly; without it a changed bucket starts
+    afresh.
     """
 
     __slots__ = ("group", "compression", "momentum", "nesterov", "warmup_steps", "start_iter",
-                 "iteration", "memories", "last_stats", "_executor")
+                 "iteration", "memories", "last_stats", "_executor", "_names", "_layouts", "_saved")
 
     def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: float = 0.001, *,
                  quantize_bits: int | None = None, error_feedback: bool = True, momentum: float = 0.0,
                  nesterov: bool = False, warmup_steps: int = 0, start_iter: int = 1,
                  dense_above: float = 0.25, seed: int = 0,
-                 algorithm_options: dict[str, Any] | None = None) -> None:
+                 algorithm_options: dict[str, Any] | None = None, module: Any = None) -> None:
         if not isinstance(group, SyncGroup):
             raise TypeError("group must be a SyncGroup: create it with sparsecoll.torch.init_group()")
         if not 0.0 <= momentum < 1.0:
@@ -63,6 +67,9 @@ class CommHookState:
         self.last_stats: dict[int, CommStats] = {}
         """What each bucket's last reduction moved, by bucket index."""
         self._executor: ThreadPoolExecutor | None = None
+        self._names = None if module is None else {id(param): name for name, param in module.named_parameters()}
+        self._layouts: dict[int, tuple] = {}
+        self._saved: dict[str, dict] = {}
 
     def density_now(self) -> float:
         """Density of the current iteration (1.0 before ``start_iter``)."""
@@ -83,26 +90,72 @@ class CommHookState:
             self._executor = None
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's residuals and momentum per bucket, and the iteration: save per rank."""
-        return {"rank": self.group.rank, "world_size": self.group.size, "iteration": self.iteration,
-                "memories": {index: memory.state_dict() for index, memory in self.memories.items()}}
+        """This rank's residuals and momentum (per parameter with ``module``, else per bucket)
+        and the iteration: save it per rank."""
+        state = {"rank": self.group.rank, "world_size": self.group.size, "iteration": self.iteration}
+        if self._names is None:
+            state["memories"] = {index: memory.state_dict() for index, memory in self.memories.items()}
+        else:
+            state["parameters"] = {**self._saved, **self._per_parameter()}
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned on the same rank."""
         if (state["rank"], state["world_size"]) != (self.group.rank, self.group.size):
             raise ValueError(f"this state was saved by rank {state['rank']} of {state['world_size']}")
+        if ("parameters" in state) != (self._names is not None):
+            raise ValueError("a state saved with module= loads only with module=, and one saved without "
+                             "it only without")
         self.iteration = int(state["iteration"])
-        self.memories = {}
-        for index, saved in state["memories"].items():
+        self.memories, self._layouts = {}, {}
+        self._saved = {name: {key: None if value is None else value.clone() for key, value in saved.items()}
+                       for name, saved in state.get("parameters", {}).items()}
+        for index, saved in state.get("memories", {}).items():
             memory = ErrorFeedback(saved["residual"])
             memory.load_state_dict(saved)
             self.memories[int(index)] = memory
+
+    def memory_for(self, index: int, work: torch.Tensor, params: list[torch.Tensor]) -> ErrorFeedback:
+        """The memory of bucket ``index``; rebuilt from its parameters' state if they changed."""
+        memory = self.memories.get(index)
+        layout = None if self._names is None else tuple((self._names.get(id(param), ""), param.numel())
+                                                         for param in params)
+        if (memory is not None and memory.residual.numel() == work.numel()
+                and memory.residual.dtype == work.dtype and self._layouts.get(index) == layout):
+            return memory
+        if layout is not None:  # park every parameter's state, and retire buckets that lose some
+            self._saved.update(self._per_parameter())
+            names = {name for name, _ in layout}
+            for other in [other for other, old in self._layouts.items()
+                          if other != index and old and names & {name for name, _ in old}]:
+                self.memories.pop(other, None)
+                self._layouts.pop(other, None)
+        memory = self.memories[index] = ErrorFeedback(work)
+        self._layouts[index] = layout
+        if layout is not None:
+            offset = 0
+            for name, numel in layout:
+                saved = self._saved.pop(name, None)
+                if saved is not None and saved["residual"].numel() == numel:
+                    memory.restore_slice(offset, saved["residual"], saved["momentum"])
+                offset += numel
+        return memory
+
+    def _per_parameter(self) -> dict[str, dict]:
+        """Every bucket's memory cut into its parameters' slices, by parameter name."""
+        cut: dict[str, dict] = {}
+        for index, memory in self.memories.items():
+            offset = 0
+            for name, numel in self._layouts.get(index) or ():
+                cut[name] = memory.slice_state(offset, numel)
+                offset += numel
+        return cut
 
 
 def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average ``bucket`` over the ranks with error feedback; a future of the reduced buffer.
 
-    1. take (or make) the bucket's memory; a bucket whose size changed starts afresh;
+    1. take (or make) the bucket's memory (see :meth:`CommHookState.memory_for`);
     2. before ``start_iter`` reduce dense, then compress at the warm-up's density;
     3. run the collective on the group's loop, in bucket order, while backward goes on;
     4. write the mean into the bucket's buffer and complete the future with it.
@@ -110,9 +163,7 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     buffer = bucket.buffer()
     index = bucket.index()
     work = buffer.float() if buffer.dtype in _WIDENED else buffer
-    memory = state.memories.get(index)
-    if memory is None or memory.residual.numel() != work.numel() or memory.residual.dtype != work.dtype:
-        memory = state.memories[index] = ErrorFeedback(work)
+    memory = state.memory_for(index, work, bucket.parameters())
     compressed = state.iteration >= state.start_iter
     coroutine = reduce_buffer(state.group.group, work, memory, state.compression,
                               density=state.density_now(), step=state.iteration,

@@ -62,6 +62,19 @@ class ErrorFeedback:
         if mask_momentum and self.momentum is not None:
             self.momentum.index_fill_(0, indices, 0)
 
+    def slice_state(self, offset: int, numel: int) -> dict:
+        """Copies of ``numel`` elements of the buffers from ``offset`` (one parameter's share)."""
+        momentum = None if self.momentum is None else self.momentum[offset:offset + numel].clone()
+        return {"residual": self.residual[offset:offset + numel].clone(), "momentum": momentum}
+
+    def restore_slice(self, offset: int, residual: torch.Tensor, momentum: torch.Tensor | None) -> None:
+        """Write one parameter's share back from :meth:`slice_state` at ``offset``."""
+        self.residual[offset:offset + residual.numel()] = residual.reshape(-1)
+        if momentum is not None:
+            if self.momentum is None:
+                self.momentum = torch.zeros_like(self.residual)
+            self.momentum[offset:offset + momentum.numel()] = momentum.reshape(-1)
+
     def forget(self) -> None:
         """Drop the residual (training without error feedback)."""
         self.residual.zero_()
