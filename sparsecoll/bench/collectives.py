@@ -1,33 +1,74 @@
-"""Dense collective benchmark in nccl-tests' terms, against torch.distributed Gloo in the same run.
+"""Collective benchmark in nccl-tests' terms, against torch.distributed Gloo in the same run.
 
-Each rank runs the same sweep; for every (op, size) it times ``iterations`` calls of ours and
-of Gloo's, keeps the slowest rank's average (a collective is done when its last rank is), and
-checks the result against the closed-form answer. Bus bandwidth uses nccl-tests' factors:
-allreduce 2(P-1)/P, allgather (P-1)/P, broadcast 1.
+Each rank runs the same list of cases (op, algorithm, size, density, quantization); for every
+case it times ``iterations`` calls, keeps the slowest rank's times (a collective is done when
+its last rank is), counts the bytes it sent in one call and checks the result: dense ops
+against their closed-form answer, sparse reductions against numpy's sum of every rank's
+contribution (:func:`sparsecoll.bench.sparse.count_wrong`). Gloo's time for the same op and
+size is the baseline of every row. Bus bandwidth uses nccl-tests' factors: allreduce
+2(P-1)/P, allgather (P-1)/P, broadcast 1; a sparse reduction of a gradient of ``size`` bytes
+counts as an allreduce of it, so its busbw is what a dense allreduce would need to match it.
 """
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
 import sparsecoll
+from sparsecoll.bench.common import format_size
+from sparsecoll.bench.ranks import RankPlace
+from sparsecoll.bench.sparse import SPARSE_ALGORITHMS, heavy_tailed, time_sparse
+from sparsecoll.errors import InvalidArgumentError
 
+OPS = ("allreduce", "allgather", "broadcast", "barrier")
+ALGORITHMS = ("dense", "gloo", *SPARSE_ALGORITHMS)
+"""``gloo`` adds the Gloo baseline to every row; the sparse ones reduce an allreduce's gradient."""
 BUS_FACTORS = {
     "allreduce": lambda p: 2 * (p - 1) / p,
     "allgather": lambda p: (p - 1) / p,
     "broadcast": lambda p: 1.0,
 }
 COLUMNS = [
-    ("size", "size"), ("count", "count"), ("type", "type"), ("op", "op"),
-    ("time_us", "time (us)"), ("min_us", "min (us)"), ("algbw", "algbw GB/s"),
-    ("busbw", "busbw GB/s"), ("bytes_sent", "wire B/rank"), ("wrong", "#wrong"),
-    ("gloo_time_us", "gloo (us)"), ("gloo_busbw", "gloo busbw"), ("ratio", "busbw ours/gloo"),
+    ("size", "size"), ("count", "count"), ("op", "op"), ("algorithm", "algorithm"),
+    ("density", "density"), ("k", "k"), ("bits", "bits"), ("time_us", "time (us)"), ("min_us", "min (us)"),
+    ("algbw", "algbw GB/s"), ("busbw", "busbw GB/s"), ("bytes_sent", "wire B/rank"), ("wrong", "#wrong"),
+    ("gloo_time_us", "gloo (us)"), ("gloo_busbw", "gloo busbw"), ("ratio", "x faster than gloo"),
 ]
+
+
+class Case(NamedTuple):
+    """One row of the sweep: a dense op, or a sparse reduction with its density and bits."""
+
+    op: str
+    algorithm: str
+    nbytes: int
+    density: float | None = None
+    bits: int | None = None
+
+
+def plan_cases(ops: Sequence[str], algorithms: Sequence[str], sizes: Sequence[int],
+               densities: Sequence[float], bits: Sequence[int | None]) -> list[Case]:
+    """Every case in table order: op, then algorithm and its (density, bits), then size.
+
+    Algorithms apply to allreduce; the other ops always run our dense implementation.
+    """
+    unknown = sorted(set(ops) - set(OPS)) + sorted(set(algorithms) - set(ALGORITHMS))
+    if unknown:
+        raise InvalidArgumentError(f"unknown op or algorithm {', '.join(unknown)}; ops: {', '.join(OPS)}; "
+                                   f"algorithms: {', '.join(ALGORITHMS)}")
+    cases = []
+    for op in ops:
+        chosen = [name for name in algorithms if name != "gloo"] if op == "allreduce" else ["dense"]
+        for algorithm in chosen:
+            configs = [(None, None)] if algorithm == "dense" else [(d, b) for d in densities for b in bits]
+            cases += [Case(op, algorithm, nbytes, density, bit) for density, bit in configs for nbytes in sizes]
+    if not cases:
+        raise InvalidArgumentError("nothing to time: give an op and, for allreduce, an algorithm besides gloo")
+    return cases
 
 
 def iterations_for(nbytes: int, requested: int | None) -> int:
@@ -37,52 +78,71 @@ def iterations_for(nbytes: int, requested: int | None) -> int:
     return int(min(200, max(5, (256 << 20) // max(nbytes, 1) // 8)))
 
 
-def _store_client(world: int):
-    from torch.distributed import TCPStore
-
-    return TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, False)
-
-
-async def run_rank(rank: int, world: int, ops: Sequence[str], sizes: Sequence[int],
-                   iterations: int | None, warmup: int, with_gloo: bool, progress: bool) -> list[dict]:
+async def run_rank(rank: int, world: int, place: RankPlace, cases: Sequence[Case], iterations: int | None,
+                   warmup: int, with_gloo: bool, progress: bool) -> list[dict]:
     """The sweep as seen by one rank; rows are complete (slowest-rank times) on every rank."""
-    import torch
     import torch.distributed as dist
 
-    store = _store_client(world)
+    store = place.enter(rank, world)
     if with_gloo:
         dist.init_process_group("gloo", store=dist.PrefixStore("gloo", store), rank=rank, world_size=world)
     rows = []
-    cases = [(op, size) for op in ops for size in sizes]
-    bar = _progress(rank == 0 and progress, len(cases))
-    async with await sparsecoll.init_group(store=store, rank=rank, world_size=world) as group:
-        for op, nbytes in cases:
-            count = max(1, nbytes // 4)
-            if op == "allgather":
-                count = max(1, count // world)
-            repeat = iterations_for(nbytes, iterations)
-            row: dict[str, Any] = {"size": count * 4 * (world if op == "allgather" else 1),
-                                   "count": count, "type": "float32", "op": op, "ranks": world,
-                                   "iterations": repeat}
-            times, wrong, sent = await _time_ours(group, op, count, repeat, warmup)
-            if with_gloo:
-                gloo_times = _time_gloo(dist, torch, op, count, repeat, warmup, world)
-                times = np.concatenate([times, gloo_times])
-            slowest, _ = await group.allreduce(times, op="max")
-            wrong_total, _ = await group.allreduce(np.array([wrong], np.int64))
-            ours_times = slowest[:repeat]
-            row.update(_bandwidth(row["size"], ours_times, op, world))
-            row.update(wrong=int(wrong_total[0]), bytes_sent=sent)
-            if with_gloo:
-                gloo = _bandwidth(row["size"], slowest[repeat:], op, world)
-                row.update(gloo_time_us=gloo["time_us"], gloo_busbw=gloo["busbw"])
-                row["ratio"] = row["busbw"] / gloo["busbw"] if op != "barrier" else gloo["time_us"] / row["time_us"]
-            rows.append(row)
+    gloo_times: dict[tuple[str, int], np.ndarray] = {}
+    bar = _progress(rank == 0 and progress, len(cases) + 1)
+    async with await sparsecoll.init_group(store=store, rank=rank, world_size=world, timeout=600) as group:
+        bar.begin("compiling kernels")
+        await _preflight(group, cases)
+        bar.advance()
+        for case in cases:
+            bar.begin(f"{case.op} {case.algorithm} {format_size(case.nbytes)}")
+            rows.append(await _run_case(group, case, iterations, warmup, dist if with_gloo else None, gloo_times))
             bar.advance()
     bar.stop()
     if with_gloo:
         dist.destroy_process_group()
     return rows
+
+
+async def _preflight(group: sparsecoll.Group, cases: Sequence[Case]) -> None:
+    """One small call of every sparse configuration: compiles the kernels before any timing,
+    and an option an algorithm refuses fails here rather than deep into the sweep."""
+    grad = heavy_tailed(group.rank, 4096)
+    for algorithm, density, bits in sorted({(c.algorithm, c.density, c.bits) for c in cases
+                                            if c.algorithm != "dense"}, key=str):
+        await group.reduce_gradient(grad, algorithm, density=density, quantize_bits=bits)
+
+
+async def _run_case(group: sparsecoll.Group, case: Case, iterations: int | None, warmup: int, dist: Any,
+                    gloo_times: dict[tuple[str, int], np.ndarray]) -> dict[str, Any]:
+    world = group.size
+    count = max(1, case.nbytes // 4)
+    if case.op == "allgather":
+        count = max(1, count // world)
+    size = count * 4 * (world if case.op == "allgather" else 1)
+    repeat = iterations_for(size, iterations)
+    row: dict[str, Any] = {"size": size, "count": count, "type": "float32", "op": case.op,
+                           "algorithm": case.algorithm, "density": case.density, "bits": case.bits,
+                           "ranks": world, "iterations": repeat}
+    if case.algorithm == "dense":
+        times, wrong, sent = await _time_dense(group, case.op, count, repeat, warmup)
+    else:
+        row["k"] = max(1, round(count * case.density))
+        times, sent, wrong = await time_sparse(group, heavy_tailed(group.rank, count), case.algorithm,
+                                               case.density, case.bits, repeat, warmup)
+    baseline_key = (case.op, count)
+    fresh_baseline = dist is not None and baseline_key not in gloo_times
+    if fresh_baseline:
+        times = np.concatenate([times, _time_gloo(dist, case.op, count, repeat, warmup, world)])
+    slowest, _ = await group.allreduce(times, op="max")
+    wrong_total, _ = await group.allreduce(np.array([wrong], np.int64))
+    if fresh_baseline:
+        gloo_times[baseline_key] = slowest[repeat:]
+    row.update(_bandwidth(size, slowest[:repeat], case.op, world))
+    row.update(wrong=int(wrong_total[0]), bytes_sent=sent)
+    if dist is not None:
+        gloo = _bandwidth(size, gloo_times[baseline_key], case.op, world)
+        row.update(gloo_time_us=gloo["time_us"], gloo_busbw=gloo["busbw"], ratio=gloo["time_us"] / row["time_us"])
+    return row
 
 
 def _bandwidth(nbytes: int, times: np.ndarray, op: str, world: int) -> dict[str, float]:
@@ -92,8 +152,8 @@ def _bandwidth(nbytes: int, times: np.ndarray, op: str, world: int) -> dict[str,
             "busbw": algbw * BUS_FACTORS.get(op, lambda p: 0.0)(world)}
 
 
-async def _time_ours(group: sparsecoll.Group, op: str, count: int, repeat: int,
-                     warmup: int) -> tuple[np.ndarray, int, int]:
+async def _time_dense(group: sparsecoll.Group, op: str, count: int, repeat: int,
+                      warmup: int) -> tuple[np.ndarray, int, int]:
     rank, world = group.rank, group.size
     data = np.full(count, rank + 1, np.float32)
     if op == "allreduce":
@@ -105,11 +165,9 @@ async def _time_ours(group: sparsecoll.Group, op: str, count: int, repeat: int,
     elif op == "broadcast":
         out = np.empty_like(data)
         call, expected = (lambda: group.broadcast(data, 0, out=out)), 1.0
-    elif op == "barrier":
+    else:
         out, expected = None, None
         call = group.barrier
-    else:
-        raise ValueError(f"unknown op {op!r}")
     for _ in range(warmup):
         await call()
     times = np.empty(repeat)
@@ -126,7 +184,9 @@ async def _time_ours(group: sparsecoll.Group, op: str, count: int, repeat: int,
     return times, wrong, stats.bytes_sent
 
 
-def _time_gloo(dist: Any, torch: Any, op: str, count: int, repeat: int, warmup: int, world: int) -> np.ndarray:
+def _time_gloo(dist: Any, op: str, count: int, repeat: int, warmup: int, world: int) -> np.ndarray:
+    import torch
+
     tensor = torch.zeros(count)
     if op == "allreduce":
         def call(): dist.all_reduce(tensor)
@@ -151,6 +211,9 @@ def _time_gloo(dist: Any, torch: Any, op: str, count: int, repeat: int, warmup: 
 
 
 class _NoProgress:
+    def begin(self, description: str) -> None:
+        pass
+
     def advance(self) -> None:
         pass
 
@@ -160,11 +223,21 @@ class _NoProgress:
 
 class _Progress:
     def __init__(self, total: int) -> None:
-        from rich.progress import Progress
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
-        self._progress = Progress(transient=True)
-        self._task = self._progress.add_task("benchmarking", total=total)
+        self._progress = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
+                                  TimeElapsedColumn(), transient=True)
+        self._task = self._progress.add_task("starting", total=total)
         self._progress.start()
+
+    def begin(self, description: str) -> None:
+        self._progress.update(self._task, description=description)
 
     def advance(self) -> None:
         self._progress.advance(self._task)

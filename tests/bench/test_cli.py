@@ -1,8 +1,10 @@
-"""The sparsecoll-bench CLI on real local ranks: correct results, JSON that tools can read."""
+"""The sparsecoll-bench CLI on real local ranks: correct results, JSON that tools can read,
+plots that people can look at."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -10,8 +12,24 @@ from typer.testing import CliRunner
 
 from sparsecoll.bench.cli import app
 from sparsecoll.bench.common import format_size, parse_size, size_sweep
+from sparsecoll.wire import HEADER_SIZE
 
 runner = CliRunner()
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_no_namespaces_left() -> None:
+    """None of this process's emulated-link namespaces outlive the command (other processes'
+    namespaces may come and go meanwhile)."""
+    import os
+    import subprocess
+
+    listed = subprocess.run(["ip", "netns", "list"], check=True, capture_output=True, text=True).stdout
+    assert f"sc{os.getpid() % 100000}-" not in listed, f"namespaces were left behind: {listed}"
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == PNG_MAGIC and path.stat().st_size > 10_000
 
 
 def test_sizes_parse_like_nccl_tests() -> None:
@@ -56,8 +74,9 @@ def test_soak_keeps_descriptors_and_memory(tmp_path: Path) -> None:
 def test_sparse_comparison_rows_agree_with_their_formulas(tmp_path: Path) -> None:
     out = tmp_path / "sparse.json"
     result = runner.invoke(app, ["sparse", "--ranks", "2", "-d", "200K", "--density", "0.01",
-                                 "--iters", "1", "--json", str(out)])
+                                 "--iters", "1", "--json", str(out), "--plot", str(tmp_path / "sparse.png")])
     assert result.exit_code == 0, result.output
+    assert_png(tmp_path / "sparse.png")
     rows = {row["algorithm"]: row for row in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"dense", "gloo", "allgather", "gtopk", "sketch", "cltk", "selection"}
     for name in ("allgather", "gtopk"):
@@ -71,12 +90,10 @@ def test_sparse_comparison_rows_agree_with_their_formulas(tmp_path: Path) -> Non
 def test_emulated_links_are_created_shaped_and_removed(tmp_path: Path) -> None:
     import os
     import shutil
-    import subprocess
 
     if os.geteuid() != 0 or shutil.which("tc") is None:
         pytest.skip("network namespaces and tc need root")
     out = tmp_path / "link.json"
-    before = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     result = runner.invoke(app, ["sparse", "--ranks", "2", "-d", "2M", "--density", "0.001", "--iters", "1",
                                  "--algorithms", "dense,gloo,gtopk", "--link", "100mbit", "--json", str(out)])
     assert result.exit_code == 0, result.output
@@ -84,5 +101,109 @@ def test_emulated_links_are_created_shaped_and_removed(tmp_path: Path) -> None:
     # 8 MB of float32 over a 100 Mbit/s link: the dense allreduce cannot beat the wire
     assert rows["dense"]["time_ms"] > 0.9 * rows["dense"]["bytes_sent"] * 8 / 100e6 * 1e3
     assert rows["gtopk"]["speedup_vs_gloo"] > 5
-    after = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-    assert after == before, "namespaces were left behind"
+    assert_no_namespaces_left()
+
+
+@pytest.mark.slow
+@pytest.mark.ucx
+def test_ucx_sweep_over_emulated_links(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("tc") is None:
+        pytest.skip("network namespaces and tc need root")
+    pytest.importorskip("ucxx")
+    out = tmp_path / "link.json"
+    result = runner.invoke(app, ["collectives", "--ranks", "2", "-b", "1M", "-e", "1M", "-n", "2", "-w", "1",
+                                 "--algorithms", "dense,gloo,cltk", "--density", "0.001", "--link", "100mbit",
+                                 "--backend", "ucx", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row["algorithm"]: row for row in json.loads(out.read_text())["rows"]}
+    # 1 MiB over a 100 Mbit/s link: UCX, kept on the shaped link, cannot beat the wire
+    assert rows["dense"]["time_us"] > 0.9 * rows["dense"]["bytes_sent"] * 8 / 100e6 * 1e6
+    assert rows["cltk"]["min_us"] < rows["cltk"]["gloo_time_us"] / 5 and rows["cltk"]["wrong"] == 0
+    assert_no_namespaces_left()
+
+
+def test_sparse_algorithms_sweep_with_checks_bytes_and_a_plot(tmp_path: Path) -> None:
+    out, plot = tmp_path / "sweep.json", tmp_path / "sweep.png"
+    result = runner.invoke(app, ["collectives", "-b", "1K", "-e", "4K", "-f", "4", "-n", "2", "--ranks", "2",
+                                 "--algorithms", "dense,gloo,allgather,gtopk,sketch,cltk", "--density", "0.01",
+                                 "--json", str(out), "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    assert document["backend"] == "tcp" and document["link"] == "loopback"
+    rows = {(row["algorithm"], row["size"]): row for row in document["rows"]}
+    assert set(rows) == {(name, size) for name in ("dense", "allgather", "gtopk", "sketch", "cltk")
+                         for size in (1024, 4096)}
+    for (name, size), row in rows.items():
+        assert row["wrong"] == 0 and row["time_us"] > 0 and row["gloo_time_us"] > 0, row
+        assert row["count"] == size // 4 and row["busbw"] == row["algbw"]  # 2 ranks: 2(P-1)/P = 1
+        assert row["ratio"] == row["gloo_time_us"] / row["time_us"]
+        if name != "dense":
+            assert row["k"] == max(1, round(row["count"] * 0.01)) and row["density"] == 0.01
+    for name in ("allgather", "gtopk"):  # on 2 ranks: one block of k (index, value) pairs
+        row = rows[(name, 4096)]
+        assert row["bytes_sent"] == 8 + 8 * row["k"] + HEADER_SIZE
+    assert rows[("cltk", 4096)]["bytes_sent"] < rows[("dense", 4096)]["bytes_sent"] / 10
+    assert_png(plot)
+
+
+@pytest.mark.ucx
+def test_quantized_sweep_over_ucx(tmp_path: Path) -> None:
+    pytest.importorskip("ucxx")
+    out = tmp_path / "ucx.json"
+    result = runner.invoke(app, ["collectives", "-b", "16K", "-e", "16K", "-n", "2", "--ranks", "2",
+                                 "--algorithms", "allgather,gtopk", "--density", "0.01", "--quantize-bits", "0,8",
+                                 "--backend", "ucx", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    assert document["backend"] == "ucx"
+    rows = {(row["algorithm"], row["bits"]): row for row in document["rows"]}
+    assert set(rows) == {(name, bits) for name in ("allgather", "gtopk") for bits in (None, 8)}
+    for name in ("allgather", "gtopk"):
+        assert rows[(name, 8)]["wrong"] == rows[(name, None)]["wrong"] == 0
+        assert rows[(name, 8)]["bytes_sent"] < rows[(name, None)]["bytes_sent"]
+
+
+def test_unknown_algorithm_is_a_clean_error() -> None:
+    result = runner.invoke(app, ["collectives", "--algorithms", "dense,nope", "--ranks", "2"])
+    assert result.exit_code == 2
+    assert "nope" in result.output and "Traceback" not in result.output
+
+
+def test_train_records_curves_and_plots_them(tmp_path: Path) -> None:
+    out, plot = tmp_path / "train.json", tmp_path / "train.png"
+    result = runner.invoke(app, ["train", "--dataset", "digits", "--ranks", "2", "--epochs", "2",
+                                 "--algorithms", "dense,gtopk", "--densities", "0.01", "--batch", "16",
+                                 "--json", str(out), "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    assert document["dataset"] == "digits" and document["world"] == 2 and document["machine"]["date"]
+    dense, gtopk = document["rows"]
+    assert (dense["algorithm"], gtopk["algorithm"], gtopk["density"]) == ("dense", "gtopk", 0.01)
+    for row in (dense, gtopk):
+        assert len(row["epoch_loss"]) == len(row["epoch_accuracy"]) == 2
+        assert row["epoch_accuracy"][-1] == row["accuracy"] > 0.5
+        assert all(math.isfinite(loss) for loss in row["epoch_loss"]) and row["seconds_per_step"] > 0
+    assert dense["compression"] == 1.0 and gtopk["compression"] > 10
+    assert_png(plot)
+
+
+def test_kernels_write_json_and_plot(tmp_path: Path) -> None:
+    out, plot = tmp_path / "kernels.json", tmp_path / "kernels.png"
+    result = runner.invoke(app, ["kernels", "--sizes", "100K", "--densities", "0.01", "--repeats", "1",
+                                 "--no-throughput", "--no-jit", "--json", str(out), "--plot", str(plot)])
+    assert result.exit_code == 0, result.output
+    document = json.loads(out.read_text())
+    assert document["machine"]["cpus"] >= 1
+    (row,) = document["rows"]
+    assert row["kind"] == "selection" and row["size"] == 100_000 and row["correct"]
+    assert_png(plot)
+
+
+def test_demo_runs_dense_and_sparse_against_gloo() -> None:
+    result = runner.invoke(app, ["demo", "--ranks", "2"])
+    assert result.exit_code == 0, result.output
+    for name in ("dense", "allgather", "gtopk", "cltk", "Gloo"):
+        assert name in result.output
