@@ -10,7 +10,10 @@
    each odd one sends it the result at the end (see :mod:`.doubling`).
 Each merge truncates to k, so the result is the paper's approximation of the top-k of the
 summed selections: exactly it for P = 2, close to it otherwise. ``sent_indices`` marks the
-local entries that survived into the result; the rest belong in the error-feedback residual.
+local entries whose value is in the result: those that survived *every* merge on the way (an
+entry dropped in round 1 stays out even if its index comes back from a later partner, whose
+sum lacks it). A host tracks this for its folded neighbour and sends it back as a bit mask.
+The rest belongs in the error-feedback residual.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from sparsecoll.collectives.sparse_common import (
     resolve_k,
     select,
 )
+from sparsecoll.errors import FrameError
 from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code, sparse_buffers
 
 if TYPE_CHECKING:
@@ -44,6 +48,14 @@ def merge_top(mine: tuple[np.ndarray, np.ndarray], theirs: tuple[np.ndarray, np.
     if indices.size <= k:
         return indices, values
     return kernels.topk_sparse(indices, values, k)
+
+
+def _unpack_mask(payload, count: int, rank: int) -> np.ndarray:
+    """The host's bit mask of which of this folded rank's ``count`` entries are in the result."""
+    packed = np.frombuffer(payload, np.uint8)
+    if packed.size != (count + 7) // 8:
+        raise FrameError(f"gTop-k mask of {packed.size} bytes for {count} entries", rank=rank)
+    return np.unpackbits(packed, count=count).astype(bool)
 
 
 async def gtopk(group: Group, grad: np.ndarray, *, k: int | None = None, density: float | None = None,
@@ -76,16 +88,28 @@ async def gtopk(group: Group, grad: np.ndarray, *, k: int | None = None, density
         sent_values = current[1]
         plan = DoublingPlan(rank, ranks)
         final_tag = plan.rounds + 1
+        alive = np.ones(local_indices.size, bool)  # own entries still inside ``current``'s sums
         if plan.folded:
             buffers, current = wire(current, 0)
             await call.send(rank + 1, 0, *buffers)
             current = decode(await call.recv(rank + 1, final_tag, limit=limit))
+            alive = _unpack_mask(await call.recv(rank + 1, final_tag + 1, limit=(count + 7) // 8),
+                                 local_indices.size, call.rank)
             call.stats.rounds += 2
         else:
+            guest_indices = guest_alive = None
             if plan.host:
-                current = merge_top(current, decode(await call.recv(rank - 1, 0, limit=limit)), count)
+                guest = decode(await call.recv(rank - 1, 0, limit=limit))
+                guest_indices, guest_alive = guest[0], np.ones(guest[0].size, bool)
+                current = merge_top(current, guest, count)
                 call.stats.rounds += 1
-            for round_index in range(plan.rounds):
+            for round_index in range(plan.rounds + 1):
+                if round_index or plan.host:  # after every merge, drop what it cut off
+                    alive &= np.isin(local_indices, current[0], assume_unique=True)
+                    if guest_indices is not None:
+                        guest_alive &= np.isin(guest_indices, current[0], assume_unique=True)
+                if round_index == plan.rounds:
+                    break
                 partner = plan.partner(round_index)
                 buffers, current = wire(current, round_index + 1)
                 theirs = decode(await call.exchange(partner, buffers, partner, None, round_index + 1, limit))
@@ -94,8 +118,8 @@ async def gtopk(group: Group, grad: np.ndarray, *, k: int | None = None, density
             if plan.host:
                 buffers, current = wire(current, final_tag)
                 await call.send(rank - 1, final_tag, *buffers)
+                await call.send(rank - 1, final_tag + 1, np.packbits(guest_alive))
                 call.stats.rounds += 1
-        taken = np.isin(local_indices, current[0], assume_unique=True)
-        return SparseResult(current[0], current[1], size, local_indices[taken], sent_values[taken])
+        return SparseResult(current[0], current[1], size, local_indices[alive], sent_values[alive])
 
     return await group.run(signature, body, timeout)
