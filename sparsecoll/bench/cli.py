@@ -30,6 +30,7 @@ from sparsecoll.bench.common import (
 )
 from sparsecoll.bench.ranks import (
     BACKENDS,
+    import_plugins,
     run_ranks,
     this_rank,
     under_launcher,
@@ -40,6 +41,15 @@ from sparsecoll.errors import SparseCollError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Benchmarks of sparsecoll's collectives, kernels and training.")
+
+
+@app.callback()
+def main(imports: Annotated[list[str] | None, typer.Option(
+        "--import", help="a module that registers collectives or compressors (every rank imports it); "
+                         "its names then work in --algorithms")] = None) -> None:
+    """Options for every subcommand."""
+    with _clean_errors():
+        import_plugins(imports or [])
 console = Console()
 if not console.is_terminal:
     console = Console(width=200)  # full tables in logs and pipes

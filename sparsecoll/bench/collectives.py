@@ -21,7 +21,7 @@ import numpy as np
 import sparsecoll
 from sparsecoll.bench.common import format_size
 from sparsecoll.bench.ranks import RankPlace
-from sparsecoll.bench.sparse import SPARSE_ALGORITHMS, heavy_tailed, time_sparse
+from sparsecoll.bench.sparse import SPARSE_ALGORITHMS, heavy_tailed, reduces, time_sparse
 from sparsecoll.errors import InvalidArgumentError
 
 OPS = ("allreduce", "allgather", "broadcast", "barrier")
@@ -56,7 +56,8 @@ def plan_cases(ops: Sequence[str], algorithms: Sequence[str], sizes: Sequence[in
 
     Algorithms apply to allreduce; the other ops always run our dense implementation.
     """
-    unknown = sorted(set(ops) - set(OPS)) + sorted(set(algorithms) - set(ALGORITHMS))
+    unknown = sorted(set(ops) - set(OPS)) + sorted(name for name in set(algorithms)
+                                                   if name not in ALGORITHMS and not reduces(name))
     if unknown:
         raise InvalidArgumentError(f"unknown op or algorithm {', '.join(unknown)}; ops: {', '.join(OPS)}; "
                                    f"algorithms: {', '.join(ALGORITHMS)}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import importlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from typing import Any
 
 from sparsecoll.errors import InvalidArgumentError
 
+PLUGINS_ENV = "SPARSECOLL_BENCH_IMPORT"
+"""Comma-separated modules every rank imports first (``--import``): they register algorithms."""
 BACKENDS = ("tcp", "ucx")
 CLONE_NEWNS, MS_REC, MS_SLAVE, MNT_DETACH = 0x00020000, 0x4000, 0x80000, 2
 LOOPBACK_UCX = {"UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"}
@@ -38,6 +41,7 @@ class RankPlace:
 
     def enter(self, rank: int, world: int) -> Any:
         """Join this rank's network, share the cores fairly, and return the run's store."""
+        import_plugins()
         import numba
         import torch
         import torch.distributed as dist
@@ -68,6 +72,21 @@ def _private_sysfs() -> None:
     for call, arguments in steps:
         if call(*arguments) != 0:
             raise OSError(ctypes.get_errno(), f"{call.__name__} for a private /sys failed")
+
+
+def import_plugins(modules: list[str] | None = None) -> None:
+    """Import ``modules`` (default: those named in ``SPARSECOLL_BENCH_IMPORT``) and name them in
+    that variable, so spawned ranks, which inherit it, import them too."""
+    inherited = modules is None
+    if inherited:
+        modules = [name for name in os.environ.get(PLUGINS_ENV, "").split(",") if name]
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError as error:
+            raise InvalidArgumentError(f"--import {name}: {error}") from None
+    if modules and not inherited:
+        os.environ[PLUGINS_ENV] = ",".join(modules)
 
 
 def under_launcher() -> bool:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 import sparsecoll
+from sparsecoll import registry
 from sparsecoll import kernels
 from sparsecoll.bench.ranks import RankPlace
 from sparsecoll.collectives.sketch import default_columns
@@ -34,7 +35,7 @@ COLUMNS = [("ranks", "P"), ("d", "d"), ("k", "k"), ("algorithm", "algorithm"),
            ("wrong", "#wrong")]
 
 
-def formula_bytes(algorithm: str, ranks: int, size: int, k: int) -> int:
+def formula_bytes(algorithm: str, ranks: int, size: int, k: int) -> int | None:
     """Bytes a rank sends per call by the algorithm's formula (headers and counts included)."""
     pair = 8 + 8 * k + HEADER_SIZE
     if algorithm in ("dense", "gloo"):
@@ -50,7 +51,7 @@ def formula_bytes(algorithm: str, ranks: int, size: int, k: int) -> int:
         return int(3 * (ranks - 1) / ranks * 4 * k)
     if algorithm == "selection":
         return 0
-    raise ValueError(algorithm)
+    return None  # a registered algorithm: no formula known here
 
 
 def heavy_tailed(rank: int, size: int) -> np.ndarray:
@@ -84,9 +85,10 @@ async def count_wrong(group: sparsecoll.Group, grad: np.ndarray, result: SparseR
     (sparse allgather) must be ``topk`` of the largest magnitudes, and every rank must hold the
     same result (a disagreeing rank counts one).
     """
-    sent_indices = result.sent_indices.astype(np.int64)
+    dense_sent = result.sent_indices is None  # a registered compressor: a lossy dense contribution
+    sent_indices = np.arange(grad.size) if dense_sent else result.sent_indices.astype(np.int64)
     wrong = 0
-    if not quantized:
+    if not quantized and not dense_sent:
         wrong += int(np.count_nonzero(result.sent_values != grad[sent_indices]))
     if topk is not None:
         magnitude = np.abs(grad)
@@ -94,7 +96,7 @@ async def count_wrong(group: sparsecoll.Group, grad: np.ndarray, result: SparseR
         wrong += abs(sent_indices.size - topk) + int(np.count_nonzero(magnitude[sent_indices] < kth))
     all_indices, _ = await group.allgatherv(sent_indices)
     all_values, _ = await group.allgatherv(result.sent_values.astype(np.float64))
-    digest = zlib.crc32(result.indices.tobytes() + result.values.tobytes())
+    digest = zlib.crc32(result_indices(result).tobytes() + result.values.tobytes())
     digests, _ = await group.allgather(np.array([digest], np.int64))
     if digests[group.rank, 0] != digests[0, 0]:
         wrong += 1
@@ -103,10 +105,22 @@ async def count_wrong(group: sparsecoll.Group, grad: np.ndarray, result: SparseR
     return wrong
 
 
+def result_indices(result: SparseResult) -> np.ndarray:
+    """The indices a result's values stand at (every index for a dense result)."""
+    return np.arange(result.size) if result.indices is None else result.indices
+
+
+def reduces(algorithm: str) -> bool:
+    """Whether ``algorithm`` runs through ``reduce_gradient``: a built-in sparse algorithm, or a
+    collective or compressor registered by name (``--import`` the module that registers it)."""
+    return (algorithm in SPARSE_ALGORITHMS or algorithm in registry.collectives()
+            or algorithm in registry.compressors())
+
+
 def _mismatches(result: SparseResult, indices: np.ndarray, values: np.ndarray, ranks: int) -> int:
     """Entries where the result differs from the summed contributions by more than float32
     summation error in any order allows."""
-    keys, where = np.unique(np.concatenate([indices, result.indices]), return_inverse=True)
+    keys, where = np.unique(np.concatenate([indices, result_indices(result)]), return_inverse=True)
     contributed = where[:indices.size]
     expected = np.bincount(contributed, weights=values, minlength=keys.size)
     tolerance = ranks * np.finfo(np.float32).eps * np.bincount(contributed, weights=np.abs(values),
@@ -130,7 +144,7 @@ async def run_rank(rank: int, world: int, place: RankPlace, size: int, density: 
     rows = []
     async with await sparsecoll.init_group(store=store, rank=rank, world_size=world, timeout=600) as group:
         for algorithm in algorithms:
-            if algorithm in SPARSE_ALGORITHMS:  # the first call warms up (JIT, buffers), untimed
+            if reduces(algorithm):  # the first call warms up (JIT, buffers), untimed
                 times, sent, wrong = await time_sparse(group, grad, algorithm, density, None, iterations, 1)
             else:
                 times, sent, wrong = await _measure_baseline(group, dist, torch, algorithm, grad, density,

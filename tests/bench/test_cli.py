@@ -207,3 +207,19 @@ def test_demo_runs_dense_and_sparse_against_gloo() -> None:
     assert result.exit_code == 0, result.output
     for name in ("dense", "allgather", "gtopk", "cltk", "Gloo"):
         assert name in result.output
+
+
+def test_a_compressor_registered_by_an_imported_module_runs_by_name(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("SPARSECOLL_BENCH_IMPORT", "")  # the command sets it; monkeypatch restores it
+    out = tmp_path / "plugin.json"
+    result = runner.invoke(app, ["--import", "tests.codecs", "sparse", "--ranks", "2", "--size", "20K",
+                                 "--density", "0.01", "-n", "2", "--algorithms", "dense,test-sign,topk",
+                                 "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = {row["algorithm"]: row for row in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"dense", "test-sign", "topk"}
+    assert all(row["wrong"] == 0 for row in rows.values()), rows
+    # 1 bit a value plus a scale, against 32 bits a value: the sign codec sends ~1/32 of dense's bytes
+    assert rows["test-sign"]["bytes_sent"] < rows["dense"]["bytes_sent"] / 20
+    missing = runner.invoke(app, ["--import", "no.such.module", "sparse", "--ranks", "2"])
+    assert missing.exit_code == 2 and "no.such.module" in missing.output
