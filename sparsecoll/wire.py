@@ -60,6 +60,7 @@ class Op(enum.IntEnum):
     CLTK = 10
     LAZY = 11
     QUANTIZED_BROADCAST = 12
+    QUANTIZED_ALLREDUCE = 13
     CUSTOM = 200
     """For collectives users write on ``Group.run``; tell them apart with ``Signature.extra``."""
 

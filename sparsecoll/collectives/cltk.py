@@ -5,6 +5,9 @@
 3. Every rank reads its own values at those indices and a ring allreduce sums them.
 Both phases send O(k) bytes per rank whatever P is (the chain and the ring never make a rank
 send more than its share), so CLT-k scales to many ranks where allgather does not.
+With ``quantize_bits`` the values ring goes at b bits (:mod:`.quantized_ring`); the rounding
+noise then belongs to partial sums of several ranks, so ``sent_values`` stay the exact local
+values (the rounding is unbiased, not fed back).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import numpy as np
 
 from sparsecoll.call import Call, CollectiveResult
 from sparsecoll.collectives.dense import chain_broadcast, ring_allreduce
+from sparsecoll.collectives.quantized_ring import check_bits, quantized_ring_allreduce
 from sparsecoll.collectives.sparse_common import SparseResult, float_vector, resolve_k, select
 from sparsecoll.errors import FrameError
 from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code, index_dtype
@@ -26,15 +30,18 @@ VALUE_TAGS = 1 << 20
 
 
 async def cltk(group: Group, grad: np.ndarray, *, k: int | None = None, density: float | None = None,
-               step: int = 0, seed: int = 0, timeout: float | None = None) -> CollectiveResult:
+               step: int = 0, seed: int = 0, quantize_bits: int | None = None,
+               timeout: float | None = None) -> CollectiveResult:
     """Sum of every rank's values at the step leader's top-k indices."""
+    if quantize_bits is not None:
+        check_bits(quantize_bits)
     flat = float_vector(grad)
     size = flat.size
     count = resolve_k(size, k, density)
     leader = step % group.size
     indices = np.zeros(count, index_dtype(size))
     signature = Signature(Op.CLTK, Algorithm.RING, dtype_code(flat.dtype), ReduceOp.SUM, leader,
-                          size, count)
+                          size, count, quantize_bits or 0)
 
     async def body(call: Call) -> SparseResult:
         if call.rank == leader:  # inside the call: a NaN gradient aborts every rank
@@ -46,7 +53,9 @@ async def cltk(group: Group, grad: np.ndarray, *, k: int | None = None, density:
             raise FrameError(f"leader {leader} sent indices outside [0, {size})", rank=call.rank)
         mine = flat[chosen]
         summed = mine.copy()
-        if call.size > 1:
+        if quantize_bits:
+            await quantized_ring_allreduce(call, summed, quantize_bits, seed + step, tag_base=VALUE_TAGS)
+        elif call.size > 1:
             await ring_allreduce(call, summed, np.add, tag_base=VALUE_TAGS)
         return SparseResult(chosen, summed, size, chosen, mine)
 

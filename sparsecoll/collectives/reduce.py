@@ -1,9 +1,24 @@
 """One entry point that names the algorithm, so the optimizer and the bench switch by a string.
 
-``algorithm`` is "dense", "allgather", "gtopk", "sketch", "cltk", or the name of a collective
+``algorithm`` is "dense", "allgather", "gtopk", "sketch", "cltk", the name of a collective
 registered with :func:`sparsecoll.register_collective` (it receives the same keyword options
-and may return a :class:`SparseResult` or a dense array). ``quantize_bits`` applies to
-"allgather" and "gtopk"; ``lazy`` (a :class:`LazyState`) to "dense".
+and may return a :class:`SparseResult` or a dense array), or the name of a compressor
+registered with :func:`sparsecoll.register_compressor` (built with ``density``/``k``/``seed``
+when its factory takes them, plus the keyword options; its payloads are allgathered, see
+:mod:`sparsecoll.collectives.compressed`). Collective names win over compressor names.
+
+The options combine with the built-in algorithms as follows:
+
+- ``quantize_bits`` (b in 1, 2, 4, 8; stochastic rounding, a float32 scale per 256 values)
+  works with all five: "dense" becomes a QSGD-style quantized ring allreduce, "cltk" sends its
+  k-value ring quantized, "sketch" both its sketch and its exact-values allreduces, and
+  "allgather" and "gtopk" their sparse values.
+- ``lazy`` (a :class:`LazyState`) works with "dense" (LAG; with ``quantize_bits``, LAQ) and
+  "allgather" (a rank whose selection moved little asks the others to reuse its last one,
+  with or without ``quantize_bits``). "gtopk", "sketch" and "cltk" refuse it: their merges,
+  candidates or leader's indices change every round, so there is no stale per-rank
+  contribution that the others could reuse (see ``LAZY_REFUSED``).
+- Registered collectives and compressors take neither option.
 """
 
 from __future__ import annotations
@@ -15,9 +30,11 @@ import numpy as np
 from sparsecoll import registry
 from sparsecoll.call import CollectiveResult
 from sparsecoll.collectives.cltk import cltk
+from sparsecoll.collectives.compressed import compressed_allgather, make_codec
 from sparsecoll.collectives.dense import allreduce
 from sparsecoll.collectives.gtopk import gtopk
 from sparsecoll.collectives.lazy import LazyState, lazy_allreduce
+from sparsecoll.collectives.quantized_ring import check_bits, quantized_allreduce
 from sparsecoll.collectives.sketch import sketch_allreduce
 from sparsecoll.collectives.sparse_allgather import sparse_allgather
 from sparsecoll.collectives.sparse_common import SparseResult, float_vector
@@ -27,6 +44,15 @@ if TYPE_CHECKING:
     from sparsecoll.group import Group
 
 BUILTIN = ("dense", "allgather", "gtopk", "sketch", "cltk")
+LAZY_REFUSED = {
+    "gtopk": "each merge keeps the top k of the partners' sums, which change every round, so no "
+             "rank has a contribution of its own that the others could reuse",
+    "sketch": "the summed sketches pick new candidates every round, and a stale contribution has no "
+              "values at them",
+    "cltk": "the leader, and with it the indices every rank reduces at, changes every round, so a "
+            "stale contribution holds values at the wrong indices",
+}
+"""Why lazy aggregation does not compose with these algorithms."""
 
 
 async def reduce_gradient(group: Group, grad: np.ndarray, algorithm: str = "gtopk", *,
@@ -35,29 +61,48 @@ async def reduce_gradient(group: Group, grad: np.ndarray, algorithm: str = "gtop
                           step: int = 0, seed: int = 0, timeout: float | None = None,
                           **options: Any) -> CollectiveResult:
     """Sum ``grad`` over the ranks with the named algorithm; value is a :class:`SparseResult`."""
-    if quantize_bits is not None and algorithm not in ("allgather", "gtopk"):
-        raise InvalidArgumentError(f"quantize_bits applies to 'allgather' and 'gtopk', not {algorithm!r}")
-    if lazy is not None and algorithm != "dense":
-        raise InvalidArgumentError(f"lazy aggregation applies to 'dense', not {algorithm!r}")
-    sparse = dict(k=k, density=density, timeout=timeout)
+    _check_options(algorithm, quantize_bits, lazy)
+    sparse = {"k": k, "density": density, "timeout": timeout}
     if algorithm == "dense":
         if lazy is not None:
-            return await lazy_allreduce(group, grad, lazy, timeout=timeout)
+            return await lazy_allreduce(group, grad, lazy, quantize_bits=quantize_bits, seed=seed + 7919 * step,
+                                        timeout=timeout)
         flat = float_vector(grad)
-        total, stats = await allreduce(group, flat, timeout=timeout)
+        if quantize_bits is not None:
+            total, stats = await quantized_allreduce(group, flat, quantize_bits, seed=seed + 7919 * step,
+                                                     timeout=timeout)
+        else:
+            total, stats = await allreduce(group, flat, timeout=timeout)
         return CollectiveResult(SparseResult(None, total, flat.size, None, flat), stats)
     if algorithm == "allgather":
-        return await sparse_allgather(group, grad, quantize_bits=quantize_bits, seed=seed, step=step,
+        return await sparse_allgather(group, grad, quantize_bits=quantize_bits, lazy=lazy, seed=seed, step=step,
                                       **sparse, **options)
     if algorithm == "gtopk":
         return await gtopk(group, grad, quantize_bits=quantize_bits, seed=seed, step=step, **sparse, **options)
     if algorithm == "sketch":
-        return await sketch_allreduce(group, grad, seed=seed, **sparse, **options)
+        return await sketch_allreduce(group, grad, quantize_bits=quantize_bits, seed=seed, **sparse, **options)
     if algorithm == "cltk":
-        return await cltk(group, grad, step=step, seed=seed, **sparse, **options)
+        return await cltk(group, grad, quantize_bits=quantize_bits, step=step, seed=seed, **sparse, **options)
+    if algorithm not in registry.collectives() and algorithm in registry.compressors():
+        codec = make_codec(registry.compressor_factory(algorithm), density, k, seed, options)
+        return await compressed_allgather(group, grad, codec, name=algorithm, step=step, timeout=timeout)
     value, stats = await registry.collective(algorithm)(group, grad, density=density, k=k, step=step,
                                                        seed=seed, timeout=timeout, **options)
     if isinstance(value, SparseResult):
         return CollectiveResult(value, stats)
     flat = float_vector(grad)
     return CollectiveResult(SparseResult(None, np.asarray(value).reshape(-1), flat.size, None, flat), stats)
+
+
+def _check_options(algorithm: str, quantize_bits: int | None, lazy: LazyState | None) -> None:
+    """InvalidArgumentError, with the reason, for a combination that does not work."""
+    if algorithm not in BUILTIN:
+        if quantize_bits is not None or lazy is not None:
+            raise InvalidArgumentError(f"quantize_bits and lazy apply to the built-in algorithms {BUILTIN}, "
+                                       f"not to {algorithm!r}")
+        return
+    if quantize_bits is not None:
+        check_bits(quantize_bits)
+    if lazy is not None and algorithm in LAZY_REFUSED:
+        raise InvalidArgumentError(f"lazy aggregation does not compose with {algorithm!r}: "
+                                   f"{LAZY_REFUSED[algorithm]}; use 'dense' or 'allgather'")

@@ -6,10 +6,14 @@
 3. Every rank reads the same ``candidates`` (default 4k) heaviest coordinates from the sum.
 4. A second allreduce sums the exact values at those coordinates; the top k of the exact
    sums is the result. Per rank: about 2(r·c + candidates) values, whatever d is.
+With ``quantize_bits`` both allreduces go at b bits (:mod:`.quantized_ring`): the summed
+sketch is still the same on every rank, so all read the same candidates. ``sent_values`` stay
+the exact local values (the unbiased rounding noise belongs to no single rank).
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -17,6 +21,7 @@ import numpy as np
 from sparsecoll import kernels
 from sparsecoll.call import Call, CollectiveResult
 from sparsecoll.collectives.dense import ring_allreduce
+from sparsecoll.collectives.quantized_ring import check_bits, quantized_ring_allreduce
 from sparsecoll.collectives.sparse_common import SparseResult, float_vector, resolve_k
 from sparsecoll.errors import InvalidArgumentError
 from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code
@@ -38,9 +43,11 @@ def default_columns(k: int) -> int:
 
 async def sketch_allreduce(group: Group, grad: np.ndarray, *, k: int | None = None,
                            density: float | None = None, rows: int = 5, columns: int | None = None,
-                           candidates: int | None = None, seed: int = 0,
+                           candidates: int | None = None, seed: int = 0, quantize_bits: int | None = None,
                            timeout: float | None = None) -> CollectiveResult:
     """Top k of the summed gradient, found through summed count sketches."""
+    if quantize_bits is not None:
+        check_bits(quantize_bits)
     flat = float_vector(grad)
     size = flat.size
     count = resolve_k(size, k, density)
@@ -52,20 +59,30 @@ async def sketch_allreduce(group: Group, grad: np.ndarray, *, k: int | None = No
     hashes = kernels.sketch_hashes(rows, seed)
     table = np.zeros((rows, columns), np.float32)
     signature = Signature(Op.SKETCH_ALLREDUCE, Algorithm.RING, dtype_code(flat.dtype), ReduceOp.SUM,
-                          -1, size, count, (rows << 48) | (columns << 20) | candidates)
+                          -1, size, count, _layout_hash(rows, columns, candidates, quantize_bits or 0))
 
     async def body(call: Call) -> SparseResult:
         kernels.sketch_insert_dense(table, hashes, flat)  # inside the call: NaN aborts every rank
-        if call.size > 1:
-            await ring_allreduce(call, table.reshape(-1), np.add)
+        await _sum(call, table.reshape(-1), quantize_bits, seed, 0)
         found, _estimates = kernels.sketch_heavy_hitters(table, hashes, size, candidates)
         found = np.asarray(found, np.int64)
         mine = flat[found]
         summed = mine.copy()
-        if call.size > 1:
-            await ring_allreduce(call, summed, np.add, tag_base=ROUND_TWO_TAGS)
+        await _sum(call, summed, quantize_bits, seed, ROUND_TWO_TAGS)
         indices, values = kernels.topk_sparse(found, summed, count) if found.size > count else (found, summed)
         taken = np.isin(found, indices, assume_unique=True)
         return SparseResult(np.asarray(indices, np.int64), values, size, found[taken], mine[taken])
 
     return await group.run(signature, body, timeout)
+
+
+def _layout_hash(rows: int, columns: int, candidates: int, bits: int) -> int:
+    """What the ranks must agree on besides k, as one signature field."""
+    return zlib.crc32(np.array([rows, columns, candidates, bits], np.int64).tobytes())
+
+
+async def _sum(call: Call, flat: np.ndarray, bits: int | None, seed: int, tag_base: int) -> None:
+    if bits:
+        await quantized_ring_allreduce(call, flat, bits, seed, tag_base)
+    elif call.size > 1:
+        await ring_allreduce(call, flat, np.add, tag_base=tag_base)

@@ -14,7 +14,7 @@ import numpy as np
 from sparsecoll import kernels
 from sparsecoll.call import Call
 from sparsecoll.errors import InvalidArgumentError
-from sparsecoll.wire import Algorithm, QUANT_BLOCK, sparse_buffers, sparse_payload_size, split_sparse
+from sparsecoll.wire import QUANT_BLOCK, Algorithm, sparse_buffers, sparse_payload_size, split_sparse
 
 SELECTIONS = {"topk": Algorithm.TOPK, "topk-exact": Algorithm.TOPK, "threshold": Algorithm.THRESHOLD,
               "randomk": Algorithm.RANDOM_K}
