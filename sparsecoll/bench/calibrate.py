@@ -1,0 +1,208 @@
+"""``sparsecoll-bench calibrate``: measure the cost model's parameters on this job's ranks and links.
+
+A few seconds of measurements, all with the job's real ranks so that shared cores and the real
+network show: α from 8-byte allreduces (recursive doubling, per message on the critical path),
+β from 16 MiB ring allreduces (what is left after α and the adds, per byte a rank sends), the
+local kernels timed on every rank at once (top-k at two sizes for a per-element cost and a
+fixed one, count-sketch insert and recovery, dense add, sparse merge, 8-bit quantize and
+decode), and top-k on rank 0 alone (what CLT-k's leader pays when ranks share cores). Every
+number is the slowest rank's, so every rank returns the same :class:`CostModel`. About 10 s
+on 4 loopback ranks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+from collections.abc import Callable
+from typing import Annotated, Any
+
+import numpy as np
+import typer
+
+import sparsecoll
+from sparsecoll import kernels
+from sparsecoll.bench.ranks import RankPlace, run_ranks, under_launcher
+from sparsecoll.bench.sparse import heavy_tailed
+from sparsecoll.collectives.cost_model import (
+    SKETCH_ROWS,
+    CostModel,
+    default_path,
+    sketch_columns,
+)
+from sparsecoll.errors import InvalidArgumentError
+
+SMALL_COUNT = 2
+"""float32 values of the latency probe: 8 bytes."""
+LARGE_BYTES = 16 << 20
+"""Bytes of the bandwidth probe: large enough that α is a few percent of it on loopback."""
+SELECT_SIZES = (1 << 20, 1 << 23)
+"""Top-k is timed at both sizes: the slope is the per-element cost, the rest a fixed cost."""
+SKETCH_SIZE = 1 << 20
+MERGE_PAIRS = 25_000
+QUANTIZE_SIZE = 1 << 20
+QUANTIZE_BITS = 8
+DENSITY = 0.001
+LATENCY_CALLS_PER_ITERATION = 6
+
+
+async def run_rank(group: sparsecoll.Group, *, link: str | None = None, iterations: int = 5,
+                   timeout: float | None = None) -> CostModel:
+    """Measure the cost model on ``group`` (at least 2 ranks); the same model on every rank."""
+    if group.size < 2:
+        raise InvalidArgumentError("calibration needs at least 2 ranks to time messages", rank=group.rank)
+    if iterations < 1:
+        raise InvalidArgumentError(f"iterations must be >= 1, not {iterations}", rank=group.rank)
+    small = np.zeros(SMALL_COUNT, np.float32)
+    large = np.zeros(LARGE_BYTES // 4, np.float32)
+    await group.barrier(timeout=timeout)
+    latency = await _collective_seconds(group, small, LATENCY_CALLS_PER_ITERATION * iterations, timeout)
+    bandwidth = await _collective_seconds(group, large, iterations, timeout)
+    del large
+    vector = heavy_tailed(group.rank, SELECT_SIZES[-1])
+    await group.barrier(timeout=timeout)  # all ranks compute at once: they share cores as in a step
+    local = _local_seconds(vector, iterations)
+    await group.barrier(timeout=timeout)  # rank 0 selects alone, as CLT-k's leader does
+    lone = _median_seconds(lambda: _select(vector), iterations) if group.rank == 0 else 0.0
+    await group.barrier(timeout=timeout)
+    measured = np.array([latency, bandwidth, *local, lone])
+    slowest, _ = await group.allreduce(measured, op="max", timeout=timeout)
+    return fit(group.size, slowest, link=link or "unspecified")
+
+
+async def _collective_seconds(group: sparsecoll.Group, array: np.ndarray, calls: int,
+                              timeout: float | None) -> float:
+    """Median seconds of an allreduce of ``array`` on this rank, after two untimed calls."""
+    out = np.empty_like(array)
+    seconds = []
+    for index in range(calls + 2):
+        started = time.perf_counter()
+        await group.allreduce(array, out=out, timeout=timeout)
+        if index >= 2:
+            seconds.append(time.perf_counter() - started)
+    return float(np.median(seconds))
+
+
+def _median_seconds(work: Callable[[], Any], repeats: int) -> float:
+    work()  # compiles or loads the Numba kernels, faults in the pages
+    seconds = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        work()
+        seconds.append(time.perf_counter() - started)
+    return float(np.median(seconds))
+
+
+def _select(vector: np.ndarray) -> None:
+    kernels.topk(vector, max(1, round(vector.size * DENSITY)), method="fast")
+
+
+def _local_seconds(vector: np.ndarray, iterations: int) -> list[float]:
+    """Median seconds of: top-k at both SELECT_SIZES, sketch insert + recovery, a dense add, a
+    merge, a quantize + dequantize round trip."""
+    selections = [_median_seconds(lambda n=n: _select(vector[:n]), iterations) for n in SELECT_SIZES]
+    k = round(SKETCH_SIZE * DENSITY)
+    hashes = kernels.sketch_hashes(SKETCH_ROWS, 0)
+    table = np.zeros((SKETCH_ROWS, sketch_columns(k)), np.float32)
+
+    def sketch() -> None:
+        table.fill(0)
+        kernels.sketch_insert_dense(table, hashes, vector[:SKETCH_SIZE])
+        kernels.sketch_heavy_hitters(table, hashes, SKETCH_SIZE, 4 * k)
+
+    sketched = _median_seconds(sketch, max(2, iterations // 2))
+    total = vector.copy()
+    added = _median_seconds(lambda: np.add(total, vector, out=total), iterations)
+    rng = np.random.default_rng(0)
+    pairs = [(np.sort(rng.choice(vector.size, MERGE_PAIRS, replace=False)),
+              rng.standard_normal(MERGE_PAIRS).astype(np.float32)) for _ in range(2)]
+
+    def merge() -> None:
+        indices, values = kernels.merge_sorted(*pairs[0], *pairs[1])
+        kernels.topk_sparse(indices, values, MERGE_PAIRS)
+
+    merged = _median_seconds(merge, iterations)
+
+    def quantize() -> None:
+        packed, scales = kernels.quantize(vector[:QUANTIZE_SIZE], QUANTIZE_BITS)
+        kernels.dequantize(packed, scales, QUANTIZE_BITS, QUANTIZE_SIZE)
+
+    quantized = _median_seconds(quantize, iterations)
+    return [*selections, sketched, added, merged, quantized]
+
+
+def fit(ranks: int, seconds: np.ndarray, *, link: str) -> CostModel:
+    """The model behind the slowest ranks' medians [latency, bandwidth, select at both sizes,
+    sketch, add, merge, quantize, rank 0 selecting alone], inverting the model's own formulas."""
+    latency, bandwidth, select_small, select_large, sketched, added, merged, quantized, lone = \
+        (float(s) for s in seconds)
+    power = 1 << (ranks.bit_length() - 1)
+    messages = power.bit_length() - 1 + 2 * (ranks != power)  # recursive doubling's critical path
+    alpha = latency / messages
+    reduce_per_element = added / SELECT_SIZES[-1]
+    steps, count = 2 * (ranks - 1), LARGE_BYTES // 4
+    wire = steps * (LARGE_BYTES / ranks + 64)
+    wire_seconds = bandwidth - steps * alpha - (ranks - 1) / ranks * count * reduce_per_element
+    beta = max(wire_seconds, 0.1 * bandwidth) / wire  # noise must not make the link look free
+    select_per_element = max(0.0, (select_large - select_small) / (SELECT_SIZES[1] - SELECT_SIZES[0]))
+    return CostModel(
+        alpha=alpha, beta=beta, select_per_element=select_per_element,
+        select_fixed=max(0.0, select_small - select_per_element * SELECT_SIZES[0]),
+        lone_select_ratio=min(1.0, lone / select_large) if select_large > 0 else 1.0,
+        sketch_per_element=sketched / (SKETCH_SIZE * SKETCH_ROWS), reduce_per_element=reduce_per_element,
+        merge_per_pair=merged / (2 * MERGE_PAIRS), quantize_per_element=quantized / QUANTIZE_SIZE,
+        date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        host=platform.node(), ranks=ranks, link=link)
+
+
+# ---------------------------------------------------------------------------- the job's ranks
+async def _calibrate_rank(rank: int, world: int, place: RankPlace, link: str, iterations: int) -> CostModel:
+    store = place.enter(rank, world)
+    async with await sparsecoll.init_group(store=store, rank=rank, world_size=world, timeout=300) as group:
+        return await run_rank(group, link=link, iterations=iterations)
+
+
+def calibrate(ranks: int = 4, link: str | None = None, output: str | None = None, *,
+              iterations: int = 5, timeout: float = 600.0) -> CostModel:
+    """Calibrate on ``ranks`` local ranks over ``link``-shaped emulated links (e.g. "1gbit"; root)
+    or loopback, or on this torchrun job's ranks; rank 0 saves the model to ``output``
+    (default: :func:`default_path`). Returns the model on every rank."""
+    if ranks < 2 and not under_launcher():
+        raise InvalidArgumentError(f"calibration needs at least 2 ranks, not {ranks}")
+    description = f"{link} emulated (tc tbf)" if link else "torchrun job" if under_launcher() else "loopback"
+    rank, model = run_ranks(ranks, _calibrate_rank, description, iterations, link=link, timeout=timeout)
+    if rank == 0:
+        model.save(output)
+    return model
+
+
+UNITS = {"alpha": ("us", 1e6), "beta": ("ns/B", 1e9), "select_per_element": ("ns", 1e9),
+         "select_fixed": ("ms", 1e3), "lone_select_ratio": ("", 1.0), "sketch_per_element": ("ns", 1e9),
+         "reduce_per_element": ("ns", 1e9), "merge_per_pair": ("ns", 1e9),
+         "quantize_per_element": ("ns", 1e9)}
+
+
+def calibrate_command(
+    ranks: Annotated[int, typer.Option("--ranks", "-r", help="local ranks to spawn (ignored under torchrun)")] = 4,
+    link: Annotated[str | None, typer.Option(help="emulate links of this rate, e.g. 1gbit (root)")] = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", help="model file (default: "
+                                               "$SPARSECOLL_COST_MODEL or ~/.cache/sparsecoll/cost_model.json)")] = None,
+) -> None:
+    """Measure latency, bandwidth and kernel costs, and save the cost model algorithm="auto" uses."""
+    from rich.console import Console
+    from rich.table import Table
+
+    model = calibrate(ranks, link, output)
+    if under_launcher() and os.environ["RANK"] != "0":
+        return
+    table = Table(title=f"cost model: {model.ranks} ranks, {model.link}, {model.host}, {model.date}")
+    for header in ("parameter", "value", "unit"):
+        table.add_column(header, justify="right")
+    for name, (unit, scale) in UNITS.items():
+        table.add_row(name, f"{getattr(model, name) * scale:.4g}", unit)
+    table.add_row("bandwidth", f"{1e-9 / model.beta:.3g}" if model.beta else "inf", "GB/s")
+    console = Console()
+    console.print(table)
+    console.print(f"saved to {output or default_path()}")
