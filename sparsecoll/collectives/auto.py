@@ -62,12 +62,13 @@ async def shared_cost_model(group: Group, model: CostModel | None = None, *, ref
 
 async def choose_algorithm(group: Group, size: int, k: int, *, quantize_bits: int | None = None,
                            model: CostModel | None = None, candidates: Sequence[str] = ALGORITHMS,
-                           timeout: float | None = None) -> str:
+                           itemsize: int = 4, timeout: float | None = None) -> str:
     """The builtin algorithm predicted fastest for a ``size``-element gradient sending ``k``
-    elements on this group; the same name on every rank (see the module docstring).
+    elements on this group (values of ``itemsize`` bytes); the same name on every rank (see the
+    module docstring).
 
     ``candidates`` and the arguments must be the same on every rank (a flat gradient's size and
     k are). The first call on a group is collective: it shares rank 0's model.
     """
     shared = await shared_cost_model(group, model, timeout=timeout)
-    return shared.choose(group.size, size, k, candidates, quantize_bits)
+    return shared.choose(group.size, size, k, candidates, quantize_bits, itemsize=itemsize)
