@@ -71,24 +71,25 @@ async def time_sparse(group: sparsecoll.Group, grad: np.ndarray, algorithm: str,
         if index >= warmup:
             times[index - warmup] = time.perf_counter() - started
     topk = max(1, round(grad.size * density)) if algorithm == "allgather" else None
-    wrong = await count_wrong(group, grad, result, topk, bits is not None)
+    wrong = await count_wrong(group, grad, result, topk, bits)
     return times, stats.bytes_sent, wrong
 
 
 async def count_wrong(group: sparsecoll.Group, grad: np.ndarray, result: SparseResult, topk: int | None,
-                      quantized: bool) -> int:
+                      bits: int | None = None) -> int:
     """This rank's share of wrong entries in a sparse result (their sum over ranks is the total).
 
     The reference is numpy's sum of what every rank says it contributed: result plus every
     rank's residual must be the sum of the gradients, which error feedback relies on. A rank's
     unquantized contribution must be its own gradient's values, a local top-``topk`` selection
     (sparse allgather) must be ``topk`` of the largest magnitudes, and every rank must hold the
-    same result (a disagreeing rank counts one).
+    same result (a disagreeing rank counts one). With ``bits``, ring algorithms re-round partial
+    sums on the way, so the sum may differ from the contributions by a few rounding steps.
     """
     dense_sent = result.sent_indices is None  # a registered compressor: a lossy dense contribution
     sent_indices = np.arange(grad.size) if dense_sent else result.sent_indices.astype(np.int64)
     wrong = 0
-    if not quantized and not dense_sent:
+    if bits is None and not dense_sent:
         wrong += int(np.count_nonzero(result.sent_values != grad[sent_indices]))
     if topk is not None:
         magnitude = np.abs(grad)
@@ -101,7 +102,7 @@ async def count_wrong(group: sparsecoll.Group, grad: np.ndarray, result: SparseR
     if digests[group.rank, 0] != digests[0, 0]:
         wrong += 1
     if group.rank == 0:
-        wrong += _mismatches(result, np.concatenate(all_indices), np.concatenate(all_values), group.size)
+        wrong += _mismatches(result, np.concatenate(all_indices), np.concatenate(all_values), group.size, bits)
     return wrong
 
 
@@ -117,14 +118,18 @@ def reduces(algorithm: str) -> bool:
             or algorithm in registry.compressors())
 
 
-def _mismatches(result: SparseResult, indices: np.ndarray, values: np.ndarray, ranks: int) -> int:
+def _mismatches(result: SparseResult, indices: np.ndarray, values: np.ndarray, ranks: int,
+                bits: int | None = None) -> int:
     """Entries where the result differs from the summed contributions by more than float32
-    summation error in any order allows."""
+    summation error in any order allows (plus, with ``bits``, one rounding step per hop of a
+    ring whose largest partial sum sets the scale)."""
     keys, where = np.unique(np.concatenate([indices, result_indices(result)]), return_inverse=True)
     contributed = where[:indices.size]
     expected = np.bincount(contributed, weights=values, minlength=keys.size)
-    tolerance = ranks * np.finfo(np.float32).eps * np.bincount(contributed, weights=np.abs(values),
-                                                               minlength=keys.size)
+    magnitude = np.bincount(contributed, weights=np.abs(values), minlength=keys.size)
+    tolerance = ranks * np.finfo(np.float32).eps * magnitude
+    if bits:
+        tolerance += ranks * float(magnitude.max(initial=0.0)) / max(1, 2 ** (bits - 1) - 1)
     got = np.zeros(keys.size)
     got[where[indices.size:]] = result.values
     return int(np.count_nonzero(np.abs(got - expected) > tolerance))
