@@ -32,9 +32,12 @@ for rate in 1gbit 10gbit; do
 done
 bench 03-collectives-quantized-1gbit collectives --ranks 4 -b 1M -e 64M -f 8 --link 1gbit \
     --algorithms dense,gloo,allgather,gtopk --density 0.001 --quantize-bits 0,8
-# the ResNet-50-sized gradient: 25M float32 at 0.1%, 4 ranks, then the scaling in P
+# the ResNet-50-sized gradient: 25M float32 at 0.1%, 4 ranks, then the scaling in P; each link's
+# cost model is calibrated first, so the auto table shows how far algorithm="auto" is from the best
 for rate in 1gbit 10gbit; do
-    bench "04-sparse-25M-$rate" sparse --ranks 4 -d 25M --density 0.001 --link "$rate"
+    sparsecoll-bench calibrate --ranks 4 --link "$rate" -o "$out/cost-model-$rate.json"
+    SPARSECOLL_COST_MODEL="$out/cost-model-$rate.json" \
+        bench "04-sparse-25M-$rate" sparse --ranks 4 -d 25M --density 0.001 --link "$rate"
 done
 bench 05-sparse-25M-1gbit-scaling sparse --ranks 2,4,8 -d 25M --density 0.001 --link 1gbit \
     --algorithms "$sparse_algorithms"

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 
-from sparsecoll.bench import collectives, soak, sparse, train
+from sparsecoll.bench import calibrate, collectives, soak, sparse, train
 from sparsecoll.bench.common import (
     format_size,
     make_document,
@@ -177,6 +177,8 @@ def sparse_command(
     algorithms: Annotated[str, typer.Option(help="comma-separated")] = ",".join(sparse.ALGORITHMS),
     backend: Backend = "tcp",
     link: Link = None,
+    auto: Annotated[bool, typer.Option(help="also show what algorithm='auto' would pick (calibrated cost "
+                                            "model, else defaults) against the fastest measured")] = True,
     json_file: JsonFile = None,
     plot_file: PlotFile = None,
 ) -> None:
@@ -194,6 +196,16 @@ def sparse_command(
     title = f"sparse vs dense, d={size}, density {density}, {backend.upper()}, {link + ' links' if link else 'loopback'}"
     _report("sparse", title, sparse.COLUMNS, rows, rows, json_file, plot_file, link=link or "loopback",
             density=density, backend=backend)
+    if auto:
+        from sparsecoll.collectives.cost_model import AUTO_GAP_COLUMNS, auto_gap, default_path, load_default
+
+        model = load_default()
+        source = default_path() if default_path().exists() else "default model (run sparsecoll-bench calibrate)"
+        gaps = auto_gap(rows, model)
+    if auto and gaps:
+        auto_json = json_file and json_file.removesuffix(".json") + "-auto.json"
+        _report("auto", f"algorithm='auto' against the best measured ({source})", AUTO_GAP_COLUMNS, gaps, gaps,
+                auto_json, None, model=str(source), link=link or "loopback")
 
 
 @app.command("kernels")
@@ -246,6 +258,9 @@ def train_command(
     _report("train", title, train.COLUMNS, rows, train.table_rows(rows), json_file, plot_file, dataset=dataset,
             world=world, epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed, backend=backend,
             link=link or "loopback")
+
+
+app.command("calibrate")(calibrate.calibrate_command)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ collective: every rank must make it, in the same order as its other collectives.
 
 from __future__ import annotations
 
+import asyncio
 import weakref
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
     from sparsecoll.group import Group
 
 _SHARED: weakref.WeakKeyDictionary[Group, CostModel] = weakref.WeakKeyDictionary()
+_PENDING: weakref.WeakKeyDictionary[Group, asyncio.Future] = weakref.WeakKeyDictionary()
 
 
 async def shared_cost_model(group: Group, model: CostModel | None = None, *, refresh: bool = False,
@@ -42,6 +44,25 @@ async def shared_cost_model(group: Group, model: CostModel | None = None, *, ref
     cached = _SHARED.get(group)
     if cached is not None and not refresh:
         return cached
+    pending = _PENDING.get(group)
+    if pending is not None:  # a concurrent first call is sharing it: one broadcast, not two
+        return await asyncio.shield(pending)
+    future = _PENDING[group] = asyncio.get_running_loop().create_future()
+    try:
+        shared = await _broadcast_model(group, model, timeout)
+    except BaseException as error:
+        future.set_exception(error if isinstance(error, Exception) else InvalidArgumentError(
+            "sharing the cost model was cancelled", rank=group.rank))
+        future.exception()  # retrieved here, so an unawaited failure is not reported twice
+        raise
+    finally:
+        del _PENDING[group]
+    future.set_result(shared)
+    return shared
+
+
+async def _broadcast_model(group: Group, model: CostModel | None, timeout: float | None) -> CostModel:
+    """Rank 0's model (or the NaNs of its failure) through one broadcast, checked on every rank."""
     parameters = np.full(len(PARAMETERS), np.nan)
     failure: InvalidArgumentError | None = None
     if group.rank == 0:

@@ -6,6 +6,9 @@ and may return a :class:`SparseResult` or a dense array), or the name of a compr
 registered with :func:`sparsecoll.register_compressor` (built with ``density``/``k``/``seed``
 when its factory takes them, plus the keyword options; its payloads are allgathered, see
 :mod:`sparsecoll.collectives.compressed`). Collective names win over compressor names.
+``"auto"`` picks the builtin that the calibrated cost model prices fastest for this (P, d, k,
+link) — rank 0's model decides for every rank (:mod:`sparsecoll.collectives.auto`; calibrate
+with ``sparsecoll-bench calibrate``).
 
 The options combine with the built-in algorithms as follows:
 
@@ -29,6 +32,7 @@ import numpy as np
 
 from sparsecoll import registry
 from sparsecoll.call import CollectiveResult
+from sparsecoll.collectives.auto import choose_algorithm
 from sparsecoll.collectives.cltk import cltk
 from sparsecoll.collectives.compressed import compressed_allgather, make_codec
 from sparsecoll.collectives.dense import allreduce
@@ -37,7 +41,7 @@ from sparsecoll.collectives.lazy import LazyState, lazy_allreduce
 from sparsecoll.collectives.quantized_ring import check_bits, quantized_allreduce
 from sparsecoll.collectives.sketch import sketch_allreduce
 from sparsecoll.collectives.sparse_allgather import sparse_allgather
-from sparsecoll.collectives.sparse_common import SparseResult, float_vector
+from sparsecoll.collectives.sparse_common import SparseResult, float_vector, resolve_k
 from sparsecoll.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -55,12 +59,26 @@ LAZY_REFUSED = {
 """Why lazy aggregation does not compose with these algorithms."""
 
 
+async def pick_algorithm(group: Group, grad: np.ndarray, *, density: float | None = None, k: int | None = None,
+                         quantize_bits: int | None = None, lazy: bool = False,
+                         timeout: float | None = None) -> str:
+    """The builtin that rank 0's cost model prices fastest for this call (``algorithm="auto"``),
+    among those that take ``lazy``; the same on every rank (see :mod:`.auto`)."""
+    flat = float_vector(grad)
+    candidates = [name for name in BUILTIN if not (lazy and name in LAZY_REFUSED)]
+    return await choose_algorithm(group, flat.size, resolve_k(flat.size, k, density), quantize_bits=quantize_bits,
+                                  candidates=candidates, itemsize=flat.itemsize, timeout=timeout)
+
+
 async def reduce_gradient(group: Group, grad: np.ndarray, algorithm: str = "gtopk", *,
                           density: float | None = None, k: int | None = None,
                           quantize_bits: int | None = None, lazy: LazyState | None = None,
                           step: int = 0, seed: int = 0, timeout: float | None = None,
                           **options: Any) -> CollectiveResult:
     """Sum ``grad`` over the ranks with the named algorithm; value is a :class:`SparseResult`."""
+    if algorithm == "auto":
+        algorithm = await pick_algorithm(group, grad, density=density, k=k, quantize_bits=quantize_bits,
+                                         lazy=lazy is not None, timeout=timeout)
     _check_options(algorithm, quantize_bits, lazy)
     sparse = {"k": k, "density": density, "timeout": timeout}
     if algorithm == "dense":

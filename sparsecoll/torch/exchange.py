@@ -14,6 +14,7 @@ import torch
 
 from sparsecoll import registry
 from sparsecoll.call import CommStats
+from sparsecoll.collectives.cost_model import QUANTIZE_BITS
 from sparsecoll.collectives.lazy import LazyState
 from sparsecoll.collectives.reduce import BUILTIN
 from sparsecoll.errors import CollectiveMismatchError
@@ -37,17 +38,19 @@ class Compression:
 
     def validate(self) -> None:
         """Raise ValueError with the reason when a setting cannot work."""
-        if (self.algorithm not in BUILTIN and self.algorithm not in registry.collectives()
-                and self.algorithm not in registry.compressors()):
-            raise ValueError(f"unknown algorithm {self.algorithm!r}: choose from {list(BUILTIN)} or "
+        builtin = self.algorithm in BUILTIN or self.algorithm == "auto"
+        if not builtin and self.algorithm not in registry.collectives() and self.algorithm not in registry.compressors():
+            raise ValueError(f"unknown algorithm {self.algorithm!r}: choose from {list(BUILTIN)}, 'auto', or "
                              "register one with sparsecoll.register_collective or register_compressor")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if not 0.0 < self.dense_above <= 1.0:
             raise ValueError(f"dense_above must be in (0, 1], got {self.dense_above}")
-        if self.quantize_bits is not None and self.algorithm not in ("allgather", "gtopk"):
-            raise ValueError("quantize_bits needs algorithm 'allgather' or 'gtopk' (values are "
-                             f"exchanged sparse there), not {self.algorithm!r}")
+        if self.quantize_bits is not None and not builtin:
+            raise ValueError(f"quantize_bits applies to the builtin algorithms, not {self.algorithm!r} "
+                             "(a registered compressor quantizes itself)")
+        if self.quantize_bits is not None and self.quantize_bits not in QUANTIZE_BITS:
+            raise ValueError(f"quantize_bits must be one of {QUANTIZE_BITS}, got {self.quantize_bits}")
 
 
 async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback, compression: Compression,
@@ -64,8 +67,11 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
     sparse = compressed and compression.algorithm != "dense" and density < compression.dense_above
     array = as_array(outgoing, backend)
     if not sparse:
-        if lazy is not None:
-            result, stats = await group.reduce_gradient(array, "dense", lazy=lazy)
+        bits = compression.quantize_bits if compression.algorithm == "dense" else None  # warm-up stays exact
+        lazy = lazy if compression.algorithm == "dense" else None  # allgather's lazy state is sparse
+        if lazy is not None or bits:
+            result, stats = await group.reduce_gradient(array, "dense", lazy=lazy, quantize_bits=bits, step=step,
+                                                        seed=seed)
             total = to_tensor(result.values, grad)
         else:
             in_place = isinstance(array, np.ndarray) and outgoing.device.type == "cpu"
@@ -74,10 +80,12 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
         torch.div(total.view_as(grad), group.size, out=grad)
         memory.forget()
         return stats
-    algorithm_seed = seed + 7919 * step if compression.algorithm == "sketch" else seed
+    algorithm_seed = seed + 7919 * step if compression.algorithm in ("sketch", "auto") else seed
     options = dict(compression.options)
     if compression.quantize_bits:
         options["quantize_bits"] = compression.quantize_bits
+    if lazy is not None:  # allgather (or "auto", which then picks among those that take it)
+        options["lazy"] = lazy
     result, stats = await group.reduce_gradient(array, compression.algorithm, density=density, step=step,
                                                 seed=algorithm_seed, **options)
     grad.zero_()

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from sparsecoll.call import CommStats
+from sparsecoll.collectives.auto import shared_cost_model
 from sparsecoll.collectives.lazy import LazyState
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, build_buckets, layout_signature, small_parameters
@@ -28,6 +29,7 @@ from sparsecoll.torch.error_feedback import ErrorFeedback, clip_local, warmup_de
 from sparsecoll.torch.exchange import Compression, any_rank_flags, check_layout, reduce_buffer
 
 _TAKEN_OVER = ("momentum", "weight_decay", "nesterov")
+LAZY_ALGORITHMS = ("dense", "allgather", "auto")
 
 
 class SparseCollOptimizer(torch.optim.Optimizer):
@@ -43,7 +45,9 @@ class SparseCollOptimizer(torch.optim.Optimizer):
     i.e. biases and norms) are reduced dense. ``warmup_steps`` moves the density exponentially
     from 1 to ``density``; steps denser than ``dense_above`` use a dense allreduce. ``lazy`` (a
     :class:`~sparsecoll.collectives.lazy.LazyState` used as a template, one copy per bucket)
-    needs ``algorithm="dense"``. ``grad_scaler`` (the ``torch.amp.GradScaler`` that calls
+    works with "dense" (LAG, or LAQ with ``quantize_bits``), "allgather" and "auto".
+    ``quantize_bits`` (1, 2, 4 or 8) quantizes the values any builtin sends; "auto" picks the
+    builtin the calibrated cost model prices fastest (``sparsecoll-bench calibrate``). ``grad_scaler`` (the ``torch.amp.GradScaler`` that calls
     ``step``) lets the wrapper tell the scaler when another rank overflowed, so every rank's
     scale follows the same path.
     """
@@ -65,8 +69,9 @@ class SparseCollOptimizer(torch.optim.Optimizer):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if clip_norm is not None and clip_norm <= 0:
             raise ValueError(f"clip_norm must be positive, got {clip_norm}")
-        if lazy is not None and algorithm != "dense":
-            raise ValueError(f"lazy aggregation skips dense sends: it needs algorithm='dense', not {algorithm!r}")
+        if lazy is not None and algorithm not in LAZY_ALGORITHMS:
+            raise ValueError(f"lazy aggregation needs algorithm 'dense', 'allgather' or 'auto' (the others "
+                             f"have no per-rank contribution to reuse), not {algorithm!r}")
         self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
                                        float(dense_above), int(seed), dict(algorithm_options or {}))
         self.compression.validate()
@@ -192,6 +197,8 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         compression = self.compression
 
         async def all_buckets() -> list[CommStats]:
+            if compression.algorithm == "auto":  # its first use is a collective: before the buckets'
+                await shared_cost_model(group)
             # tasks start in bucket order on every rank, so the collectives' sequence numbers match
             return await asyncio.gather(*(
                 reduce_buffer(group, bucket.flat, memory, compression, density=density, step=self.steps,

@@ -223,3 +223,19 @@ def test_a_compressor_registered_by_an_imported_module_runs_by_name(tmp_path: Pa
     assert rows["test-sign"]["bytes_sent"] < rows["dense"]["bytes_sent"] / 20
     missing = runner.invoke(app, ["--import", "no.such.module", "sparse", "--ranks", "2"])
     assert missing.exit_code == 2 and "no.such.module" in missing.output
+
+
+def test_calibrate_saves_the_model_that_sparse_then_reports_auto_against(tmp_path: Path, monkeypatch) -> None:
+    model = tmp_path / "cost.json"
+    result = runner.invoke(app, ["calibrate", "--ranks", "2", "-o", str(model)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(model.read_text())["alpha"] > 0
+    monkeypatch.setenv("SPARSECOLL_COST_MODEL", str(model))
+    out = tmp_path / "sparse.json"
+    result = runner.invoke(app, ["sparse", "--ranks", "2", "--size", "100K", "--density", "0.01", "-n", "2",
+                                 "--algorithms", "dense,allgather,gtopk,cltk", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    gap = json.loads((tmp_path / "sparse-auto.json").read_text())
+    assert gap["model"] == str(model)
+    (row,) = gap["rows"]
+    assert row["pick"] in ("dense", "allgather", "gtopk", "cltk") and row["gap_pct"] >= 0

@@ -101,3 +101,20 @@ def test_calibration_inverts_the_model() -> None:
     fitted = calibration.fit(ranks, np.array(probes), link="synthetic")
     for name in cost_model.PARAMETERS:
         assert math.isclose(getattr(fitted, name), getattr(truth, name), rel_tol=1e-3, abs_tol=1e-15), name
+
+
+async def concurrent_auto_reductions(group) -> list[bytes]:
+    """Two buckets reduced at once with algorithm="auto": the first use shares the model once."""
+    import asyncio
+
+    grads = [np.random.default_rng(10 * group.rank + b).standard_normal(50_000).astype(np.float32) for b in (0, 1)]
+    results = await asyncio.gather(*(group.reduce_gradient(grad, "auto", density=0.01) for grad in grads))
+    assert group.seq == 3  # one broadcast, two reductions
+    return [result.dense().tobytes() for result, _ in results]
+
+
+def test_concurrent_first_auto_calls_share_one_broadcast(tmp_path: Path) -> None:
+    results = run_ranks(3, concurrent_auto_reductions, timeout=60,
+                        env={ENV_PATH: str(tmp_path / "none.json")})
+    assert all(not isinstance(result, Exception) for result in results), results
+    assert results[0] == results[1] == results[2]

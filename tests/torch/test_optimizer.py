@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import tests.codecs  # noqa: F401  (registers the 'test-sign' compressor in every rank)
 from sparsecoll.collectives.lazy import LazyState
 from sparsecoll.torch import SparseCollOptimizer, init_group
-import tests.codecs  # noqa: F401  (registers the 'test-sign' compressor in every rank)
 from tests.ranks import run_ranks
 
 NO_GROUP = {"group_kwargs": None}
@@ -64,7 +64,10 @@ def test_dense_equals_torch_sgd_on_the_mean_gradient() -> None:
 
 
 CONFIGS = [("gtopk", 0.05, {}), ("allgather", 0.05, {"quantize_bits": 8}), ("sketch", 0.1, {}),
-           ("cltk", 0.05, {"clip_norm": 1.0}), ("dense", 1.0, {"lazy": LazyState()})]
+           ("cltk", 0.05, {"clip_norm": 1.0}), ("dense", 1.0, {"lazy": LazyState()}),
+           ("dense", 1.0, {"quantize_bits": 4, "lazy": LazyState()}), ("cltk", 0.05, {"quantize_bits": 8}),
+           ("sketch", 0.1, {"quantize_bits": 8}), ("allgather", 0.05, {"lazy": LazyState(threshold=0.5)}),
+           ("auto", 0.05, {})]
 
 
 def replicas_after(rank: int, world: int) -> list:
