@@ -20,6 +20,7 @@ import numpy as np
 from sparsecoll import p2p, registry
 from sparsecoll.call import Call, CollectiveResult, CommStats
 from sparsecoll.collectives import dense
+from sparsecoll.cores import share_cores
 from sparsecoll.errors import (
     GroupAbortedError,
     GroupClosedError,
@@ -298,13 +299,15 @@ async def init_group(*, rank: int | None = None, world_size: int | None = None, 
                      init_method: str | None = None, backend: str | None = None,
                      timeout: float | None = None, secret: bytes | str | None = None,
                      host: str | None = None, name: str = "default",
-                     max_payload: int = DEFAULT_MAX_PAYLOAD) -> Group:
+                     max_payload: int = DEFAULT_MAX_PAYLOAD, kernel_threads: int | None = None) -> Group:
     """Create a group: find the peers, connect and authenticate every pair.
 
     With no arguments it reads the environment torchrun sets (``env://``). ``store`` may be
     any ``torch.distributed.Store`` the caller already has. ``secret`` defaults to
     SPARSECOLL_SECRET, else to a random one shared through the store. ``timeout`` (default
     SPARSECOLL_TIMEOUT or 300 s) bounds the set-up and is every collective's default deadline.
+    ``kernel_threads`` caps the compression kernels' threads; by default ranks that share a
+    host share its cores (see :mod:`sparsecoll.cores`), and ``OMP_NUM_THREADS`` wins when set.
     """
     backend = backend or os.environ.get("SPARSECOLL_BACKEND", "tcp")
     transport_type = transport_class(backend)
@@ -330,6 +333,7 @@ async def init_group(*, rank: int | None = None, world_size: int | None = None, 
     try:
         address = await transport.listen(host or listen_host(membership.master_addr))
         addresses = await rendezvous.exchange_addresses(address)
+        share_cores(addresses, membership.rank, kernel_threads)
         await transport.connect(addresses, timeout)
     except BaseException:
         await transport.close(linger=0.1)

@@ -10,7 +10,6 @@ Nothing outside this package imports torch for training. Typical use, under
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from sparsecoll.sync import SyncGroup, init_sync_group
@@ -23,25 +22,13 @@ __all__ = ["CommHookState", "DEFAULT_BUCKET_BYTES", "ErrorFeedback", "SparseColl
            "init_group", "small_parameters", "warmup_density"]
 
 
-def init_group(*, kernel_threads: int | None = None, **kwargs: Any) -> SyncGroup:
-    """A blocking sparsecoll group for torch code (other arguments as :func:`sparsecoll.init_group`).
+def init_group(**kwargs: Any) -> SyncGroup:
+    """A blocking sparsecoll group for torch code (arguments as :func:`sparsecoll.init_group`).
 
     With no arguments it joins the job torchrun started (``env://``), beside torch's own
-    process group if there is one; close it with ``group.close()`` at the end.
-    ``kernel_threads`` caps the Numba threads of the compression kernels (they run on the
-    group's loop thread); it defaults to ``OMP_NUM_THREADS`` when set, as torchrun sets it
-    to 1 for several ranks a host: kernels with a thread per core in every rank oversubscribe
-    the host and made sparse steps ten times slower.
+    process group if there is one; close it with ``group.close()`` at the end. The
+    compression kernels' threads are capped as :func:`sparsecoll.init_group` does: at
+    ``kernel_threads``, else ``OMP_NUM_THREADS`` (torchrun sets 1 for several ranks a host),
+    else the host's cores shared among its ranks.
     """
-    if kernel_threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
-        kernel_threads = int(os.environ["OMP_NUM_THREADS"])
-    sync = init_sync_group(**kwargs)
-    if kernel_threads:
-        sync.run(_cap_kernel_threads(kernel_threads))
-    return sync
-
-
-async def _cap_kernel_threads(count: int) -> None:
-    import numba
-
-    numba.set_num_threads(max(1, min(count, numba.config.NUMBA_NUM_THREADS)))
+    return init_sync_group(**kwargs)
