@@ -18,8 +18,9 @@ bench() {
     local name=$1
     shift
     echo "+ sparsecoll-bench $* ($name)" >&2
-    sparsecoll-bench "$@" --json "$out/$name.json" --plot "$out/$name.png"
+    sparsecoll-bench "$@" --json "$out/$name.json" --plot "$out/$name.png" || failed+=("$name")
 }
+failed=()
 
 sparse_algorithms=dense,gloo,allgather,gtopk,cltk
 
@@ -35,7 +36,7 @@ bench 03-collectives-quantized-1gbit collectives --ranks 4 -b 1M -e 64M -f 8 --l
 # the ResNet-50-sized gradient: 25M float32 at 0.1%, 4 ranks, then the scaling in P; each link's
 # cost model is calibrated first, so the auto table shows how far algorithm="auto" is from the best
 for rate in 1gbit 10gbit; do
-    sparsecoll-bench calibrate --ranks 4 --link "$rate" -o "$out/cost-model-$rate.json"
+    sparsecoll-bench calibrate --ranks 4 --link "$rate" -o "$out/cost-model-$rate.json" || failed+=("calibrate-$rate")
     SPARSECOLL_COST_MODEL="$out/cost-model-$rate.json" \
         bench "04-sparse-25M-$rate" sparse --ranks 4 -d 25M --density 0.001 --link "$rate"
 done
@@ -44,4 +45,8 @@ bench 05-sparse-25M-1gbit-scaling sparse --ranks 2,4,8 -d 25M --density 0.001 --
 bench 06-kernels kernels
 bench 07-train-mnist train --dataset mnist --ranks 4 --epochs 30
 
+if [ ${#failed[@]} -gt 0 ]; then
+    echo "run_benchmarks: failed: ${failed[*]}" >&2
+    exit 1
+fi
 echo "done; now: python tools/report.py --readme README.md $out" >&2
