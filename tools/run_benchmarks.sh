@@ -40,7 +40,7 @@ for rate in 1gbit 10gbit; do
     SPARSECOLL_COST_MODEL="$out/cost-model-$rate.json" \
         bench "04-sparse-25M-$rate" sparse --ranks 4 -d 25M --density 0.001 --link "$rate"
 done
-bench 05-sparse-25M-1gbit-scaling sparse --ranks 2,4,8 -d 25M --density 0.001 --link 1gbit \
+SPARSECOLL_COST_MODEL="$out/cost-model-1gbit.json" bench 05-sparse-25M-1gbit-scaling sparse --ranks 2,4,8 -d 25M --density 0.001 --link 1gbit \
     --algorithms "$sparse_algorithms"
 bench 06-kernels kernels
 bench 07-train-mnist train --dataset mnist --ranks 4 --epochs 30

@@ -114,8 +114,9 @@ def result_indices(result: SparseResult) -> np.ndarray:
 def reduces(algorithm: str) -> bool:
     """Whether ``algorithm`` runs through ``reduce_gradient``: a built-in sparse algorithm, or a
     collective or compressor registered by name (``--import`` the module that registers it)."""
-    return (algorithm in SPARSE_ALGORITHMS or algorithm in registry.collectives()
-            or algorithm in registry.compressors())
+    if algorithm in ALGORITHMS:  # dense, gloo and selection are timed as baselines
+        return algorithm in SPARSE_ALGORITHMS
+    return algorithm in registry.collectives() or algorithm in registry.compressors()
 
 
 def _mismatches(result: SparseResult, indices: np.ndarray, values: np.ndarray, ranks: int,

@@ -239,3 +239,12 @@ def test_calibrate_saves_the_model_that_sparse_then_reports_auto_against(tmp_pat
     assert gap["model"] == str(model)
     (row,) = gap["rows"]
     assert row["pick"] in ("dense", "allgather", "gtopk", "cltk") and row["gap_pct"] >= 0
+
+
+def test_baselines_are_not_timed_as_reductions() -> None:
+    import tests.codecs  # noqa: F401  (registers "test-sign")
+    from sparsecoll.bench.sparse import reduces
+
+    # "dense" is also a registered collective's name; the bench times it as the baseline
+    assert [reduces(name) for name in ("dense", "gloo", "selection", "gtopk", "test-sign", "nope")] == [
+        False, False, False, True, True, False]
