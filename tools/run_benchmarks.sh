@@ -38,7 +38,7 @@ bench 03-collectives-quantized-1gbit collectives --ranks 4 -b 1M -e 64M -f 8 --l
 for rate in 1gbit 10gbit; do
     sparsecoll-bench calibrate --ranks 4 --link "$rate" -o "$out/cost-model-$rate.json" || failed+=("calibrate-$rate")
     SPARSECOLL_COST_MODEL="$out/cost-model-$rate.json" \
-        bench "04-sparse-25M-$rate" sparse --ranks 4 -d 25M --density 0.001 --link "$rate"
+        bench "04-sparse-25M-$rate" sparse --ranks 4 -d 25M --density 0.001 --link "$rate" -n 10
 done
 SPARSECOLL_COST_MODEL="$out/cost-model-1gbit.json" bench 05-sparse-25M-1gbit-scaling sparse --ranks 2,4,8 -d 25M --density 0.001 --link 1gbit \
     --algorithms "$sparse_algorithms"

@@ -74,23 +74,26 @@ async def gtopk(group: Group, grad: np.ndarray, *, k: int | None = None, density
         local_indices, local_values = select(flat, count, "topk-exact" if exact else "topk", None, None,
                                              seed + 104729 * group.rank + 7919 * step)
         rank, ranks = call.rank, call.size
-        round_seed = seed + 7919 * step + 104729 * rank
+        plan = DoublingPlan(rank, ranks)
+        step_seed = seed + 7919 * step
 
-        def wire(current: tuple[np.ndarray, np.ndarray], tag: int) -> tuple[list, tuple]:
-            # the sender keeps exactly what the receiver decodes, so partners stay identical
-            wire_values, decoded = encode_values(current[1], quantize_bits, round_seed + 31 * tag)
+        def wire(current: tuple[np.ndarray, np.ndarray], tag: int, holder: int) -> tuple[list, tuple]:
+            # The sender keeps exactly what the receiver decodes, so partners stay identical; and
+            # ``holder`` names the set of ranks that hold ``current``, so ranks holding the same
+            # merge round it the same way, or the pairs of the next round would diverge.
+            wire_values, decoded = encode_values(current[1], quantize_bits,
+                                                 step_seed + 31 * tag + 104729 * (holder + 1))
             return sparse_buffers(current[0], wire_values, size), (current[0], decoded)
 
         def decode(payload) -> tuple[np.ndarray, np.ndarray]:
             return decode_sparse(payload, size, flat.dtype, quantize_bits)
 
-        _, current = wire((local_indices, local_values), 0)  # quantizing again is idempotent
+        _, current = wire((local_indices, local_values), 0, rank)  # quantizing again is idempotent
         sent_values = current[1]
-        plan = DoublingPlan(rank, ranks)
         final_tag = plan.rounds + 1
         alive = np.ones(local_indices.size, bool)  # own entries still inside ``current``'s sums
         if plan.folded:
-            buffers, current = wire(current, 0)
+            buffers, current = wire(current, 0, rank)
             await call.send(rank + 1, 0, *buffers)
             current = decode(await call.recv(rank + 1, final_tag, limit=limit))
             alive = _unpack_mask(await call.recv(rank + 1, final_tag + 1, limit=(count + 7) // 8),
@@ -111,12 +114,13 @@ async def gtopk(group: Group, grad: np.ndarray, *, k: int | None = None, density
                 if round_index == plan.rounds:
                     break
                 partner = plan.partner(round_index)
-                buffers, current = wire(current, round_index + 1)
+                buffers, current = wire(current, round_index + 1, ranks + (plan.virtual >> round_index))
                 theirs = decode(await call.exchange(partner, buffers, partner, None, round_index + 1, limit))
                 current = merge_top(current, theirs, count)
             call.stats.rounds += plan.rounds
+            if plan.extra:  # every rank rounds the result alike, as the folded ones receive it
+                buffers, current = wire(current, final_tag, -1)
             if plan.host:
-                buffers, current = wire(current, final_tag)
                 await call.send(rank - 1, final_tag, *buffers)
                 await call.send(rank - 1, final_tag + 1, np.packbits(guest_alive))
                 call.stats.rounds += 1
