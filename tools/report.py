@@ -63,6 +63,10 @@ TABLES: dict[str, list[Column]] = {
               ("error_feedback", "error feedback", None), ("accuracy", "test accuracy", _percent),
               ("final_loss", "train loss", None), ("steady_bytes_per_step", "bytes/step/rank", None),
               ("compression", "compression", _times), ("seconds_per_step", "time/step (ms)", lambda s: f"{1e3 * s:.3g}")],
+    "kernels-gpu": [("size", "d", None), ("density", "density", _density), ("torch_topk_ms", "torch.topk CUDA (ms)", None),
+                    ("fast_ms", "fast CUDA (ms)", None), ("exact_ms", "exact CUDA (ms)", None),
+                    ("fast_vs_torch", "fast vs torch.topk", _times), ("exact_vs_torch", "exact vs torch.topk", _times),
+                    ("correct", "correct", None)],
     "auto": [("ranks", "P", None), ("d", "d", None), ("k", "k", None), ("pick", "auto's pick", None),
              ("predicted_ms", "predicted (ms)", None), ("pick_ms", "measured (ms)", None),
              ("best", "fastest measured", None), ("best_ms", "fastest (ms)", None),
@@ -131,7 +135,10 @@ def markdown(document: dict) -> str:
     kind, rows = document["benchmark"], document["rows"]
     if kind == "kernels":
         parts = [table([row for row in rows if row.get("kind") == "selection"], TABLES["kernels"])]
-        others = [_kernel_line(row) for row in rows if row.get("kind") != "selection"]
+        on_gpu = [row for row in rows if row.get("kind") == "selection-gpu"]
+        if on_gpu:
+            parts.append(table(on_gpu, TABLES["kernels-gpu"]))
+        others = [_kernel_line(row) for row in rows if row.get("kind") not in ("selection", "selection-gpu")]
         if others:
             parts.append("\n".join(f"- {line}" for line in others))
         body = "\n\n".join(parts)

@@ -60,8 +60,8 @@ JsonFile = Annotated[str | None, typer.Option("--json", help="also write the row
 PlotFile = Annotated[str | None, typer.Option("--plot", help="also draw the rows to this PNG file")]
 Backend = Annotated[str, typer.Option(help=f"transport: {' or '.join(BACKENDS)} (ucx: UCX over TCP on loopback "
                                            "unless UCX_TLS/UCX_NET_DEVICES are set)")]
-Link = Annotated[str | None, typer.Option(help="emulated links of this rate per rank, e.g. 1gbit or 10gbit "
-                                               "(root only)")]
+Link = Annotated[str | None, typer.Option(help="emulated links of this rate per rank, e.g. 1gbit or 10gbit, "
+                                               "and a one-way delay, e.g. 1gbit,5ms (netem; root only)")]
 Density = Annotated[str, typer.Option("--density", help="fractions of the gradient sent, e.g. 0.01,0.001")]
 QuantizeBits = Annotated[str, typer.Option("--quantize-bits", help="bits per sent value, e.g. 8 or 0,8 "
                                                                    "(0: not quantized)")]

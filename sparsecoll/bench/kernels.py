@@ -147,9 +147,15 @@ def run_kernel_bench(
     sketch: bool = True,
     quantize: bool = True,
     jit: bool = True,
+    gpu: bool | None = None,
+    gpu_sizes: Sequence[int] | None = None,
 ) -> list[dict[str, Any]]:
-    """Runs the benchmark and returns one dict per table row (JSON-ready)."""
+    """Runs the benchmark and returns one dict per table row (JSON-ready). ``gpu`` (default:
+    when Numba sees a CUDA device) adds the CUDA selection rows, at ``gpu_sizes`` (default
+    ``sizes``)."""
     import torch
+
+    from sparsecoll.bench import kernels_gpu
 
     rows: list[dict[str, Any]] = []
     if jit:
@@ -163,6 +169,8 @@ def run_kernel_bench(
             row["threads"] = torch.get_num_threads()
             rows.append(row)
         del grad
+    if kernels_gpu.gpu_available() if gpu is None else gpu:
+        rows.extend(kernels_gpu.gpu_selection_rows(gpu_sizes or sizes, densities, repeats))
     if sketch:
         rows.append(_sketch_row(repeats))
     if quantize:
@@ -191,6 +199,21 @@ def print_table(rows: Sequence[dict[str, Any]]) -> None:
                 f"{r['fast_ms']:.1f}", f"{r['exact_ms']:.1f}", f"{r['threshold_ms']:.1f}",
                 f"{r['fast_vs_torch']:.1f}x", f"{r['exact_vs_torch']:.1f}x",
                 f"{r['fast_vs_argpartition']:.1f}x", f"{r['threshold_vs_abs']:.2f}",
+                "ok" if r["correct"] else "MISMATCH",
+            )
+        console.print(table)
+    on_gpu = [r for r in rows if r["kind"] == "selection-gpu"]
+    if on_gpu:
+        table = Table(title="top-k selection, float32, CUDA (ms; ratio > 1: ours faster)")
+        for column in ("size", "density", "k", "torch.topk", "fast", "exact", "torch/fast", "torch/exact", "correct"):
+            table.add_column(column, justify="right")
+        for r in on_gpu:
+            torch_ms = r.get("torch_topk_ms")
+            table.add_row(
+                f"{r['size']:,}", f"{r['density']:g}", f"{r['k']:,}", "-" if torch_ms is None else f"{torch_ms:.2f}",
+                f"{r['fast_ms']:.2f}", f"{r['exact_ms']:.2f}",
+                "-" if torch_ms is None else f"{r['fast_vs_torch']:.1f}x",
+                "-" if torch_ms is None else f"{r['exact_vs_torch']:.1f}x",
                 "ok" if r["correct"] else "MISMATCH",
             )
         console.print(table)

@@ -4,7 +4,8 @@ Every rank's namespace holds one end of a veth pair whose other end sits on a br
 switch namespace; ``tc tbf`` shapes both directions of every pair to the chosen rate, so each
 rank has its own full-duplex link, as on a real switch. Everything lives in namespaces this
 module creates and always deletes (also when the body fails); no address outside them is
-used. Latency cannot be added here (this kernel has no netem), only bandwidth. Root only.
+used. ``"1gbit,5ms"`` also delays every rank-to-rank packet by 5 ms one way (netem, half on
+each hop, with tbf under it); a kernel without the netem qdisc gets a clear error. Root only.
 
     with EmulatedNetwork(4, "1gbit") as net:
         net.address(0)            # "10.213.0.1", rank 0's address inside its namespace
@@ -35,6 +36,20 @@ def parse_rate(text: str) -> str:
     return rate
 
 
+def parse_link(text: str) -> tuple[str, str | None]:
+    """'1gbit' or '1gbit,5ms' (rate, and one-way delay in tc's time units), checked."""
+    rate, _, delay = text.partition(",")
+    delay = delay.strip().lower() or None
+    if delay is not None and not re.fullmatch(r"\d+(\.\d+)?(us|ms|s)", delay):
+        raise InvalidArgumentError(f"link latency {delay!r} is not like 500us, 5ms or 0.1s")
+    return parse_rate(rate), delay
+
+
+def _half(delay: str) -> str:
+    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s)", delay).groups()
+    return f"{float(number) / 2:g}{unit}"
+
+
 def _rate_bits(rate: str) -> float:
     number, unit = re.fullmatch(r"([\d.]+)(k|m|g)?bit", rate).groups()
     return float(number) * {None: 1, "k": 1e3, "m": 1e6, "g": 1e9}[unit]
@@ -55,7 +70,7 @@ class EmulatedNetwork:
         if not 1 <= ranks <= 200:
             raise InvalidArgumentError(f"ranks must be in [1, 200], not {ranks}")
         self.ranks = ranks
-        self.rate = parse_rate(rate)
+        self.rate, self.delay = parse_link(rate)
         self.prefix = prefix or f"sc{os.getpid() % 100000}"
         self._created: list[str] = []
 
@@ -100,8 +115,22 @@ class EmulatedNetwork:
             _run("ip", "-n", namespace, "link", "set", inside, "up")
             _run("ip", "-n", namespace, "link", "set", "lo", "up")
             for ns, device in ((namespace, inside), (switch, outside)):
-                _run("ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", device, "root", "tbf",
-                     "rate", self.rate, "burst", str(burst), "latency", "50ms")
+                self._shape(ns, device, burst)
+
+    def _shape(self, namespace: str, device: str, burst: int) -> None:
+        """tbf at the link's rate on ``device``; under netem's delay when the link has one."""
+        tc = ("ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", device)
+        tbf = ("tbf", "rate", self.rate, "burst", str(burst), "latency", "50ms")
+        if self.delay is None:
+            _run(*tc, "root", *tbf)
+            return
+        try:
+            _run(*tc, "root", "handle", "1:", "netem", "delay", _half(self.delay), "limit", "100000")
+        except subprocess.CalledProcessError as error:
+            raise InvalidArgumentError(
+                f"added latency needs the kernel's netem qdisc, which tc could not use here "
+                f"({(error.stderr or '').strip()}); use --link {self.rate} without a delay") from None
+        _run(*tc, "parent", "1:1", "handle", "10:", *tbf)
 
     def _add_namespace(self, name: str) -> None:
         _run("ip", "netns", "add", name)
