@@ -26,12 +26,8 @@ import sparsecoll
 from sparsecoll import kernels
 from sparsecoll.bench.ranks import RankPlace, run_ranks, under_launcher
 from sparsecoll.bench.sparse import heavy_tailed
-from sparsecoll.collectives.cost_model import (
-    SKETCH_ROWS,
-    CostModel,
-    default_path,
-    sketch_columns,
-)
+from sparsecoll.collectives.cost_model import SKETCH_ROWS, CostModel, default_path
+from sparsecoll.collectives.sketch import default_columns
 from sparsecoll.errors import InvalidArgumentError
 
 SMALL_COUNT = 2
@@ -105,7 +101,7 @@ def _local_seconds(vector: np.ndarray, iterations: int) -> list[float]:
     selections = [_median_seconds(lambda n=n: _select(vector[:n]), iterations) for n in SELECT_SIZES]
     k = round(SKETCH_SIZE * DENSITY)
     hashes = kernels.sketch_hashes(SKETCH_ROWS, 0)
-    table = np.zeros((SKETCH_ROWS, sketch_columns(k)), np.float32)
+    table = np.zeros((SKETCH_ROWS, default_columns(k)), np.float32)
 
     def sketch() -> None:
         table.fill(0)

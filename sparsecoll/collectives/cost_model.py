@@ -24,8 +24,10 @@ from pathlib import Path
 import numpy as np
 
 from sparsecoll.collectives.dense import SEGMENT_BYTES, SMALL_ALLREDUCE_BYTES
+from sparsecoll.collectives.quantized_ring import quantized_bytes
+from sparsecoll.collectives.sketch import default_columns
 from sparsecoll.errors import InvalidArgumentError
-from sparsecoll.wire import HEADER_SIZE, QUANT_BLOCK, index_dtype, sparse_payload_size
+from sparsecoll.wire import HEADER_SIZE, index_dtype, sparse_payload_size
 
 ALGORITHMS = ("dense", "allgather", "gtopk", "sketch", "cltk")
 """What the model can price, in the order that breaks ties."""
@@ -38,16 +40,6 @@ PARAMETERS = ("alpha", "beta", "select_per_element", "select_fixed", "lone_selec
 """The model's numbers, in the order of :meth:`CostModel.to_array`."""
 FORMAT_VERSION = 1
 ENV_PATH = "SPARSECOLL_COST_MODEL"
-
-
-def sketch_columns(k: int) -> int:
-    """Columns sketch_allreduce uses for ``k`` heavy hitters (its ``default_columns``)."""
-    return max(64, 20 * k)
-
-
-def quantized_bytes(count: float, bits: int) -> int:
-    """Wire bytes of ``count`` values at ``bits`` bits: a float32 scale per block, packed codes."""
-    return 4 * math.ceil(count / QUANT_BLOCK) + math.ceil(count * bits / 8)
 
 
 def _power_of_two_below(ranks: int) -> int:
@@ -109,7 +101,7 @@ class CostModel:
         adds = (ranks - 1) * chunk * self.reduce_per_element
         if bits is None:
             return steps * self.message(chunk * itemsize) + adds
-        return steps * (self.message(quantized_bytes(chunk, bits)) + chunk * self.quantize_per_element) + adds
+        return steps * (self.message(quantized_bytes(math.ceil(chunk), bits)) + chunk * self.quantize_per_element) + adds
 
     def doubling_allreduce(self, ranks: int, count: int, itemsize: int = 4) -> float:
         """Recursive doubling: log2 p exchanges of everything (+ a fold in and out when P != p)."""
@@ -141,7 +133,7 @@ class CostModel:
                 return self.doubling_allreduce(ranks, size, itemsize)
             return self.ring_allreduce(ranks, size, itemsize, bits)
         if algorithm == "sketch":
-            table = SKETCH_ROWS * sketch_columns(k)
+            table = SKETCH_ROWS * default_columns(k)
             candidates = min(size, 4 * k)
             return self.sketch_per_element * size * SKETCH_ROWS + self.ring_allreduce(ranks, table, 4, bits) \
                 + self.ring_allreduce(ranks, candidates, itemsize, bits) + candidates * self.merge_per_pair
