@@ -7,10 +7,12 @@ a device synchronize, so it is the kernel's time and not its launch's.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from sparsecoll.bench.kernels import best_time
 
 
 def gpu_available() -> bool:
@@ -18,21 +20,6 @@ def gpu_available() -> bool:
     from numba import cuda
 
     return bool(cuda.is_available())
-
-
-def _device_time(run: Callable[[], Any], repeats: int, synchronize: Callable[[], None]) -> float:
-    """Best of ``repeats`` synchronized runs in seconds, after one warm-up run."""
-    import time
-
-    run()
-    synchronize()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
 
 
 def gpu_selection_rows(sizes: Sequence[int], densities: Sequence[float], repeats: int = 3) -> list[dict[str, Any]]:
@@ -54,14 +41,13 @@ def gpu_selection_rows(sizes: Sequence[int], densities: Sequence[float], repeats
             reference, _ = topk_exact(host, k)
             chosen = [np.sort(np.asarray(_host(topk_fast(device, k)[0]))),
                       np.sort(np.asarray(_host(topk_exact(device, k)[0])))]
-            row: dict[str, Any] = {"kind": "selection-gpu", "size": size, "density": density, "k": k,
-                                   "fast_ms": 1e3 * _device_time(lambda: topk_fast(device, k), repeats,
-                                                                 cuda.synchronize),
-                                   "exact_ms": 1e3 * _device_time(lambda: topk_exact(device, k), repeats,
-                                                                  cuda.synchronize)}
+            row: dict[str, Any] = {
+                "kind": "selection-gpu", "size": size, "density": density, "k": k,
+                "fast_ms": 1e3 * best_time(lambda: topk_fast(device, k), repeats, cuda.synchronize),
+                "exact_ms": 1e3 * best_time(lambda: topk_exact(device, k), repeats, cuda.synchronize)}
             if tensor is not None:
-                row["torch_topk_ms"] = 1e3 * _device_time(lambda: torch_cuda.topk(tensor.abs(), k, sorted=False),
-                                                          repeats, torch_cuda.cuda.synchronize)
+                row["torch_topk_ms"] = 1e3 * best_time(lambda: torch_cuda.topk(tensor.abs(), k, sorted=False),
+                                                       repeats, torch_cuda.cuda.synchronize)
                 chosen.append(np.sort(torch_cuda.topk(tensor.abs(), k, sorted=False).indices.cpu().numpy()))
                 row["fast_vs_torch"] = row["torch_topk_ms"] / row["fast_ms"]
                 row["exact_vs_torch"] = row["torch_topk_ms"] / row["exact_ms"]
