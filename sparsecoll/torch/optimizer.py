@@ -23,13 +23,15 @@ import torch
 from sparsecoll.call import CommStats
 from sparsecoll.collectives.auto import shared_cost_model
 from sparsecoll.collectives.lazy import LazyState
+from sparsecoll.collectives.reduce import BUILTIN, LAZY_REFUSED
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, build_buckets, layout_signature, small_parameters
 from sparsecoll.torch.error_feedback import ErrorFeedback, clip_local, warmup_density
 from sparsecoll.torch.exchange import Compression, any_rank_flags, check_layout, reduce_buffer
 
 _TAKEN_OVER = ("momentum", "weight_decay", "nesterov")
-LAZY_ALGORITHMS = ("dense", "allgather", "auto")
+LAZY_ALGORITHMS = (*(name for name in BUILTIN if name not in LAZY_REFUSED), "auto")
+"""What ``lazy=`` works with: the builtins reduce_gradient does not refuse it for, and "auto"."""
 
 
 class SparseCollOptimizer(torch.optim.Optimizer):
