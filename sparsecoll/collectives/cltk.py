@@ -17,8 +17,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sparsecoll.call import Call, CollectiveResult
-from sparsecoll.collectives.dense import chain_broadcast, ring_allreduce
-from sparsecoll.collectives.quantized_ring import check_bits, quantized_ring_allreduce
+from sparsecoll.collectives.dense import chain_broadcast
+from sparsecoll.collectives.quantized_ring import check_bits, ring_sum
 from sparsecoll.collectives.sparse_common import SparseResult, float_vector, resolve_k, select
 from sparsecoll.errors import FrameError
 from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code, index_dtype
@@ -53,10 +53,7 @@ async def cltk(group: Group, grad: np.ndarray, *, k: int | None = None, density:
             raise FrameError(f"leader {leader} sent indices outside [0, {size})", rank=call.rank)
         mine = flat[chosen]
         summed = mine.copy()
-        if quantize_bits:
-            await quantized_ring_allreduce(call, summed, quantize_bits, seed + step, tag_base=VALUE_TAGS)
-        elif call.size > 1:
-            await ring_allreduce(call, summed, np.add, tag_base=VALUE_TAGS)
+        await ring_sum(call, summed, quantize_bits, seed + step, VALUE_TAGS)
         return SparseResult(chosen, summed, size, chosen, mine)
 
     return await group.run(signature, body, timeout)

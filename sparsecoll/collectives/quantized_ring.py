@@ -21,7 +21,7 @@ import numpy as np
 
 from sparsecoll import kernels
 from sparsecoll.call import Call, CollectiveResult
-from sparsecoll.collectives.dense import SEGMENT_BYTES, chunk_bounds
+from sparsecoll.collectives.dense import SEGMENT_BYTES, chunk_bounds, ring_allreduce
 from sparsecoll.collectives.sparse_common import float_vector
 from sparsecoll.errors import FrameError
 from sparsecoll.kernels.quantize import check_layout
@@ -164,6 +164,14 @@ async def quantized_ring_allreduce(call: Call, flat: np.ndarray, bits: int, seed
         target = (rank - step) % size
         await _hop(call, wire[(rank - step + 1) % size], pieces[target], tag, bits, keep(target))
     call.stats.rounds += 2 * (size - 1)
+
+
+async def ring_sum(call: Call, flat: np.ndarray, bits: int | None, seed: int, tag_base: int = 0) -> None:
+    """Sum ``flat`` in place over the ring: at ``bits`` bits when given, else exactly."""
+    if bits:
+        await quantized_ring_allreduce(call, flat, bits, seed, tag_base)
+    elif call.size > 1:
+        await ring_allreduce(call, flat, np.add, tag_base=tag_base)
 
 
 async def quantized_allreduce(group: Group, array: np.ndarray, bits: int, *, seed: int = 0,

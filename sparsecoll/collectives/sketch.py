@@ -20,8 +20,7 @@ import numpy as np
 
 from sparsecoll import kernels
 from sparsecoll.call import Call, CollectiveResult
-from sparsecoll.collectives.dense import ring_allreduce
-from sparsecoll.collectives.quantized_ring import check_bits, quantized_ring_allreduce
+from sparsecoll.collectives.quantized_ring import check_bits, ring_sum
 from sparsecoll.collectives.sparse_common import SparseResult, float_vector, resolve_k
 from sparsecoll.errors import InvalidArgumentError
 from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code
@@ -63,12 +62,12 @@ async def sketch_allreduce(group: Group, grad: np.ndarray, *, k: int | None = No
 
     async def body(call: Call) -> SparseResult:
         kernels.sketch_insert_dense(table, hashes, flat)  # inside the call: NaN aborts every rank
-        await _sum(call, table.reshape(-1), quantize_bits, seed, 0)
+        await ring_sum(call, table.reshape(-1), quantize_bits, seed, 0)
         found, _estimates = kernels.sketch_heavy_hitters(table, hashes, size, candidates)
         found = np.asarray(found, np.int64)
         mine = flat[found]
         summed = mine.copy()
-        await _sum(call, summed, quantize_bits, seed, ROUND_TWO_TAGS)
+        await ring_sum(call, summed, quantize_bits, seed, ROUND_TWO_TAGS)
         indices, values = kernels.topk_sparse(found, summed, count) if found.size > count else (found, summed)
         taken = np.isin(found, indices, assume_unique=True)
         return SparseResult(np.asarray(indices, np.int64), values, size, found[taken], mine[taken])
@@ -80,9 +79,3 @@ def _layout_hash(rows: int, columns: int, candidates: int, bits: int) -> int:
     """What the ranks must agree on besides k, as one signature field."""
     return zlib.crc32(np.array([rows, columns, candidates, bits], np.int64).tobytes())
 
-
-async def _sum(call: Call, flat: np.ndarray, bits: int | None, seed: int, tag_base: int) -> None:
-    if bits:
-        await quantized_ring_allreduce(call, flat, bits, seed, tag_base)
-    elif call.size > 1:
-        await ring_allreduce(call, flat, np.add, tag_base=tag_base)
