@@ -24,8 +24,15 @@ Choosing the fabric follows UCX's own conventions, so the same code runs anywher
 
 Connections are set up over TCP/IP sockets (UCX's sockaddr connection manager: ``rdmacm``
 on IPoIB, else ``tcp``), so the addresses published through the rendezvous store are
-``host:port`` as for the TCP transport. ucxx keeps one UCX context per process, bound to
-the event loop that created it; every UcxTransport of the process shares it, and the last
+``host:port`` as for the TCP transport. These endpoints have UCX's peer-failure handling (a
+dead peer fails them at once), and UCX therefore never puts shared memory on them. Two ranks
+on one host whose ``UCX_TLS`` allows shared memory (unset, or naming ``sm``, ``posix``,
+``sysv`` or ``cma``) agree after the handshake to open a second endpoint, from each other's
+worker address and without failure handling, that carries only payloads, so bulk data moves
+through shared memory; headers, ABORT and BYE keep the first endpoint, which still reports a
+dead peer (see :class:`~sparsecoll.transport.ucx_runtime.PayloadEndpoint`).
+
+ucxx keeps one UCX context per process, bound to the event loop that created it; every UcxTransport of the process shares it, and the last
 one to close shuts it down so the process exits cleanly.
 """
 
@@ -34,6 +41,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import struct
 from collections.abc import Sequence
 from typing import Any
 
@@ -48,8 +56,8 @@ from sparsecoll.transport import ucx_runtime
 from sparsecoll.transport.base import Buffer, Transport
 from sparsecoll.transport.handshake import accept_handshake, connect_handshake
 from sparsecoll.transport.mailbox import lost_peer_error
-from sparsecoll.transport.ucx_connection import UcxConnection, frame_messages
-from sparsecoll.transport.ucx_runtime import UCX_ERRORS, UcxChannel
+from sparsecoll.transport.ucx_connection import UcxConnection
+from sparsecoll.transport.ucx_runtime import UCX_ERRORS, PayloadEndpoint, UcxChannel
 from sparsecoll.wire import FrameHeader, Kind, encode_abort
 
 log = logging.getLogger(__name__)
@@ -58,6 +66,11 @@ HANDSHAKE_TIMEOUT = 30.0
 CONNECT_ATTEMPTS = 3
 CONNECT_TIMEOUT = 5.0
 """Seconds one endpoint creation may take (ucxx waits that long even for an unreachable peer)."""
+LOCALITY = struct.Struct("<4s?16sI")
+"""After the handshake, each side's: magic, wants a payload endpoint, host identity, length
+of the worker address that follows."""
+LOCALITY_MAGIC = b"SCLO"
+LOCALITY_SIZE = 4096
 
 
 class UcxTransport(Transport):
@@ -83,6 +96,11 @@ class UcxTransport(Transport):
     def open_endpoints(self) -> int:
         """UCX endpoints this transport created or accepted and has not closed yet."""
         return len(self._endpoints)
+
+    @property
+    def payload_endpoints(self) -> int:
+        """Connections whose payloads travel over a shared-memory payload endpoint."""
+        return sum(connection.payload_endpoint is not None for connection in self._connections.values())
 
     # ----------------------------------------------------------------- set-up
     async def listen(self, host: str) -> str:
@@ -139,10 +157,21 @@ class UcxTransport(Transport):
         except BaseException:
             await self._discard_endpoint(endpoint)
             raise
+        payload_endpoint = None
+        if not failure:
+            try:
+                payload_endpoint = await asyncio.wait_for(
+                    self._open_payload_endpoint(endpoint, peer),
+                    max(0.1, min(HANDSHAKE_TIMEOUT, deadline - loop.time())))
+            except (OSError, asyncio.TimeoutError, UCX_ERRORS) as error:
+                failure = ucx_runtime.describe(error) if isinstance(error, UCX_ERRORS) else repr(error)
+            except BaseException:
+                await self._discard_endpoint(endpoint)
+                raise
         if failure:
             await self._discard_endpoint(endpoint)
             raise RendezvousError(f"handshake with {address} failed: {failure}", rank=self.rank, peer=peer)
-        self._add_connection(peer, endpoint)
+        self._add_connection(peer, endpoint, payload_endpoint)
 
     async def _open_endpoint(self, host: str, port: int, timeout: float) -> tuple[Any, str]:
         """A new endpoint and '', or None and why not; a cancelled caller's endpoint is closed.
@@ -186,6 +215,11 @@ class UcxTransport(Transport):
                 HANDSHAKE_TIMEOUT)
             if peer in self._connections:
                 raise RendezvousError(f"second connection claiming rank {peer}", rank=self.rank)
+            try:
+                payload_endpoint = await asyncio.wait_for(self._open_payload_endpoint(endpoint, peer),
+                                                          HANDSHAKE_TIMEOUT)
+            except UCX_ERRORS as error:
+                raise ConnectionResetError(ucx_runtime.describe(error)) from None
         except asyncio.CancelledError:
             await self._discard_endpoint(endpoint)
             return
@@ -202,10 +236,33 @@ class UcxTransport(Transport):
             return
         finally:
             self._handshakes.discard(task)
-        self._add_connection(peer, endpoint)
+        self._add_connection(peer, endpoint, payload_endpoint)
 
-    def _add_connection(self, peer: int, endpoint: Any) -> None:
-        self._connections[peer] = UcxConnection(self, endpoint, peer)
+    async def _open_payload_endpoint(self, endpoint: Any, peer: int) -> PayloadEndpoint | None:
+        """After the handshake: a shared-memory payload endpoint if both ranks want one.
+
+        Each side sends whether it wants one (same host, shared memory allowed by its
+        ``UCX_TLS``), its host identity and its worker address; both open it only when both
+        want it and the identities match, so the two sides always agree.
+        """
+        address = ucx_runtime.worker_address()
+        wants = ucx_runtime.shared_memory_allowed() and LOCALITY.size + len(address) <= LOCALITY_SIZE
+        ours = LOCALITY.pack(LOCALITY_MAGIC, wants, ucx_runtime.host_identity(), len(address) if wants else 0)
+        channel = UcxChannel(endpoint)
+        await channel.write((ours + (address if wants else b"")).ljust(LOCALITY_SIZE, b"\0"))
+        theirs = await channel.read(LOCALITY_SIZE)
+        magic, peer_wants, identity, length = LOCALITY.unpack_from(theirs)
+        if magic != LOCALITY_MAGIC or length > LOCALITY_SIZE - LOCALITY.size:
+            raise FrameError(f"malformed locality message from rank {peer}", rank=self.rank, peer=peer)
+        if not (wants and peer_wants and identity == ucx_runtime.host_identity()):
+            return None
+        payload_endpoint = await ucx_runtime.create_payload_endpoint(
+            endpoint, theirs[LOCALITY.size:LOCALITY.size + length])
+        self._endpoints.add(payload_endpoint.endpoint)
+        return payload_endpoint
+
+    def _add_connection(self, peer: int, endpoint: Any, payload_endpoint: PayloadEndpoint | None) -> None:
+        self._connections[peer] = UcxConnection(self, endpoint, peer, payload_endpoint)
         self._mesh_changed.set()
 
     async def _discard_endpoint(self, endpoint: Any) -> None:
@@ -227,7 +284,7 @@ class UcxTransport(Transport):
         if connection is None or connection.closed and not connection.bye_received:
             raise lost_peer_error(self.rank, peer, "no open connection")
         try:
-            await connection.send(frame_messages(header, payload, self.rank))
+            await connection.send_frame(header, payload)
         except asyncio.CancelledError:
             if connection.tx_broken:
                 self.on_failure(GroupAbortedError(
@@ -249,7 +306,7 @@ class UcxTransport(Transport):
     async def _send_quietly(self, connection: UcxConnection, header: FrameHeader, payload: bytes,
                             timeout: float) -> None:
         try:
-            await asyncio.wait_for(connection.send(frame_messages(header, [payload], self.rank)), timeout)
+            await asyncio.wait_for(connection.send_frame(header, [payload]), timeout)
         except (SparseCollError, asyncio.TimeoutError):
             pass
 
@@ -273,6 +330,8 @@ class UcxTransport(Transport):
             await asyncio.wait(waiting, timeout=linger)
         for connection in self._connections.values():
             self._endpoints.discard(connection.endpoint)
+            if connection.payload_endpoint is not None:
+                self._endpoints.discard(connection.payload_endpoint.endpoint)
             await connection.release()
         for endpoint in list(self._endpoints):
             await self._discard_endpoint(endpoint)

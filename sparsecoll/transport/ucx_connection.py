@@ -17,7 +17,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import struct
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from sparsecoll.errors import FrameError, InvalidArgumentError, PeerLostError, SparseCollError
@@ -25,6 +25,7 @@ from sparsecoll.transport.base import Buffer
 from sparsecoll.transport.mailbox import copy_error, lost_peer_error
 from sparsecoll.transport.ucx_runtime import (
     UCX_ERRORS,
+    PayloadEndpoint,
     as_message,
     attempt,
     close_endpoint,
@@ -33,6 +34,9 @@ from sparsecoll.transport.ucx_runtime import (
     describe,
     is_device,
     nbytes,
+    post_recv,
+    post_send,
+    recv,
 )
 from sparsecoll.wire import HEADER_SIZE, MAX_ABORT_MESSAGE, FrameHeader, Kind, decode_abort, decode_header, encode_header
 
@@ -40,45 +44,66 @@ INLINE_PAYLOAD = 0x8000
 """Header flag (UCX transport only): the payload follows the header in the same message."""
 SEGMENTED_PAYLOAD = 0x4000
 """Header flag (UCX transport only): a table of per-buffer sizes follows the header."""
+PAYLOAD_ENDPOINT = 0x2000
+"""Header flag (UCX transport only): the payload messages follow on the payload endpoint."""
 INLINE_MAX = 8192 - HEADER_SIZE
 """Largest host payload sent inside the header message (stays below UCX's eager limit)."""
 MAX_SEGMENTS = 64
 _COUNT = struct.Struct("<I")
 
 
-def frame_messages(header: FrameHeader, payload: Sequence[Buffer], rank: int) -> list[Any]:
-    """The UCX messages of one frame: header (with inline payload or size table), then data."""
+def frame_messages(header: FrameHeader, payload: Sequence[Buffer], rank: int,
+                   payload_endpoint: bool = False) -> tuple[list[Any], bool]:
+    """The UCX messages of one frame (header, with inline payload or size table, then data),
+    and whether the data messages travel over the connection's payload endpoint.
+
+    With ``payload_endpoint``, a host payload that is not inlined is flagged to go there
+    (device buffers always take the connection's own endpoint).
+    """
     buffers = [buffer for buffer in payload if nbytes(buffer)]
-    if any(is_device(buffer) for buffer in buffers) and not cuda_support():
+    on_device = any(is_device(buffer) for buffer in buffers)
+    if on_device and not cuda_support():
         raise InvalidArgumentError(
             "a device buffer was given but UCX has no CUDA transport; add cuda_copy "
             "(and cuda_ipc) to UCX_TLS", rank=rank)
-    if 0 < header.length <= INLINE_MAX and not any(is_device(buffer) for buffer in buffers):
+    if 0 < header.length <= INLINE_MAX and not on_device:
         message = bytearray(encode_header(dataclasses.replace(header, flags=header.flags | INLINE_PAYLOAD)))
         for buffer in buffers:
             message += as_message(buffer)
-        return [message]
+        return [message], False
+    separate = payload_endpoint and bool(buffers) and not on_device
+    if separate:
+        header = dataclasses.replace(header, flags=header.flags | PAYLOAD_ENDPOINT)
     if len(buffers) > 1:
         if len(buffers) > MAX_SEGMENTS:
             raise InvalidArgumentError(f"a frame holds at most {MAX_SEGMENTS} buffers", rank=rank)
         sizes = [nbytes(buffer) for buffer in buffers]
         table = _COUNT.pack(len(sizes)) + struct.pack(f"<{len(sizes)}Q", *sizes)
         flagged = dataclasses.replace(header, flags=header.flags | SEGMENTED_PAYLOAD)
-        return [encode_header(flagged) + table, *buffers]
-    return [encode_header(header), *buffers]
+        return [encode_header(flagged) + table, *buffers], separate
+    return [encode_header(header), *buffers], separate
 
 
 
 class UcxConnection:
-    """One authenticated UCX endpoint to one peer: a frame reader task and ordered sends."""
+    """One authenticated UCX endpoint to one peer: a frame reader task and ordered sends.
 
-    def __init__(self, transport: Any, endpoint: Any, peer: int) -> None:
+    With a :class:`PayloadEndpoint` (a peer on the same host), host payloads that are not
+    inlined travel over it (flag ``PAYLOAD_ENDPOINT``), so UCX can move them through shared
+    memory; everything else stays on ``endpoint``.
+    """
+
+    def __init__(self, transport: Any, endpoint: Any, peer: int,
+                 payload_endpoint: PayloadEndpoint | None = None) -> None:
         self._transport = transport
         self._loop = asyncio.get_running_loop()
         self.endpoint = endpoint
+        self.payload_endpoint = payload_endpoint
         self.peer = peer
-        self._slot = bytearray(HEADER_SIZE + INLINE_MAX)
+        self._slots = (bytearray(HEADER_SIZE + INLINE_MAX), bytearray(HEADER_SIZE + INLINE_MAX))
+        self._slot = self._slots[0]
         self._slot_view = memoryview(self._slot)
+        self._next_header: asyncio.Future | None = None
         self._waiters: set[asyncio.Future] = set()
         self.tx_broken = False
         self.bye_received = False
@@ -103,7 +128,13 @@ class UcxConnection:
 
     async def _read_frame(self) -> bool:
         """Receive one frame and hand it on; False once the peer said goodbye."""
-        await self.endpoint.recv(self._slot)
+        if self._next_header is None:
+            await recv(self.endpoint, self._slot)
+        else:
+            next_header, self._next_header = self._next_header, None
+            self._slot = self._slots[self._slot is self._slots[0]]
+            self._slot_view = memoryview(self._slot)
+            await next_header
         header = decode_header(self._slot_view[:HEADER_SIZE], self._transport.max_payload)
         if header.kind == Kind.DATA:
             sink = self._transport.mailbox.on_header(self.peer, header)
@@ -137,13 +168,38 @@ class UcxConnection:
                 copy_into(sink, self._slot_view[HEADER_SIZE:HEADER_SIZE + header.length])
             return
         sizes = self._segment_sizes(header) if header.flags & SEGMENTED_PAYLOAD else [header.length]
+        receive = self._payload_receiver(header)
         offset = 0
         for size in sizes:
             if sink is None:
-                await self._drop_message()
+                await self._drop_message(receive)
             elif size:
-                await self.endpoint.recv(sink[offset:offset + size])
+                await receive(sink[offset:offset + size])
             offset += size
+
+    def _payload_receiver(self, header: FrameHeader) -> Callable[[Any], Awaitable[None]]:
+        """How this frame's payload messages are received.
+
+        Over the payload endpoint, the next header's receive is posted first (into the other
+        slot): it completes early when the peer sends on, and it fails as soon as the
+        connection's endpoint does, so a peer that dies mid-payload is noticed at once.
+        """
+        if not header.flags & PAYLOAD_ENDPOINT:
+            return lambda buffer: recv(self.endpoint, buffer)
+        if self.payload_endpoint is None:
+            raise FrameError("payload sent over a payload endpoint this connection does not have")
+        self._next_header = post_recv(self.endpoint, self._slots[self._slot is self._slots[0]])
+        return self._receive_watching
+
+    async def _receive_watching(self, buffer: Any) -> None:
+        """One payload message from the payload endpoint; raises the connection's endpoint error."""
+        receiving = asyncio.ensure_future(self.payload_endpoint.recv(buffer))
+        watch = self._next_header
+        await asyncio.wait([receiving, watch], return_when=asyncio.FIRST_COMPLETED)
+        if not receiving.done() and not watch.cancelled() and watch.exception() is not None:
+            receiving.cancel()
+            raise watch.exception()
+        await receiving
 
     def _segment_sizes(self, header: FrameHeader) -> list[int]:
         (count,) = _COUNT.unpack_from(self._slot, HEADER_SIZE)
@@ -154,9 +210,10 @@ class UcxConnection:
             raise FrameError(f"segment sizes add up to {sum(sizes)}, header says {header.length}")
         return sizes
 
-    async def _drop_message(self) -> None:
+    @staticmethod
+    async def _drop_message(receive: Callable[[Any], Awaitable[None]]) -> None:
         """Consume one message nobody wants: a 1-byte receive truncates it without allocating."""
-        failure = await attempt(self.endpoint.recv(bytearray(1)))
+        failure = await attempt(receive(bytearray(1)))
         if failure and "truncated" not in failure.lower():
             raise PeerLostError(failure)
 
@@ -172,21 +229,33 @@ class UcxConnection:
             self.eof.set_result(None)
 
     # ----------------------------------------------------------------- writing
-    async def send(self, messages: Sequence[Any]) -> None:
-        """Send ``messages`` (a frame: header message, then payload messages) in order.
+    async def send_frame(self, header: FrameHeader, payload: Sequence[Buffer]) -> None:
+        """Send one frame: its header message, then its payload messages, in order."""
+        messages, separate = frame_messages(header, payload, self._transport.rank, self.payload_endpoint is not None)
+        if separate:
+            await self.send(messages[:1], messages[1:])
+        else:
+            await self.send(messages)
+
+    async def send(self, messages: Sequence[Any], payload_messages: Sequence[Any] = ()) -> None:
+        """Send ``messages`` in order on the endpoint, then ``payload_messages`` on the payload endpoint.
 
         All messages are submitted before this coroutine first yields, so frames of
-        concurrent senders never interleave. A cancelled send still completes in the
-        background (UCX owns the buffers until then), so the connection stays in step.
+        concurrent senders never interleave; when UCX completes them on submission (small
+        eager messages) it returns without yielding at all. A cancelled send still completes
+        in the background (UCX owns the buffers until then), so the connection stays in step.
         """
         if self.tx_broken:
             if self._transport.mailbox.error is not None:
                 raise copy_error(self._transport.mailbox.error)
             raise lost_peer_error(self._transport.rank, self.peer, "the endpoint failed")
-        tasks = [asyncio.ensure_future(self.endpoint.send(as_message(message))) for message in messages]
+        sends = [post_send(self.endpoint, as_message(message)) for message in messages]
+        sends += [self.payload_endpoint.post_send(as_message(message)) for message in payload_messages]
+        if all(sent.done() for sent in sends) and not any(sent.cancelled() or sent.exception() for sent in sends):
+            return  # eager messages UCX completed on submission: no loop round trip
         waiter = self._loop.create_future()
         self._waiters.add(waiter)
-        asyncio.gather(*tasks).add_done_callback(lambda done: self._sent(done, waiter))
+        asyncio.gather(*sends).add_done_callback(lambda done: self._sent(done, waiter))
         try:
             await waiter
         finally:
@@ -218,7 +287,11 @@ class UcxConnection:
         """Close the endpoint (cancelling its transfers), then let the reader finish."""
         self._stop_reading()
         self.tx_broken = True
+        if self._next_header is not None:
+            self._next_header.cancel()
         await close_endpoint(self.endpoint)  # a closed ucxx Endpoint drops its context
+        if self.payload_endpoint is not None:
+            await close_endpoint(self.payload_endpoint.endpoint)
         if not self._reader.done():
             await asyncio.wait([self._reader], timeout=1.0)
             self._reader.cancel()

@@ -1,22 +1,28 @@
 """The process's UCX runtime for the UCX transport: ucxx's context, endpoints, buffers.
 
-ucxx keeps one UCX context per process; with its progress thread and Python-future
-notifier it is bound to the event loop that created it, and its notifier thread keeps the
-interpreter alive until it is stopped. This module creates the context when the first
+ucxx keeps one UCX context per process, bound to the event loop that created it. By default
+:class:`EventProgress` progresses it on that loop (ucxx's own modes: see
+:data:`PROGRESS_MODES`); in ucxx's thread mode its notifier thread keeps the interpreter
+alive until it is stopped. This module creates the context when the first
 UcxTransport of the process starts listening and shuts it down (``ucxx.reset()``, which also
 checks that no endpoint or listener is left) when the last one closes, so sequential
 ``asyncio.run`` calls and groups each get a fresh, correctly bound context.
 
 Everything that touches ucxx directly lives here, behind guarded imports: the package
-imports without ucxx, and without CUDA libraries (device arrays are recognised by their
+imports without ucxx. The event driver submits requests through ucxx's endpoint handles and
+tags (``Endpoint._ep``, ``_tags``) and registers itself in ucxx's per-loop progress registry,
+since ucxx's asyncio API only awaits requests by spinning the loop outside thread mode. The
+package imports without CUDA libraries too (device arrays are recognised by their
 ``__cuda_array_interface__`` and handed to UCX untouched).
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -29,7 +35,10 @@ log = logging.getLogger(__name__)
 os.environ.setdefault("UCX_WARN_UNUSED_ENV_VARS", "n")
 try:
     import ucxx
-    from ucxx.exceptions import UCXError
+    from ucxx._lib.arr import Array
+    from ucxx._lib.libucxx import UCXAddress
+    from ucxx.exceptions import UCXCloseError, UCXError
+    from ucxx.types import Tag, TagMaskFull
 except ImportError as error:  # the 'ucx' extra is not installed
     ucxx = None
     _IMPORT_ERROR: ImportError | None = error
@@ -46,12 +55,13 @@ UCX_DEFAULTS = {"TCP_TX_SEG_SIZE": "256k", "TCP_RX_SEG_SIZE": "256k"}
 """UCX options applied unless the environment sets them (UCX_TCP_...): bigger TCP segments
 move large messages 2-3x faster on loopback and Ethernet; other transports ignore them."""
 
-PROGRESS_MODES = ("thread", "blocking", "polling")
-"""How ucxx progresses UCX (``SPARSECOLL_UCX_PROGRESS``, default "thread"): "thread" completes
-requests through ucxx's progress and notifier threads; "blocking" progresses on the event loop
-when UCX's epoll descriptor fires (on the 2-core VM: 8-byte latency 480 -> 80 us and 1 MiB
-allreduce near the TCP transport with 2 ranks, but stalls of tens of ms with 4 ranks on the 2
-cores); "polling" spins the loop on UCX (fastest, a core per rank busy)."""
+PROGRESS_MODES = ("event", "thread", "blocking", "polling")
+"""How UCX is progressed (``SPARSECOLL_UCX_PROGRESS``, default "event"). "event": our
+:class:`EventProgress` on the event loop, woken by UCX's epoll descriptor or a new request, and
+idle otherwise. The others are ucxx's own modes: "thread" completes requests through ucxx's
+progress and notifier threads (a thread hop per completion: ~300 us per small message on a
+busy host); "blocking" and "polling" progress on the event loop, but every pending request
+then spins the loop until it completes, so ranks that wait busy-loop."""
 LISTENER_DRAIN_SECONDS = 5.0
 ENDPOINT_CLOSE_NS = 2 * 10**9
 
@@ -60,14 +70,125 @@ class _State:
     users = 0
     owned = False
     loop: asyncio.AbstractEventLoop | None = None
-    mode = "thread"
+    mode = "event"
+    driver: EventProgress | None = None
+
+
+FALLBACK_FIRST = 0.001
+FALLBACK_MAX = 0.1
+"""Seconds between progress calls without an event while requests are pending: from the first
+value, doubling while none completes, up to the second."""
+
+
+class EventProgress:
+    """Progresses a UCX worker on the event loop only when there is something to do.
+
+    UCX's worker exposes an epoll descriptor that becomes readable once the worker is armed
+    and an event arrives. Each wake-up (that descriptor, or a newly submitted request)
+    progresses the worker until it is idle, completes the futures of finished requests, and
+    re-arms; when arming finds more work it progresses again on the next loop iteration. A
+    waiting rank thus sleeps in the loop's own ``epoll_wait``, with no thread hops and no
+    spinning.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self._worker: Any = None
+        self._descriptor: int | None = None
+        self._pending: list[tuple[Any, asyncio.Future, Any]] = []
+        self._scheduled = False
+        self._fallback: asyncio.TimerHandle | None = None
+        self._backoff = FALLBACK_FIRST
+
+    def start(self, worker: Any) -> None:
+        """Drive ``worker`` (created for blocking progress) from now on."""
+        worker.init_blocking_progress_mode()
+        self._worker = worker
+        self._descriptor = worker.epoll_file_descriptor
+        self.loop.add_reader(self._descriptor, self._progress)
+        self.wake()
+
+    def stop(self) -> None:
+        """Stop driving the worker; requests still pending are left to the endpoints' close."""
+        if self._fallback is not None:
+            self._fallback.cancel()
+            self._fallback = None
+        if self._descriptor is not None:
+            self.loop.remove_reader(self._descriptor)
+        self._worker = self._descriptor = None
+        self._pending.clear()
+
+    def wake(self) -> None:
+        """Progress the worker on the next loop iteration (once, however often called)."""
+        if not self._scheduled:
+            self._scheduled = True
+            self.loop.call_soon(self._progress)
+
+    def _progress(self) -> None:
+        self._scheduled = False
+        worker = self._worker
+        if worker is None:
+            return
+        worker.progress()
+        if self._pending and self._complete():
+            self._backoff = FALLBACK_FIRST
+        if not worker.arm():
+            self.wake()
+        elif self._pending and self._fallback is None:
+            # UCX raises no event for some progress it owes (a send parked until a full
+            # shared-memory FIFO drains): look again after a delay that grows while idle
+            self._fallback = self.loop.call_later(self._backoff, self._on_fallback)
+            self._backoff = min(2 * self._backoff, FALLBACK_MAX)
+
+    def _on_fallback(self) -> None:
+        self._fallback = None
+        self._progress()
+
+    def _complete(self) -> bool:
+        """Settle the futures of completed requests; whether any completed."""
+        still = []
+        for entry in self._pending:
+            request, future, _buffer = entry
+            if request.completed:
+                self._settle(request, future)
+            else:
+                still.append(entry)
+        completed = len(still) < len(self._pending)
+        self._pending = still
+        return completed
+
+    def track(self, request: Any, future: asyncio.Future, buffer: Any) -> None:
+        """Complete ``future`` with ``request`` (its UCX error as the exception).
+
+        ``buffer`` stays referenced until the request completes, even if the future's waiter
+        is cancelled: UCX owns that memory until then (an endpoint's close cancels it).
+        """
+        if request.completed:
+            self._settle(request, future)
+            return
+        self._pending.append((request, future, buffer))
+        self.wake()
+
+    @staticmethod
+    def _settle(request: Any, future: asyncio.Future) -> None:
+        if future.done():
+            return
+        try:
+            request.check_error()
+        except UCXError as error:
+            future.set_exception(error)
+        else:
+            future.set_result(None)
 
 
 def progress_mode() -> str:
     """The progress mode ``SPARSECOLL_UCX_PROGRESS`` asks for (see :data:`PROGRESS_MODES`)."""
-    mode = os.environ.get("SPARSECOLL_UCX_PROGRESS", "thread").strip().lower() or "thread"
+    mode = os.environ.get("SPARSECOLL_UCX_PROGRESS", "event").strip().lower() or "event"
     if mode not in PROGRESS_MODES:
         raise InvalidArgumentError(f"SPARSECOLL_UCX_PROGRESS={mode!r}: choose from {', '.join(PROGRESS_MODES)}")
+    if mode == "event" and not hasattr(_application_context(), "ProgressTasks"):
+        log.warning("this ucxx has no per-loop progress registry; using its 'thread' progress mode")
+        return "thread"
     return mode
 
 
@@ -88,13 +209,23 @@ def acquire(rank: int) -> None:
         raise RendezvousError("all UCX groups of a process must run on one event loop", rank=rank)
     if ucxx.core._ctx is None:
         mode = progress_mode()
+        driver = None
+        if mode == "event":
+            # ucxx starts its own progress for a loop unless one is registered for it
+            driver = EventProgress(loop)
+            _progress_tasks()[loop] = driver
+        ucx_mode = "blocking" if mode == "event" else mode
         try:
-            ucxx.init(options=UCX_DEFAULTS, env_takes_precedence=True, progress_mode=mode,
+            ucxx.init(options=UCX_DEFAULTS, env_takes_precedence=True, progress_mode=ucx_mode,
                       enable_python_future=mode == "thread")
         except UCXError:
             ucxx.reset()
-            ucxx.init(progress_mode=mode, enable_python_future=mode == "thread")
-        _State.owned, _State.loop, _State.mode = True, loop, mode
+            if driver is not None:
+                _progress_tasks()[loop] = driver
+            ucxx.init(progress_mode=ucx_mode, enable_python_future=mode == "thread")
+        if driver is not None:
+            driver.start(ucxx.core._ctx.worker)
+        _State.owned, _State.loop, _State.mode, _State.driver = True, loop, mode, driver
     _State.users += 1
 
 
@@ -103,7 +234,10 @@ def release() -> None:
     _State.users -= 1
     if _State.users or not _State.owned:
         return
-    _State.owned, _State.loop = False, None
+    if _State.driver is not None:
+        _State.driver.stop()
+        _progress_tasks().pop(_State.loop, None)
+    _State.owned, _State.loop, _State.driver = False, None, None
     context = ucxx.core._ctx
     if context is None:
         return
@@ -123,6 +257,135 @@ def release() -> None:
         ucxx.reset()
     except UCXError as error:
         log.warning("UCX context still referenced at shutdown (leaked endpoint?): %s", error)
+
+
+def _application_context() -> Any:
+    from ucxx._lib_async import application_context
+
+    return application_context
+
+
+def _progress_tasks() -> dict:
+    """ucxx's registry of the progress object driving each event loop."""
+    return _application_context().ProgressTasks
+
+
+def post_send(endpoint: Any, buffer: Any) -> asyncio.Future:
+    """Submit a send of ``buffer`` (one tag message on ``endpoint``) now; completes with it.
+
+    The future is already done when UCX completed the send on submission (small eager
+    messages); a UCX error becomes its exception.
+    """
+    if _State.driver is None:
+        return asyncio.ensure_future(endpoint.send(buffer))
+    return _post(lambda array: _open_handle(endpoint).tag_send(array, Tag(endpoint._tags["msg_send"])), buffer)
+
+
+def post_recv(endpoint: Any, buffer: Any) -> asyncio.Future:
+    """Post a receive of the next tag message on ``endpoint`` into ``buffer`` now."""
+    if _State.driver is None:
+        return asyncio.ensure_future(endpoint.recv(buffer))
+    return _post(lambda array: _open_handle(endpoint).tag_recv(array, Tag(endpoint._tags["msg_recv"]), TagMaskFull),
+                 buffer)
+
+
+async def recv(endpoint: Any, buffer: Any) -> None:
+    """Receive the next tag message on ``endpoint`` into ``buffer``."""
+    await post_recv(endpoint, buffer)
+
+
+def _post(submit: Callable[[Any], Any], buffer: Any) -> asyncio.Future:
+    """``submit(array)`` a request for ``buffer`` and return the future the driver completes."""
+    driver = _State.driver
+    future = driver.loop.create_future()
+    try:
+        array = Array(buffer)
+        request = submit(array)
+    except UCXError as error:
+        future.set_exception(error)
+        return future
+    driver.track(request, future, array)
+    return future
+
+
+class PayloadEndpoint:
+    """A second endpoint to a peer on the same host that carries only payload messages.
+
+    UCX will not use shared memory (``sysv``/``posix``/``cma``) on an endpoint with peer-failure
+    handling, so the connection's own endpoint (which has it, and whose keepalive detects a
+    dead peer) would move every byte over TCP between local ranks. This endpoint, created
+    from the peer's worker address without failure handling, lets UCX pick shared memory for
+    payloads; headers, ABORT and BYE stay on the connection's endpoint, which still reports
+    the peer's failure. Messages are tagged with the connection's tags xor :data:`PAYLOAD_TAG`
+    and received on the worker, in the order they were sent.
+    """
+
+    def __init__(self, connection_endpoint: Any, endpoint: Any) -> None:
+        self.endpoint = endpoint
+        self._send_tag = connection_endpoint._tags["msg_send"] ^ PAYLOAD_TAG
+        self._recv_tag = connection_endpoint._tags["msg_recv"] ^ PAYLOAD_TAG
+
+    def post_send(self, buffer: Any) -> asyncio.Future:
+        """Submit a send of ``buffer`` now (see :func:`post_send`)."""
+        if _State.driver is None:
+            return asyncio.ensure_future(self.endpoint.send(buffer, tag=self._send_tag, force_tag=True))
+        return _post(lambda array: _open_handle(self.endpoint).tag_send(array, Tag(self._send_tag)), buffer)
+
+    async def recv(self, buffer: Any) -> None:
+        """Receive the peer's next payload message into ``buffer``."""
+        context = ucxx.core._get_ctx()
+        if _State.driver is None:
+            await context.recv(buffer, self._recv_tag)
+            return
+        await _post(lambda array: context.worker.tag_recv(array, Tag(self._recv_tag), TagMaskFull), buffer)
+
+
+PAYLOAD_TAG = 0x5343_5041_594C_4F44
+"""Xor'ed into a connection's tags to tag its payload endpoint's messages."""
+SHARED_MEMORY_TRANSPORTS = frozenset({"all", "sm", "shm", "posix", "sysv", "cma", "knem", "xpmem"})
+
+
+def shared_memory_allowed() -> bool:
+    """Whether ``UCX_TLS`` lets UCX use a shared-memory transport (unset means all)."""
+    setting = os.environ.get("UCX_TLS", "all").replace(" ", "").lower()
+    excluded = setting.startswith("^")
+    names = {name.removesuffix("_x") for name in setting.lstrip("^").split(",") if name}
+    if excluded:
+        return not names >= {"sm"} and not names >= {"posix", "sysv", "cma"}
+    return bool(names & SHARED_MEMORY_TRANSPORTS)
+
+
+def host_identity() -> bytes:
+    """16 bytes naming this host's running kernel: equal for processes that can share memory."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", "rb") as source:
+            boot = source.read().strip()
+    except OSError:
+        boot = b""
+    return hashlib.sha256(socket.gethostname().encode() + b"/" + boot).digest()[:16]
+
+
+def worker_address() -> bytes:
+    """This process's UCX worker address, as a peer needs it to reach us."""
+    return bytes(ucxx.core._get_ctx().worker.address)
+
+
+async def create_payload_endpoint(connection_endpoint: Any, address: bytes) -> PayloadEndpoint:
+    """A :class:`PayloadEndpoint` to the worker at ``address`` (without peer-failure handling)."""
+    endpoint = await ucxx.create_endpoint_from_worker_address(
+        UCXAddress.create_from_buffer(address), endpoint_error_handling=False)
+    return PayloadEndpoint(connection_endpoint, endpoint)
+
+
+def _open_handle(endpoint: Any) -> Any:
+    """ucxx's endpoint handle behind ``endpoint``; raises its UCX error if it failed or closed."""
+    handle = endpoint._ep
+    if handle is None:
+        raise UCXCloseError("Endpoint closed")
+    handle.raise_on_error()
+    if not handle.alive:
+        raise UCXCloseError("Endpoint closed")
+    return handle
 
 
 def cuda_support() -> bool:
@@ -229,7 +492,7 @@ class UcxChannel:
 
     async def read(self, size: int) -> bytes:
         buffer = bytearray(size)
-        failure = await attempt(self.endpoint.recv(buffer))
+        failure = await attempt(recv(self.endpoint, buffer))
         if "truncated" in failure.lower():
             raise FrameError(f"handshake message longer than the expected {size} bytes")
         if failure:
@@ -237,6 +500,6 @@ class UcxChannel:
         return bytes(buffer)
 
     async def write(self, data: bytes) -> None:
-        failure = await attempt(self.endpoint.send(bytearray(data)))
+        failure = await attempt(post_send(self.endpoint, bytearray(data)))
         if failure:
             raise ConnectionResetError(f"UCX endpoint failed during the handshake: {failure}")
