@@ -32,8 +32,9 @@ worker address and without failure handling, that carries only payloads, so bulk
 through shared memory; headers, ABORT and BYE keep the first endpoint, which still reports a
 dead peer (see :class:`~sparsecoll.transport.ucx_runtime.PayloadEndpoint`).
 
-ucxx keeps one UCX context per process, bound to the event loop that created it; every UcxTransport of the process shares it, and the last
-one to close shuts it down so the process exits cleanly.
+ucxx keeps one UCX context per process, bound to the event loop that created it; every
+UcxTransport of the process shares it, and the last one to close shuts it down so the
+process exits cleanly.
 """
 
 from __future__ import annotations
