@@ -147,28 +147,20 @@ class UcxTransport(Transport):
         if endpoint is None:
             raise RendezvousError(f"cannot connect to {address} with UCX_TLS="
                                   f"{os.environ.get('UCX_TLS', 'all')}: {failure}", rank=self.rank, peer=peer)
-        failure = ""
+        failure, payload_endpoint = "", None
         try:
             await asyncio.wait_for(
                 connect_handshake(UcxChannel(endpoint), self.secret, self.group_id, self.rank,
                                   self.size, peer),
+                max(0.1, min(HANDSHAKE_TIMEOUT, deadline - loop.time())))
+            payload_endpoint = await asyncio.wait_for(
+                self._open_payload_endpoint(endpoint, peer),
                 max(0.1, min(HANDSHAKE_TIMEOUT, deadline - loop.time())))
         except (OSError, asyncio.TimeoutError) as error:
             failure = repr(error)
         except BaseException:
             await self._discard_endpoint(endpoint)
             raise
-        payload_endpoint = None
-        if not failure:
-            try:
-                payload_endpoint = await asyncio.wait_for(
-                    self._open_payload_endpoint(endpoint, peer),
-                    max(0.1, min(HANDSHAKE_TIMEOUT, deadline - loop.time())))
-            except (OSError, asyncio.TimeoutError, UCX_ERRORS) as error:
-                failure = ucx_runtime.describe(error) if isinstance(error, UCX_ERRORS) else repr(error)
-            except BaseException:
-                await self._discard_endpoint(endpoint)
-                raise
         if failure:
             await self._discard_endpoint(endpoint)
             raise RendezvousError(f"handshake with {address} failed: {failure}", rank=self.rank, peer=peer)
@@ -216,11 +208,8 @@ class UcxTransport(Transport):
                 HANDSHAKE_TIMEOUT)
             if peer in self._connections:
                 raise RendezvousError(f"second connection claiming rank {peer}", rank=self.rank)
-            try:
-                payload_endpoint = await asyncio.wait_for(self._open_payload_endpoint(endpoint, peer),
-                                                          HANDSHAKE_TIMEOUT)
-            except UCX_ERRORS as error:
-                raise ConnectionResetError(ucx_runtime.describe(error)) from None
+            payload_endpoint = await asyncio.wait_for(self._open_payload_endpoint(endpoint, peer),
+                                                      HANDSHAKE_TIMEOUT)
         except asyncio.CancelledError:
             await self._discard_endpoint(endpoint)
             return
@@ -246,16 +235,16 @@ class UcxTransport(Transport):
         ``UCX_TLS``), its host identity and its worker address; both open it only when both
         want it and the identities match, so the two sides always agree.
         """
-        address = ucx_runtime.worker_address()
+        address, identity = ucx_runtime.worker_address(), ucx_runtime.host_identity()
         wants = ucx_runtime.shared_memory_allowed() and LOCALITY.size + len(address) <= LOCALITY_SIZE
-        ours = LOCALITY.pack(LOCALITY_MAGIC, wants, ucx_runtime.host_identity(), len(address) if wants else 0)
+        ours = LOCALITY.pack(LOCALITY_MAGIC, wants, identity, len(address) if wants else 0)
         channel = UcxChannel(endpoint)
         await channel.write((ours + (address if wants else b"")).ljust(LOCALITY_SIZE, b"\0"))
         theirs = await channel.read(LOCALITY_SIZE)
-        magic, peer_wants, identity, length = LOCALITY.unpack_from(theirs)
+        magic, peer_wants, peer_identity, length = LOCALITY.unpack_from(theirs)
         if magic != LOCALITY_MAGIC or length > LOCALITY_SIZE - LOCALITY.size:
             raise FrameError(f"malformed locality message from rank {peer}", rank=self.rank, peer=peer)
-        if not (wants and peer_wants and identity == ucx_runtime.host_identity()):
+        if not (wants and peer_wants and peer_identity == identity):
             return None
         payload_endpoint = await ucx_runtime.create_payload_endpoint(
             endpoint, theirs[LOCALITY.size:LOCALITY.size + length])

@@ -7,7 +7,8 @@ order it was sent. A frame is
   payload itself (flag ``INLINE_PAYLOAD``: one message, one completion), or for a payload
   sent from several buffers by a table of their sizes (flag ``SEGMENTED_PAYLOAD``);
 * then, unless inlined, one message per payload buffer, which the receiver posts straight
-  into the buffer the mailbox chose (the caller's array: zero-copy, host or device memory).
+  into the buffer the mailbox chose (the caller's array: zero-copy, host or device memory);
+  with flag ``PAYLOAD_ENDPOINT`` these follow on the connection's payload endpoint instead.
 
 The flags are bits of the header's ``flags`` field that only this transport sets or reads.
 """
@@ -132,7 +133,7 @@ class UcxConnection:
             await recv(self.endpoint, self._slot)
         else:
             next_header, self._next_header = self._next_header, None
-            self._slot = self._slots[self._slot is self._slots[0]]
+            self._slot = self._spare_slot()
             self._slot_view = memoryview(self._slot)
             await next_header
         header = decode_header(self._slot_view[:HEADER_SIZE], self._transport.max_payload)
@@ -188,8 +189,12 @@ class UcxConnection:
             return lambda buffer: recv(self.endpoint, buffer)
         if self.payload_endpoint is None:
             raise FrameError("payload sent over a payload endpoint this connection does not have")
-        self._next_header = post_recv(self.endpoint, self._slots[self._slot is self._slots[0]])
+        self._next_header = post_recv(self.endpoint, self._spare_slot())
         return self._receive_watching
+
+    def _spare_slot(self) -> bytearray:
+        """The header slot the current frame is not using (a pre-posted next header goes there)."""
+        return self._slots[self._slot is self._slots[0]]
 
     async def _receive_watching(self, buffer: Any) -> None:
         """One payload message from the payload endpoint; raises the connection's endpoint error."""

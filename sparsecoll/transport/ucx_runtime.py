@@ -19,6 +19,7 @@ package imports without CUDA libraries too (device arrays are recognised by thei
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
@@ -270,15 +271,16 @@ def _progress_tasks() -> dict:
     return _application_context().ProgressTasks
 
 
-def post_send(endpoint: Any, buffer: Any) -> asyncio.Future:
+def post_send(endpoint: Any, buffer: Any, tag: int | None = None) -> asyncio.Future:
     """Submit a send of ``buffer`` (one tag message on ``endpoint``) now; completes with it.
 
-    The future is already done when UCX completed the send on submission (small eager
-    messages); a UCX error becomes its exception.
+    ``tag`` defaults to the endpoint's own. The future is already done when UCX completed the
+    send on submission (small eager messages); a UCX error becomes its exception.
     """
+    tag = endpoint._tags["msg_send"] if tag is None else tag
     if _State.driver is None:
-        return asyncio.ensure_future(endpoint.send(buffer))
-    return _post(lambda array: _open_handle(endpoint).tag_send(array, Tag(endpoint._tags["msg_send"])), buffer)
+        return asyncio.ensure_future(endpoint.send(buffer, tag=tag, force_tag=True))
+    return _post(lambda array: _open_handle(endpoint).tag_send(array, Tag(tag)), buffer)
 
 
 def post_recv(endpoint: Any, buffer: Any) -> asyncio.Future:
@@ -327,9 +329,7 @@ class PayloadEndpoint:
 
     def post_send(self, buffer: Any) -> asyncio.Future:
         """Submit a send of ``buffer`` now (see :func:`post_send`)."""
-        if _State.driver is None:
-            return asyncio.ensure_future(self.endpoint.send(buffer, tag=self._send_tag, force_tag=True))
-        return _post(lambda array: _open_handle(self.endpoint).tag_send(array, Tag(self._send_tag)), buffer)
+        return post_send(self.endpoint, buffer, self._send_tag)
 
     async def recv(self, buffer: Any) -> None:
         """Receive the peer's next payload message into ``buffer``."""
@@ -355,6 +355,7 @@ def shared_memory_allowed() -> bool:
     return bool(names & SHARED_MEMORY_TRANSPORTS)
 
 
+@functools.cache
 def host_identity() -> bytes:
     """16 bytes naming this host's running kernel: equal for processes that can share memory."""
     try:
@@ -371,9 +372,15 @@ def worker_address() -> bytes:
 
 
 async def create_payload_endpoint(connection_endpoint: Any, address: bytes) -> PayloadEndpoint:
-    """A :class:`PayloadEndpoint` to the worker at ``address`` (without peer-failure handling)."""
-    endpoint = await ucxx.create_endpoint_from_worker_address(
-        UCXAddress.create_from_buffer(address), endpoint_error_handling=False)
+    """A :class:`PayloadEndpoint` to the worker at ``address`` (without peer-failure handling).
+
+    UCX's failures raise ConnectionResetError, as the handshake's channel does.
+    """
+    try:
+        endpoint = await ucxx.create_endpoint_from_worker_address(
+            UCXAddress.create_from_buffer(address), endpoint_error_handling=False)
+    except UCXError as error:
+        raise ConnectionResetError(f"cannot open the payload endpoint: {describe(error)}") from None
     return PayloadEndpoint(connection_endpoint, endpoint)
 
 
