@@ -32,10 +32,11 @@ from sparsecoll.launch import spawn
 TRANSPORTS: dict[str, dict[str, str]] = {
     "tcp": {"SPARSECOLL_BACKEND": "tcp"},
     "ucx-tcp": {"SPARSECOLL_BACKEND": "ucx", "UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"},
-    "ucx-sm": {"SPARSECOLL_BACKEND": "ucx", "UCX_TLS": "sm,tcp", "UCX_NET_DEVICES": "lo"},
+    "ucx-sm": {"SPARSECOLL_BACKEND": "ucx", "UCX_TLS": "sm,tcp", "UCX_NET_DEVICES": "lo",
+               "SPARSECOLL_UCX_SHARED_MEMORY": "1"},
 }
-"""Name -> environment of its ranks. ``ucx-sm`` lets UCX use shared memory between local ranks
-(TCP only carries the connection set-up)."""
+"""Name -> environment of its ranks. ``ucx-sm`` lets UCX move payloads between local ranks
+through shared memory (a payload endpoint; headers stay on the TCP endpoint)."""
 PING_PONGS = 2000
 
 

@@ -25,12 +25,14 @@ Choosing the fabric follows UCX's own conventions, so the same code runs anywher
 Connections are set up over TCP/IP sockets (UCX's sockaddr connection manager: ``rdmacm``
 on IPoIB, else ``tcp``), so the addresses published through the rendezvous store are
 ``host:port`` as for the TCP transport. These endpoints have UCX's peer-failure handling (a
-dead peer fails them at once), and UCX therefore never puts shared memory on them. Two ranks
-on one host whose ``UCX_TLS`` allows shared memory (unset, or naming ``sm``, ``posix``,
-``sysv`` or ``cma``) agree after the handshake to open a second endpoint, from each other's
-worker address and without failure handling, that carries only payloads, so bulk data moves
-through shared memory; headers, ABORT and BYE keep the first endpoint, which still reports a
-dead peer (see :class:`~sparsecoll.transport.ucx_runtime.PayloadEndpoint`).
+dead peer fails them at once), and UCX therefore never puts shared memory on them. With
+``SPARSECOLL_UCX_SHARED_MEMORY=1``, two ranks on one host whose ``UCX_TLS`` allows shared
+memory (unset, or naming ``sm``, ``posix``, ``sysv`` or ``cma``) agree after the handshake to
+open a second endpoint, from each other's worker address and without failure handling, that
+carries only payloads, so bulk data moves through shared memory; headers, ABORT and BYE keep
+the first endpoint, which still reports a dead peer (see
+:class:`~sparsecoll.transport.ucx_runtime.PayloadEndpoint` and, for why it is opt-in,
+:func:`~sparsecoll.transport.ucx_runtime.shared_memory_wanted`).
 
 ucxx keeps one UCX context per process, bound to the event loop that created it; every
 UcxTransport of the process shares it, and the last one to close shuts it down so the
@@ -231,12 +233,12 @@ class UcxTransport(Transport):
     async def _open_payload_endpoint(self, endpoint: Any, peer: int) -> PayloadEndpoint | None:
         """After the handshake: a shared-memory payload endpoint if both ranks want one.
 
-        Each side sends whether it wants one (same host, shared memory allowed by its
+        Each side sends whether it wants one (asked for, and shared memory allowed by its
         ``UCX_TLS``), its host identity and its worker address; both open it only when both
         want it and the identities match, so the two sides always agree.
         """
         address, identity = ucx_runtime.worker_address(), ucx_runtime.host_identity()
-        wants = ucx_runtime.shared_memory_allowed() and LOCALITY.size + len(address) <= LOCALITY_SIZE
+        wants = ucx_runtime.shared_memory_wanted() and LOCALITY.size + len(address) <= LOCALITY_SIZE
         ours = LOCALITY.pack(LOCALITY_MAGIC, wants, identity, len(address) if wants else 0)
         channel = UcxChannel(endpoint)
         await channel.write((ours + (address if wants else b"")).ljust(LOCALITY_SIZE, b"\0"))

@@ -345,6 +345,17 @@ PAYLOAD_TAG = 0x5343_5041_594C_4F44
 SHARED_MEMORY_TRANSPORTS = frozenset({"all", "sm", "shm", "posix", "sysv", "cma", "knem", "xpmem"})
 
 
+def shared_memory_wanted() -> bool:
+    """Whether this rank asks for a payload endpoint: ``SPARSECOLL_UCX_SHARED_MEMORY=1`` and a
+    ``UCX_TLS`` that allows shared memory.
+
+    Off by default: the payload endpoint has no peer-failure handling, so when a peer exits or
+    frees a buffer while UCX is still copying a payload out of it (``cma``), UCX treats the
+    failed copy as fatal and aborts the receiving process instead of raising an error.
+    """
+    return os.environ.get("SPARSECOLL_UCX_SHARED_MEMORY", "0").strip() == "1" and shared_memory_allowed()
+
+
 def shared_memory_allowed() -> bool:
     """Whether ``UCX_TLS`` lets UCX use a shared-memory transport (unset means all)."""
     setting = os.environ.get("UCX_TLS", "all").replace(" ", "").lower()
