@@ -134,14 +134,13 @@ def fit(ranks: int, seconds: np.ndarray, *, link: str) -> CostModel:
     sketch, add, merge, quantize, rank 0 selecting alone], inverting the model's own formulas."""
     latency, bandwidth, select_small, select_large, sketched, added, merged, quantized, lone = \
         (float(s) for s in seconds)
-    power = 1 << (ranks.bit_length() - 1)
-    messages = power.bit_length() - 1 + 2 * (ranks != power)  # recursive doubling's critical path
-    alpha = latency / messages
+    count = LARGE_BYTES // 4
+    messages = CostModel(alpha=1.0, beta=0.0, reduce_per_element=0.0).doubling_allreduce(ranks, SMALL_COUNT)
+    alpha = latency / messages  # recursive doubling's critical path, in messages
     reduce_per_element = added / SELECT_SIZES[-1]
-    steps, count = 2 * (ranks - 1), LARGE_BYTES // 4
-    wire = steps * (LARGE_BYTES / ranks + 64)
-    wire_seconds = bandwidth - steps * alpha - (ranks - 1) / ranks * count * reduce_per_element
-    beta = max(wire_seconds, 0.1 * bandwidth) / wire  # noise must not make the link look free
+    overhead = CostModel(alpha=alpha, beta=0.0, reduce_per_element=reduce_per_element).ring_allreduce(ranks, count)
+    wire = CostModel(alpha=0.0, beta=1.0, reduce_per_element=0.0).ring_allreduce(ranks, count)  # bytes, headers too
+    beta = max(bandwidth - overhead, 0.1 * bandwidth) / wire  # noise must not make the link look free
     select_per_element = max(0.0, (select_large - select_small) / (SELECT_SIZES[1] - SELECT_SIZES[0]))
     return CostModel(
         alpha=alpha, beta=beta, select_per_element=select_per_element,
