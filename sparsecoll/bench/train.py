@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsecoll.bench.common import render_table, write_json
+from sparsecoll.bench.common import parse_list, render_table, write_json
 from sparsecoll.bench.ranks import RankPlace, run_ranks, this_rank
 
 DEFAULT_CONFIGS = [("dense", 1.0)] + [(algorithm, density) for density in (0.01, 0.001)
@@ -154,8 +154,7 @@ def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, flo
 
 def parse_configs(algorithms: str, densities: str) -> list[tuple[str, float]]:
     """'dense,gtopk,cltk' x '0.01,0.001' to configurations; dense runs once, at density 1."""
-    names = [name.strip() for name in algorithms.split(",") if name.strip()]
-    values = [float(value) for value in densities.split(",") if value.strip()]
+    names, values = parse_list(algorithms), parse_list(densities, float)
     return [(name, 1.0) for name in names if name == "dense"] + [
         (name, density) for density in values for name in names if name != "dense"]
 
