@@ -199,13 +199,13 @@ def sparse_command(
     if auto:
         from sparsecoll.collectives.cost_model import AUTO_GAP_COLUMNS, auto_gap, default_path, load_default
 
-        model = load_default()
-        source = default_path() if default_path().exists() else "default model (run sparsecoll-bench calibrate)"
+        model, path = load_default(), default_path()
+        source = path if path.exists() else "default model (run sparsecoll-bench calibrate)"
         gaps = auto_gap(rows, model)
-    if auto and gaps:
-        auto_json = json_file and json_file.removesuffix(".json") + "-auto.json"
-        _report("auto", f"algorithm='auto' against the best measured ({source})", AUTO_GAP_COLUMNS, gaps, gaps,
-                auto_json, None, model=str(source), link=link or "loopback")
+        if gaps:
+            auto_json = json_file and json_file.removesuffix(".json") + "-auto.json"
+            _report("auto", f"algorithm='auto' against the best measured ({source})", AUTO_GAP_COLUMNS, gaps, gaps,
+                    auto_json, None, model=str(source), link=link or "loopback")
 
 
 @app.command("kernels")
