@@ -22,6 +22,7 @@ import sparsecoll
 from sparsecoll.bench.common import format_size
 from sparsecoll.bench.ranks import RankPlace
 from sparsecoll.bench.sparse import SPARSE_ALGORITHMS, heavy_tailed, reduces, time_sparse
+from sparsecoll.collectives.sparse_common import resolve_k
 from sparsecoll.errors import InvalidArgumentError
 
 OPS = ("allreduce", "allgather", "broadcast", "barrier")
@@ -89,6 +90,7 @@ async def run_rank(rank: int, world: int, place: RankPlace, cases: Sequence[Case
         dist.init_process_group("gloo", store=dist.PrefixStore("gloo", store), rank=rank, world_size=world)
     rows = []
     gloo_times: dict[tuple[str, int], np.ndarray] = {}
+    grads: dict[int, np.ndarray] = {}
     bar = _progress(rank == 0 and progress, len(cases) + 1)
     async with await sparsecoll.init_group(store=store, rank=rank, world_size=world, timeout=600) as group:
         bar.begin("compiling kernels")
@@ -96,7 +98,8 @@ async def run_rank(rank: int, world: int, place: RankPlace, cases: Sequence[Case
         bar.advance()
         for case in cases:
             bar.begin(f"{case.op} {case.algorithm} {format_size(case.nbytes)}")
-            rows.append(await _run_case(group, case, iterations, warmup, dist if with_gloo else None, gloo_times))
+            rows.append(await _run_case(group, case, iterations, warmup, dist if with_gloo else None, gloo_times,
+                                        grads))
             bar.advance()
     bar.stop()
     if with_gloo:
@@ -114,7 +117,10 @@ async def _preflight(group: sparsecoll.Group, cases: Sequence[Case]) -> None:
 
 
 async def _run_case(group: sparsecoll.Group, case: Case, iterations: int | None, warmup: int, dist: Any,
-                    gloo_times: dict[tuple[str, int], np.ndarray]) -> dict[str, Any]:
+                    gloo_times: dict[tuple[str, int], np.ndarray], grads: dict[int, np.ndarray]) -> dict[str, Any]:
+    """One case's row; ``gloo_times`` keeps Gloo's times per (op, count) and ``grads`` this rank's
+    gradient per count (a Student-t draw as large as the case, the same every time), each made
+    once per sweep."""
     world = group.size
     count = max(1, case.nbytes // 4)
     if case.op == "allgather":
@@ -127,9 +133,12 @@ async def _run_case(group: sparsecoll.Group, case: Case, iterations: int | None,
     if case.algorithm == "dense":
         times, wrong, sent = await _time_dense(group, case.op, count, repeat, warmup)
     else:
-        row["k"] = max(1, round(count * case.density))
-        times, sent, wrong = await time_sparse(group, heavy_tailed(group.rank, count), case.algorithm,
-                                               case.density, case.bits, repeat, warmup)
+        row["k"] = resolve_k(count, None, case.density)
+        if count not in grads:
+            grads[count] = heavy_tailed(group.rank, count)
+        # a copy, so that an algorithm that wrote into its input could not change a later case's data
+        times, sent, wrong = await time_sparse(group, grads[count].copy(), case.algorithm, case.density, case.bits,
+                                               repeat, warmup)
     baseline_key = (case.op, count)
     fresh_baseline = dist is not None and baseline_key not in gloo_times
     if fresh_baseline:

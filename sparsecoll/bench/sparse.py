@@ -23,7 +23,7 @@ from sparsecoll import registry
 from sparsecoll import kernels
 from sparsecoll.bench.ranks import RankPlace
 from sparsecoll.collectives.sketch import default_columns
-from sparsecoll.collectives.sparse_common import SparseResult
+from sparsecoll.collectives.sparse_common import SparseResult, resolve_k
 from sparsecoll.wire import HEADER_SIZE
 
 SPARSE_ALGORITHMS = ("allgather", "gtopk", "sketch", "cltk")
@@ -70,7 +70,7 @@ async def time_sparse(group: sparsecoll.Group, grad: np.ndarray, algorithm: str,
                                                     quantize_bits=bits, step=index)
         if index >= warmup:
             times[index - warmup] = time.perf_counter() - started
-    topk = max(1, round(grad.size * density)) if algorithm == "allgather" else None
+    topk = resolve_k(grad.size, None, density) if algorithm == "allgather" else None
     wrong = await count_wrong(group, grad, result, topk, bits)
     return times, stats.bytes_sent, wrong
 
