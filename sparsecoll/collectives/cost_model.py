@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from sparsecoll.collectives.dense import SEGMENT_BYTES, SMALL_ALLREDUCE_BYTES
+from sparsecoll.collectives.doubling import DoublingPlan
 from sparsecoll.collectives.quantized_ring import quantized_bytes
 from sparsecoll.collectives.sketch import default_columns
 from sparsecoll.errors import InvalidArgumentError
@@ -40,10 +41,6 @@ PARAMETERS = ("alpha", "beta", "select_per_element", "select_fixed", "lone_selec
 """The model's numbers, in the order of :meth:`CostModel.to_array`."""
 FORMAT_VERSION = 1
 ENV_PATH = "SPARSECOLL_COST_MODEL"
-
-
-def _power_of_two_below(ranks: int) -> int:
-    return 1 << (ranks.bit_length() - 1)
 
 
 @dataclass(frozen=True)
@@ -105,9 +102,8 @@ class CostModel:
 
     def doubling_allreduce(self, ranks: int, count: int, itemsize: int = 4) -> float:
         """Recursive doubling: log2 p exchanges of everything (+ a fold in and out when P != p)."""
-        power = _power_of_two_below(ranks)
-        rounds = power.bit_length() - 1
-        folded = ranks != power
+        plan = DoublingPlan(0, ranks)
+        rounds, folded = plan.rounds, plan.extra > 0
         return (rounds + 2 * folded) * self.message(count * itemsize) \
             + (rounds + folded) * count * self.reduce_per_element
 
@@ -145,9 +141,8 @@ class CostModel:
         exchange = self.message(payload) + (0.0 if bits is None else k * self.quantize_per_element)
         if algorithm == "allgather":
             return self.select(size) + (ranks - 1) * exchange + ranks * k * self.merge_per_pair
-        power = _power_of_two_below(ranks)  # gtopk: recursive doubling of k pairs, a merge each round
-        rounds = power.bit_length() - 1
-        folded = ranks != power
+        plan = DoublingPlan(0, ranks)  # gtopk: recursive doubling of k pairs, a merge each round
+        rounds, folded = plan.rounds, plan.extra > 0
         return self.select(size) + (rounds + 2 * folded) * exchange + (rounds + folded) * 2 * k * self.merge_per_pair
 
     def choose(self, ranks: int, size: int, k: int, candidates: Sequence[str] = ALGORITHMS,

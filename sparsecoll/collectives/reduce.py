@@ -35,6 +35,7 @@ from sparsecoll.call import CollectiveResult
 from sparsecoll.collectives.auto import choose_algorithm
 from sparsecoll.collectives.cltk import cltk
 from sparsecoll.collectives.compressed import compressed_allgather, make_codec
+from sparsecoll.collectives.cost_model import ALGORITHMS
 from sparsecoll.collectives.dense import allreduce
 from sparsecoll.collectives.gtopk import gtopk
 from sparsecoll.collectives.lazy import LazyState, lazy_allreduce
@@ -47,7 +48,8 @@ from sparsecoll.errors import InvalidArgumentError
 if TYPE_CHECKING:
     from sparsecoll.group import Group
 
-BUILTIN = ("dense", "allgather", "gtopk", "sketch", "cltk")
+BUILTIN = ALGORITHMS
+"""The built-in algorithms, the ones the cost model prices (one tuple, so the two cannot drift)."""
 LAZY_REFUSED = {
     "gtopk": "each merge keeps the top k of the partners' sums, which change every round, so no "
              "rank has a contribution of its own that the others could reuse",
