@@ -13,7 +13,6 @@ the exact local values (the unbiased rounding noise belongs to no single rank).
 
 from __future__ import annotations
 
-import zlib
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,7 +22,7 @@ from sparsecoll.call import Call, CollectiveResult
 from sparsecoll.collectives.quantized_ring import check_bits, ring_sum
 from sparsecoll.collectives.sparse_common import SparseResult, float_vector, resolve_k
 from sparsecoll.errors import InvalidArgumentError
-from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code
+from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code, shape_hash
 
 if TYPE_CHECKING:
     from sparsecoll.group import Group
@@ -58,7 +57,7 @@ async def sketch_allreduce(group: Group, grad: np.ndarray, *, k: int | None = No
     hashes = kernels.sketch_hashes(rows, seed)
     table = np.zeros((rows, columns), np.float32)
     signature = Signature(Op.SKETCH_ALLREDUCE, Algorithm.RING, dtype_code(flat.dtype), ReduceOp.SUM,
-                          -1, size, count, _layout_hash(rows, columns, candidates, quantize_bits or 0))
+                          -1, size, count, shape_hash((rows, columns, candidates, quantize_bits or 0)))
 
     async def body(call: Call) -> SparseResult:
         kernels.sketch_insert_dense(table, hashes, flat)  # inside the call: NaN aborts every rank
@@ -73,9 +72,4 @@ async def sketch_allreduce(group: Group, grad: np.ndarray, *, k: int | None = No
         return SparseResult(np.asarray(indices, np.int64), values, size, found[taken], mine[taken])
 
     return await group.run(signature, body, timeout)
-
-
-def _layout_hash(rows: int, columns: int, candidates: int, bits: int) -> int:
-    """What the ranks must agree on besides k, as one signature field."""
-    return zlib.crc32(np.array([rows, columns, candidates, bits], np.int64).tobytes())
 
