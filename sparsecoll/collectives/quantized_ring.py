@@ -21,7 +21,7 @@ import numpy as np
 
 from sparsecoll import kernels
 from sparsecoll.call import Call, CollectiveResult
-from sparsecoll.collectives.dense import SEGMENT_BYTES, chunk_bounds, ring_allreduce
+from sparsecoll.collectives.dense import SEGMENT_BYTES, _segments, chunk_bounds, ring_allreduce
 from sparsecoll.collectives.sparse_common import float_vector
 from sparsecoll.errors import FrameError
 from sparsecoll.kernels.quantize import check_layout
@@ -51,10 +51,7 @@ def stream_seed(*parts: int) -> int:
 
 def _pieces(length: int, dtype: np.dtype) -> list[tuple[int, int]]:
     """Frames of whole quantization blocks, about ``SEGMENT_BYTES`` of unquantized values each."""
-    step = max(QUANT_BLOCK, SEGMENT_BYTES // dtype.itemsize // QUANT_BLOCK * QUANT_BLOCK)
-    if length == 0:
-        return [(0, 0)]
-    return [(start, min(start + step, length)) for start in range(0, length, step)]
+    return _segments(length, max(QUANT_BLOCK, SEGMENT_BYTES // dtype.itemsize // QUANT_BLOCK * QUANT_BLOCK))
 
 
 def encode_quantized(values: np.ndarray, bits: int, seed: int) -> list[np.ndarray]:
