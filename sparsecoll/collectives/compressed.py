@@ -96,11 +96,20 @@ def _split(block: Any, templates: list[np.ndarray], rank: int) -> list[np.ndarra
     return arrays
 
 
-def _check_sparse(payload: Any, size: int, rank: int, source: int) -> None:
+def _sparse_arrays(payload: Any) -> tuple[np.ndarray, np.ndarray] | None:
+    """A sparse payload's (indices, values): both attributes present and numpy arrays; else None."""
     indices = getattr(payload, "indices", None)
     values = getattr(payload, "values", None)
-    if not isinstance(indices, np.ndarray) or not isinstance(values, np.ndarray):
+    if isinstance(indices, np.ndarray) and isinstance(values, np.ndarray):
+        return indices, values
+    return None
+
+
+def _check_sparse(payload: Any, size: int, rank: int, source: int) -> None:
+    sparse = _sparse_arrays(payload)
+    if sparse is None:
         return
+    indices, values = sparse
     if indices.size != values.size or (indices.size and (int(indices.min()) < 0 or int(indices.max()) >= size)):
         raise FrameError(f"rank {source} sent a sparse payload with indices outside [0, {size}) or "
                          f"{indices.size} indices for {values.size} values", rank=rank, peer=source)
@@ -156,9 +165,9 @@ async def compressed_allgather(group: Group, grad: np.ndarray, codec: Any, *, na
             total += decoded
             if source == call.rank:
                 mine = decoded
-        indices = getattr(payload, "indices", None)
-        values = getattr(payload, "values", None)
-        if isinstance(indices, np.ndarray) and isinstance(values, np.ndarray):
+        sparse = _sparse_arrays(payload)
+        if sparse is not None:
+            indices, values = sparse
             return SparseResult(None, total, size, np.asarray(indices, np.int64), values)
         return SparseResult(None, total, size, None, mine)
 
