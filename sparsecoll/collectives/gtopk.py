@@ -101,22 +101,25 @@ async def gtopk(group: Group, grad: np.ndarray, *, k: int | None = None, density
             call.stats.rounds += 2
         else:
             guest_indices = guest_alive = None
+
+            def prune(kept: np.ndarray) -> None:  # after every merge, drop what it cut off
+                nonlocal alive, guest_alive
+                alive &= np.isin(local_indices, kept, assume_unique=True)
+                if guest_indices is not None:
+                    guest_alive &= np.isin(guest_indices, kept, assume_unique=True)
+
             if plan.host:
                 guest = decode(await call.recv(rank - 1, 0, limit=limit))
                 guest_indices, guest_alive = guest[0], np.ones(guest[0].size, bool)
                 current = merge_top(current, guest, count)
                 call.stats.rounds += 1
-            for round_index in range(plan.rounds + 1):
-                if round_index or plan.host:  # after every merge, drop what it cut off
-                    alive &= np.isin(local_indices, current[0], assume_unique=True)
-                    if guest_indices is not None:
-                        guest_alive &= np.isin(guest_indices, current[0], assume_unique=True)
-                if round_index == plan.rounds:
-                    break
+                prune(current[0])
+            for round_index in range(plan.rounds):
                 partner = plan.partner(round_index)
                 buffers, current = wire(current, round_index + 1, ranks + (plan.virtual >> round_index))
                 theirs = decode(await call.exchange(partner, buffers, partner, None, round_index + 1, limit))
                 current = merge_top(current, theirs, count)
+                prune(current[0])
             call.stats.rounds += plan.rounds
             if plan.extra:  # every rank rounds the result alike, as the folded ones receive it
                 buffers, current = wire(current, final_tag, -1)
