@@ -21,6 +21,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from sparsecoll.bench.common import present_columns
+
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
 ORDER = ("collectives", "sparse", "kernels", "train", "soak")
 Column = tuple[str, str, Callable[[Any], str] | None]
@@ -92,7 +94,7 @@ def _cell(value: object, format_value: Callable[[Any], str] | None = None) -> st
 
 def table(rows: list[dict], columns: list[Column]) -> str:
     """Rows as a markdown table; columns no row has a value for are left out."""
-    columns = [column for column in columns if any(row.get(column[0]) is not None for row in rows)]
+    columns = present_columns(columns, rows)
     lines = ["| " + " | ".join(header for _, header, _ in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in columns) + " |" for row in rows]
     return "\n".join(lines)

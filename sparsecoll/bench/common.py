@@ -9,7 +9,7 @@ import platform
 import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from rich.console import Console
 from rich.table import Table
@@ -92,8 +92,12 @@ def parse_list(text: str, parse: Callable[[str], Any] = str) -> list[Any]:
     return [parse(item.strip()) for item in text.split(",") if item.strip()]
 
 
-def present_columns(columns: Sequence[tuple[str, str]], rows: Sequence[dict]) -> list[tuple[str, str]]:
-    """The columns that hold a value in at least one row (no all-empty columns in a table)."""
+ColumnT = TypeVar("ColumnT", bound=tuple)
+
+
+def present_columns(columns: Sequence[ColumnT], rows: Sequence[dict]) -> list[ColumnT]:
+    """The columns (tuples that start with the row key) that hold a value in at least one row
+    (no all-empty columns in a table)."""
     return [column for column in columns if any(row.get(column[0]) is not None for row in rows)]
 
 
