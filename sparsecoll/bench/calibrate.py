@@ -24,6 +24,7 @@ import typer
 
 import sparsecoll
 from sparsecoll import kernels
+from sparsecoll.bench.kernels import best_time
 from sparsecoll.bench.ranks import RankPlace, run_ranks, under_launcher
 from sparsecoll.bench.sparse import heavy_tailed
 from sparsecoll.collectives.cost_model import SKETCH_ROWS, CostModel, default_path
@@ -82,13 +83,9 @@ async def _collective_seconds(group: sparsecoll.Group, array: np.ndarray, calls:
 
 
 def _median_seconds(work: Callable[[], Any], repeats: int) -> float:
-    work()  # compiles or loads the Numba kernels, faults in the pages
-    seconds = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        work()
-        seconds.append(time.perf_counter() - started)
-    return float(np.median(seconds))
+    """Median seconds of ``repeats`` calls of ``work``, after one untimed call that compiles or
+    loads the Numba kernels and faults in the pages."""
+    return best_time(work, repeats, statistic=np.median)
 
 
 def _select(vector: np.ndarray) -> None:

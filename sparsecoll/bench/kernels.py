@@ -25,18 +25,22 @@ from sparsecoll.bench.common import parse_count
 DEFAULT_SIZES = (1_000_000, 25_000_000, 100_000_000)
 DEFAULT_DENSITIES = (0.01, 0.001)
 SKETCH_SIZE = 25_000_000
-def best_time(run: Callable[[], Any], repeats: int, synchronize: Callable[[], Any] = lambda: None) -> float:
-    """Best wall time of ``repeats`` runs in seconds, after one warm-up run; ``synchronize``
-    (a device's) ends every run, so asynchronous kernels are timed to completion."""
+
+
+def best_time(run: Callable[[], Any], repeats: int, synchronize: Callable[[], Any] = lambda: None,
+              statistic: Callable[[list[float]], Any] = min) -> float:
+    """Best wall time (or ``statistic`` of the times, e.g. ``np.median``) of ``repeats`` runs in
+    seconds, after one warm-up run (inf without runs); ``synchronize`` (a device's) ends every
+    run, so asynchronous kernels are timed to completion."""
     run()
     synchronize()
-    best = float("inf")
+    seconds = []
     for _ in range(repeats):
         start = time.perf_counter()
         run()
         synchronize()
-        best = min(best, time.perf_counter() - start)
-    return best
+        seconds.append(time.perf_counter() - start)
+    return float(statistic(seconds)) if seconds else float("inf")
 
 
 def _selection_row(grad: np.ndarray, density: float, repeats: int) -> dict[str, Any]:
