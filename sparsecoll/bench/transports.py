@@ -32,11 +32,10 @@ from sparsecoll.launch import spawn
 TRANSPORTS: dict[str, dict[str, str]] = {
     "tcp": {"SPARSECOLL_BACKEND": "tcp"},
     "ucx-tcp": {"SPARSECOLL_BACKEND": "ucx", "UCX_TLS": "tcp", "UCX_NET_DEVICES": "lo"},
-    "ucx-sm": {"SPARSECOLL_BACKEND": "ucx", "UCX_TLS": "sm,tcp", "UCX_NET_DEVICES": "lo",
-               "SPARSECOLL_UCX_SHARED_MEMORY": "1"},
+    "ucx-sm": {"SPARSECOLL_BACKEND": "ucx", "UCX_TLS": "sm,tcp", "UCX_NET_DEVICES": "lo"},
 }
 """Name -> environment of its ranks. ``ucx-sm`` lets UCX move payloads between local ranks
-through shared memory (a payload endpoint; headers stay on the TCP endpoint)."""
+through shared memory (a payload endpoint over posix/sysv; headers stay on the TCP endpoint)."""
 PING_PONGS = 2000
 
 

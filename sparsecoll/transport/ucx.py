@@ -11,7 +11,7 @@ device arrays) are handed to UCX as they are, on both sides.
 Choosing the fabric follows UCX's own conventions, so the same code runs anywhere:
 
 * ``UCX_TLS`` lists the transports UCX may use. Unset (``all``) lets UCX pick the best per
-  pair of ranks: shared memory (``sm``: posix, sysv, cma, xpmem) inside a host, InfiniBand /
+  pair of ranks: shared memory (``sm``: posix, sysv; see below) inside a host, InfiniBand /
   RoCE (``rc``, ``ud``, ``dc``, their ``_x`` / ``_mlx5`` accelerated forms) between hosts,
   TCP otherwise. Examples: ``UCX_TLS=rc,sm,self`` (reliable connected InfiniBand plus shared
   memory), ``UCX_TLS=dc,sm,self`` (dynamically connected, for large jobs),
@@ -25,14 +25,15 @@ Choosing the fabric follows UCX's own conventions, so the same code runs anywher
 Connections are set up over TCP/IP sockets (UCX's sockaddr connection manager: ``rdmacm``
 on IPoIB, else ``tcp``), so the addresses published through the rendezvous store are
 ``host:port`` as for the TCP transport. These endpoints have UCX's peer-failure handling (a
-dead peer fails them at once), and UCX therefore never puts shared memory on them. With
-``SPARSECOLL_UCX_SHARED_MEMORY=1``, two ranks on one host whose ``UCX_TLS`` allows shared
-memory (unset, or naming ``sm``, ``posix``, ``sysv`` or ``cma``) agree after the handshake to
-open a second endpoint, from each other's worker address and without failure handling, that
-carries only payloads, so bulk data moves through shared memory; headers, ABORT and BYE keep
-the first endpoint, which still reports a dead peer (see
-:class:`~sparsecoll.transport.ucx_runtime.PayloadEndpoint` and, for why it is opt-in,
-:func:`~sparsecoll.transport.ucx_runtime.shared_memory_wanted`).
+dead peer fails them at once), and UCX therefore never puts shared memory on them. So two
+ranks on one host whose ``UCX_TLS`` allows shared memory (unset, or naming ``sm``, ``posix``
+or ``sysv``) agree after the handshake to open a second endpoint, from each other's worker
+address and without failure handling, that carries only payloads, so bulk data moves
+through shared memory; headers, ABORT and BYE keep the first endpoint, which still reports a
+dead peer (see :class:`~sparsecoll.transport.ucx_runtime.PayloadEndpoint`). While this is on
+(``SPARSECOLL_UCX_SHARED_MEMORY=1``, the default; ``0`` turns it off and leaves ``UCX_TLS``
+as it is), the UCX context leaves out ``cma``, ``knem`` and ``xpmem``: UCX aborts a process
+whose copy out of a dead peer's memory fails on such an endpoint.
 
 ucxx keeps one UCX context per process, bound to the event loop that created it; every
 UcxTransport of the process shares it, and the last one to close shuts it down so the
@@ -233,7 +234,7 @@ class UcxTransport(Transport):
     async def _open_payload_endpoint(self, endpoint: Any, peer: int) -> PayloadEndpoint | None:
         """After the handshake: a shared-memory payload endpoint if both ranks want one.
 
-        Each side sends whether it wants one (asked for, and shared memory allowed by its
+        Each side sends whether it wants one (on, and shared memory allowed by its
         ``UCX_TLS``), its host identity and its worker address; both open it only when both
         want it and the identities match, so the two sides always agree.
         """

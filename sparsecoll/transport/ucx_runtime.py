@@ -73,6 +73,7 @@ class _State:
     loop: asyncio.AbstractEventLoop | None = None
     mode = "event"
     driver: EventProgress | None = None
+    shared_memory = False
 
 
 FALLBACK_FIRST = 0.001
@@ -216,17 +217,23 @@ def acquire(rank: int) -> None:
             driver = EventProgress(loop)
             _progress_tasks()[loop] = driver
         ucx_mode = "blocking" if mode == "event" else mode
+        shared_memory = shared_memory_asked() and shared_memory_allowed(os.environ.get("UCX_TLS", "all"))
+        # the transports the environment allows, less those that would make the payload
+        # endpoint abort a rank (a setting UCX must take over the environment's UCX_TLS)
+        transports = {"TLS": without_peer_memory(os.environ.get("UCX_TLS", "all"))} if shared_memory else {}
+        defaults = {key: value for key, value in UCX_DEFAULTS.items() if f"UCX_{key}" not in os.environ}
         try:
-            ucxx.init(options=UCX_DEFAULTS, env_takes_precedence=True, progress_mode=ucx_mode,
+            ucxx.init(options={**defaults, **transports}, progress_mode=ucx_mode,
                       enable_python_future=mode == "thread")
         except UCXError:
             ucxx.reset()
             if driver is not None:
                 _progress_tasks()[loop] = driver
-            ucxx.init(progress_mode=ucx_mode, enable_python_future=mode == "thread")
+            ucxx.init(options=transports, progress_mode=ucx_mode, enable_python_future=mode == "thread")
         if driver is not None:
             driver.start(ucxx.core._ctx.worker)
         _State.owned, _State.loop, _State.mode, _State.driver = True, loop, mode, driver
+        _State.shared_memory = shared_memory
     _State.users += 1
 
 
@@ -238,7 +245,7 @@ def release() -> None:
     if _State.driver is not None:
         _State.driver.stop()
         _progress_tasks().pop(_State.loop, None)
-    _State.owned, _State.loop, _State.driver = False, None, None
+    _State.owned, _State.loop, _State.driver, _State.shared_memory = False, None, None, False
     context = ucxx.core._ctx
     if context is None:
         return
@@ -313,13 +320,14 @@ def _post(submit: Callable[[Any], Any], buffer: Any) -> asyncio.Future:
 class PayloadEndpoint:
     """A second endpoint to a peer on the same host that carries only payload messages.
 
-    UCX will not use shared memory (``sysv``/``posix``/``cma``) on an endpoint with peer-failure
+    UCX will not use shared memory (``sysv``/``posix``) on an endpoint with peer-failure
     handling, so the connection's own endpoint (which has it, and whose keepalive detects a
     dead peer) would move every byte over TCP between local ranks. This endpoint, created
     from the peer's worker address without failure handling, lets UCX pick shared memory for
     payloads; headers, ABORT and BYE stay on the connection's endpoint, which still reports
-    the peer's failure. Messages are tagged with the connection's tags xor :data:`PAYLOAD_TAG`
-    and received on the worker, in the order they were sent.
+    the peer's failure. The context then leaves out :data:`PEER_MEMORY_TRANSPORTS`, whose
+    failures UCX cannot report on such an endpoint. Messages are tagged with the connection's
+    tags xor :data:`PAYLOAD_TAG` and received on the worker, in the order they were sent.
     """
 
     def __init__(self, connection_endpoint: Any, endpoint: Any) -> None:
@@ -342,28 +350,64 @@ class PayloadEndpoint:
 
 PAYLOAD_TAG = 0x5343_5041_594C_4F44
 """Xor'ed into a connection's tags to tag its payload endpoint's messages."""
-SHARED_MEMORY_TRANSPORTS = frozenset({"all", "sm", "shm", "posix", "sysv", "cma", "knem", "xpmem"})
+SHARED_MEMORY_TRANSPORTS = frozenset({"posix", "sysv"})
+"""UCX's shared-memory transports that copy through segments both processes map."""
+PEER_MEMORY_TRANSPORTS = ("cma", "knem", "xpmem")
+"""UCX's shared-memory transports that copy straight out of the peer's address space. When the
+peer exits or frees the buffer during such a copy on an endpoint without failure handling,
+UCX aborts the receiving process (measured: ``cma``, a sender SIGKILLed mid-payload, 4 of 4
+runs), so they are left out whenever payload endpoints are on."""
+SHARED_MEMORY_ALIASES = ("sm", "shm", "mm")
+"""UCX_TLS names that stand for several shared-memory transports."""
+
+
+def shared_memory_asked() -> bool:
+    """``SPARSECOLL_UCX_SHARED_MEMORY``: ``1`` (the default) or ``0``."""
+    setting = os.environ.get("SPARSECOLL_UCX_SHARED_MEMORY", "1").strip() or "1"
+    if setting not in ("0", "1"):
+        raise InvalidArgumentError(f"SPARSECOLL_UCX_SHARED_MEMORY={setting!r}: use 1 (on) or 0 (off)")
+    return setting == "1"
 
 
 def shared_memory_wanted() -> bool:
-    """Whether this rank asks for a payload endpoint: ``SPARSECOLL_UCX_SHARED_MEMORY=1`` and a
-    ``UCX_TLS`` that allows shared memory.
+    """Whether this rank asks its local peers for a payload endpoint.
 
-    Off by default: the payload endpoint has no peer-failure handling, so when a peer exits or
-    frees a buffer while UCX is still copying a payload out of it (``cma``), UCX treats the
-    failed copy as fatal and aborts the receiving process instead of raising an error.
+    True when the context was created here with ``SPARSECOLL_UCX_SHARED_MEMORY`` on and a
+    ``UCX_TLS`` that allows ``posix`` or ``sysv``; a context someone else created may allow
+    transports that are not safe without failure handling, so it never gets one.
     """
-    return os.environ.get("SPARSECOLL_UCX_SHARED_MEMORY", "0").strip() == "1" and shared_memory_allowed()
+    return _State.owned and _State.shared_memory
 
 
-def shared_memory_allowed() -> bool:
-    """Whether ``UCX_TLS`` lets UCX use a shared-memory transport (unset means all)."""
-    setting = os.environ.get("UCX_TLS", "all").replace(" ", "").lower()
-    excluded = setting.startswith("^")
-    names = {name.removesuffix("_x") for name in setting.lstrip("^").split(",") if name}
+def _transport_names(setting: str) -> tuple[bool, list[str]]:
+    """``UCX_TLS`` split into (is an exclusion list, lower-case names)."""
+    setting = setting.replace(" ", "").lower()
+    return setting.startswith("^"), [name for name in setting.lstrip("^").split(",") if name]
+
+
+def shared_memory_allowed(setting: str) -> bool:
+    """Whether the ``UCX_TLS`` value ``setting`` lets UCX use ``posix`` or ``sysv``."""
+    excluded, names = _transport_names(setting)
     if excluded:
-        return not names >= {"sm"} and not names >= {"posix", "sysv", "cma"}
-    return bool(names & SHARED_MEMORY_TRANSPORTS)
+        return not set(names) & {*SHARED_MEMORY_ALIASES, "all"} and not set(names) >= SHARED_MEMORY_TRANSPORTS
+    return bool(set(names) & {*SHARED_MEMORY_TRANSPORTS, *SHARED_MEMORY_ALIASES, "all"})
+
+
+def without_peer_memory(setting: str) -> str:
+    """The ``UCX_TLS`` value ``setting`` less :data:`PEER_MEMORY_TRANSPORTS`.
+
+    Shared-memory aliases become ``posix,sysv``; ``all`` (or unset) and exclusion lists gain
+    the exclusions: ``"sm,tcp"`` -> ``"posix,sysv,tcp"``, ``"all"`` -> ``"^cma,knem,xpmem"``.
+    """
+    excluded, names = _transport_names(setting)
+    if excluded or "all" in names:
+        kept = [name for name in names if name not in PEER_MEMORY_TRANSPORTS] if excluded else []
+        return "^" + ",".join([*kept, *PEER_MEMORY_TRANSPORTS])
+    kept = []
+    for name in names:
+        expanded = sorted(SHARED_MEMORY_TRANSPORTS) if name in SHARED_MEMORY_ALIASES else [name]
+        kept += [item for item in expanded if item not in PEER_MEMORY_TRANSPORTS and item not in kept]
+    return ",".join(kept)
 
 
 @functools.cache
