@@ -100,8 +100,11 @@ def run(ranks: list[int], sizes: list[int], transports: list[str], warmup: int) 
         by_transport: dict[str, dict] = {}
         for name in transports:
             with_gloo = name == "tcp"
-            result = spawn(world, sweep_rank, sizes, warmup, with_gloo, name, timeout=3600,
-                           env=TRANSPORTS[name])[0]
+            results = spawn(world, sweep_rank, sizes, warmup, with_gloo, name, timeout=3600, env=TRANSPORTS[name])
+            failures = [result for result in results if isinstance(result, Exception)]
+            if failures:
+                raise failures[0]
+            result = results[0]
             by_transport[name] = result
             latencies.append({"ranks": world, "transport": name, "latency_us": result["latency"]["ours_us"]})
             if with_gloo:

@@ -314,6 +314,9 @@ class UcxTransport(Transport):
         if self._background:
             await asyncio.wait(list(self._background), timeout=linger)
         self.closing = True
+        # payload endpoints first: their flush needs the peer's progress, which it gives
+        # while it waits in its own close for our BYE, but not once it has moved on
+        await asyncio.gather(*(connection.close_payload_endpoint() for connection in self._connections.values()))
         bye = FrameHeader(kind=Kind.BYE, context=0, seq=0, tag=0, length=0)
         await asyncio.gather(*(self._send_quietly(connection, bye, b"", linger)
                                for connection in self._connections.values()

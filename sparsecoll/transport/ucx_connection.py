@@ -100,6 +100,7 @@ class UcxConnection:
         self._loop = asyncio.get_running_loop()
         self.endpoint = endpoint
         self.payload_endpoint = payload_endpoint
+        self._payload_open = payload_endpoint is not None
         self.peer = peer
         self._slots = (bytearray(HEADER_SIZE + INLINE_MAX), bytearray(HEADER_SIZE + INLINE_MAX))
         self._slot = self._slots[0]
@@ -236,7 +237,7 @@ class UcxConnection:
     # ----------------------------------------------------------------- writing
     async def send_frame(self, header: FrameHeader, payload: Sequence[Buffer]) -> None:
         """Send one frame: its header message, then its payload messages, in order."""
-        messages, separate = frame_messages(header, payload, self._transport.rank, self.payload_endpoint is not None)
+        messages, separate = frame_messages(header, payload, self._transport.rank, self._payload_open)
         if separate:
             await self.send(messages[:1], messages[1:])
         else:
@@ -288,15 +289,24 @@ class UcxConnection:
             if not waiter.done():
                 waiter.set_exception(copy_error(error))
 
+    async def close_payload_endpoint(self) -> None:
+        """Flush and close the payload endpoint; later payloads take the connection's endpoint.
+
+        Its flush needs the peer to progress, so the transport does this early in its close,
+        while the peer is closing too.
+        """
+        if self.payload_endpoint is not None and self._payload_open:
+            self._payload_open = False
+            await close_endpoint(self.payload_endpoint.endpoint)
+
     async def release(self) -> None:
-        """Close the endpoint (cancelling its transfers), then let the reader finish."""
+        """Close the endpoints (cancelling their transfers), then let the reader finish."""
         self._stop_reading()
         self.tx_broken = True
         if self._next_header is not None:
             self._next_header.cancel()
         await close_endpoint(self.endpoint)  # a closed ucxx Endpoint drops its context
-        if self.payload_endpoint is not None:
-            await close_endpoint(self.payload_endpoint.endpoint)
+        await self.close_payload_endpoint()
         if not self._reader.done():
             await asyncio.wait([self._reader], timeout=1.0)
             self._reader.cancel()

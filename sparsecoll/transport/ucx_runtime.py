@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import socket
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -65,6 +66,7 @@ busy host); "blocking" and "polling" progress on the event loop, but every pendi
 then spins the loop until it completes, so ranks that wait busy-loop."""
 LISTENER_DRAIN_SECONDS = 5.0
 ENDPOINT_CLOSE_NS = 2 * 10**9
+ENDPOINT_CLOSE_SECONDS = 2.0
 
 
 class _State:
@@ -74,6 +76,7 @@ class _State:
     mode = "event"
     driver: EventProgress | None = None
     shared_memory = False
+    closing: weakref.WeakSet = weakref.WeakSet()
 
 
 FALLBACK_FIRST = 0.001
@@ -466,14 +469,38 @@ async def create_endpoint(host: str, port: int, timeout: float) -> Any:
                                       connect_timeout=timeout)
 
 
-async def close_endpoint(endpoint: Any) -> None:
-    """Close ``endpoint`` now; its outstanding transfers are cancelled."""
+async def close_endpoint(endpoint: Any, timeout: float = ENDPOINT_CLOSE_SECONDS) -> bool:
+    """Close ``endpoint`` (cancelling its receives); False if UCX did not finish within ``timeout``.
+
+    An endpoint with failure handling closes at once (UCX's force mode). One without (a
+    :class:`PayloadEndpoint`) is flushed first, which needs the peer to progress: ucxx's own
+    close would then spin in the loop's thread, forever if the peer has moved on (measured:
+    30 s, until the peer exited). So on the event driver the close is a request awaited like
+    any other, and one that times out is left to UCX (its endpoint is released with the
+    worker) rather than blocking the rank.
+    """
     if endpoint is None:
-        return
+        return True
+    finished = True
+    handle = endpoint._ep if _State.driver is not None else None
+    # ucxx returns no request (a null one) for an endpoint already closing: closed before, or
+    # failed (its error callback marks it closing, and it is no longer alive)
+    if handle is not None and handle.alive and endpoint not in _State.closing:
+        _State.closing.add(endpoint)
+        future = _State.driver.loop.create_future()
+        try:
+            _State.driver.track(handle.close(), future, None)
+            await asyncio.wait_for(asyncio.shield(future), timeout)
+        except UCXError as error:
+            log.debug("closing a UCX endpoint: %s", error)
+        except asyncio.TimeoutError:
+            finished = False
+            log.debug("a UCX endpoint did not finish closing within %.1f s", timeout)
     try:
-        await endpoint.close(period=ENDPOINT_CLOSE_NS)
+        await endpoint.close(period=ENDPOINT_CLOSE_NS)  # ucxx's side: at once once closing
     except UCXError as error:
         log.debug("closing a UCX endpoint: %s", error)
+    return finished
 
 
 async def close_listener(listener: Any) -> None:
