@@ -53,9 +53,13 @@ else:
 UCX_ERRORS: tuple[type[BaseException], ...] = (UCXError,)
 """What ucxx raises for failed, cancelled or truncated transfers and endpoints."""
 
-UCX_DEFAULTS = {"TCP_TX_SEG_SIZE": "256k", "TCP_RX_SEG_SIZE": "256k"}
-"""UCX options applied unless the environment sets them (UCX_TCP_...): bigger TCP segments
-move large messages 2-3x faster on loopback and Ethernet; other transports ignore them."""
+UCX_DEFAULTS = {"TCP_TX_SEG_SIZE": "256k", "TCP_RX_SEG_SIZE": "256k",
+                "POSIX_FIFO_SIZE": "1024", "SYSV_FIFO_SIZE": "1024"}
+"""UCX options applied unless the environment sets them (``UCX_TCP_...``): bigger TCP segments
+move large messages 2-3x faster on loopback and Ethernet; a 1024-element shared-memory FIFO
+(UCX's default: 64) lets a sender park less often on a receiver that has not drained it yet,
+which made 16 MiB allreduces among 4 ranks on 2 cores 2.2-2.6x faster (about 8 MiB of shared
+memory per transport and process). Transports not in use ignore their options."""
 
 PROGRESS_MODES = ("event", "thread", "blocking", "polling")
 """How UCX is progressed (``SPARSECOLL_UCX_PROGRESS``, default "event"). "event": our

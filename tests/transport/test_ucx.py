@@ -137,6 +137,29 @@ def test_close_while_a_transfer_is_in_flight(backend: str, tls: str) -> None:
     assert results[0]["outcome"] in ("GroupClosedError", "PeerLostError", "arrived whole"), results
 
 
+async def groups_whose_peer_moves_on(rank: int, world: int) -> float:
+    """Groups in turn over shared memory; after each close rank 1 blocks its loop (as a blocking
+    store wait does), so it no longer progresses UCX while rank 0, which closes second, closes."""
+    slowest = 0.0
+    for index in range(6):
+        group = await sparsecoll.init_group(name=f"moves-on{index}", timeout=20)
+        await group.allreduce(np.ones(1 << 18, np.float32))
+        if rank == 0:
+            await asyncio.sleep(0.1)
+        started = time.monotonic()
+        await group.close()
+        slowest = max(slowest, time.monotonic() - started)
+        if rank == 1:
+            time.sleep(1.5)
+    return slowest
+
+
+def test_a_close_does_not_wait_for_a_peer_that_has_moved_on(backend: str) -> None:
+    """A payload endpoint's flush needs the peer: it is closed while the peer is still closing."""
+    slowest, _ = run_ranks(2, groups_whose_peer_moves_on, timeout=120, group_kwargs=None, env={"UCX_TLS": "sm,tcp"})
+    assert slowest < 1.2, slowest
+
+
 async def groups_one_after_another(rank: int, world: int) -> list:
     """Five groups in turn, some failing: nothing of UCX may outlive any of them."""
     records: list[str] = []
