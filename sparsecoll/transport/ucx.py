@@ -50,6 +50,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sparsecoll.errors import (
+    AuthenticationError,
     FrameError,
     GroupAbortedError,
     InvalidArgumentError,
@@ -75,6 +76,8 @@ LOCALITY = struct.Struct("<4s?16sI")
 of the worker address that follows."""
 LOCALITY_MAGIC = b"SCLO"
 LOCALITY_SIZE = 4096
+REJECTION_LINGER = 1.0
+"""Seconds a rank that failed a handshake waits for the peer to close first."""
 
 
 class UcxTransport(Transport):
@@ -161,8 +164,8 @@ class UcxTransport(Transport):
                 max(0.1, min(HANDSHAKE_TIMEOUT, deadline - loop.time())))
         except (OSError, asyncio.TimeoutError) as error:
             failure = repr(error)
-        except BaseException:
-            await self._discard_endpoint(endpoint)
+        except BaseException as error:
+            await self._discard_endpoint(endpoint, rejected=isinstance(error, AuthenticationError))
             raise
         if failure:
             await self._discard_endpoint(endpoint)
@@ -217,7 +220,7 @@ class UcxTransport(Transport):
             await self._discard_endpoint(endpoint)
             return
         except (SparseCollError, OSError, asyncio.TimeoutError) as error:
-            await self._discard_endpoint(endpoint)
+            await self._discard_endpoint(endpoint, rejected=isinstance(error, AuthenticationError))
             if isinstance(error, SparseCollError) and error.peer is not None:
                 self._fatal = self._fatal or error
             else:
@@ -258,8 +261,19 @@ class UcxTransport(Transport):
         self._connections[peer] = UcxConnection(self, endpoint, peer, payload_endpoint)
         self._mesh_changed.set()
 
-    async def _discard_endpoint(self, endpoint: Any) -> None:
+    async def _discard_endpoint(self, endpoint: Any, rejected: bool = False) -> None:
+        """Close ``endpoint``; after a failed authentication, once the peer has read why.
+
+        UCX's force close drops messages not yet on the wire, so the peer could see a reset
+        instead of the rejection and raise the wrong error; it closes its side when it has
+        read it, which ends the wait here.
+        """
         self._endpoints.discard(endpoint)
+        if rejected:
+            try:
+                await asyncio.wait_for(UcxChannel(endpoint).read(1), REJECTION_LINGER)
+            except (OSError, SparseCollError, asyncio.TimeoutError):
+                pass
         await ucx_runtime.close_endpoint(endpoint)
 
     async def _stop_listening(self) -> None:

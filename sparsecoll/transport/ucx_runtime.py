@@ -57,7 +57,7 @@ UCX_DEFAULTS = {"TCP_TX_SEG_SIZE": "256k", "TCP_RX_SEG_SIZE": "256k",
                 "POSIX_FIFO_SIZE": "1024", "SYSV_FIFO_SIZE": "1024"}
 """UCX options applied unless the environment sets them (``UCX_TCP_...``): bigger TCP segments
 move large messages 2-3x faster on loopback and Ethernet; a 1024-element shared-memory FIFO
-(UCX's default: 64) lets a sender park less often on a receiver that has not drained it yet,
+(UCX's default: 256) lets a sender park less often on a receiver that has not drained it yet,
 which made 16 MiB allreduces among 4 ranks on 2 cores 2.2-2.6x faster (about 8 MiB of shared
 memory per transport and process). Transports not in use ignore their options."""
 
@@ -80,7 +80,8 @@ class _State:
     mode = "event"
     driver: EventProgress | None = None
     shared_memory = False
-    closing: weakref.WeakSet = weakref.WeakSet()
+    flushed_on_close: weakref.WeakSet = weakref.WeakSet()
+    """Open endpoints without failure handling (UCX flushes them on close)."""
 
 
 FALLBACK_FIRST = 0.001
@@ -443,6 +444,7 @@ async def create_payload_endpoint(connection_endpoint: Any, address: bytes) -> P
             UCXAddress.create_from_buffer(address), endpoint_error_handling=False)
     except UCXError as error:
         raise ConnectionResetError(f"cannot open the payload endpoint: {describe(error)}") from None
+    _State.flushed_on_close.add(endpoint)
     return PayloadEndpoint(connection_endpoint, endpoint)
 
 
@@ -473,38 +475,33 @@ async def create_endpoint(host: str, port: int, timeout: float) -> Any:
                                       connect_timeout=timeout)
 
 
-async def close_endpoint(endpoint: Any, timeout: float = ENDPOINT_CLOSE_SECONDS) -> bool:
-    """Close ``endpoint`` (cancelling its receives); False if UCX did not finish within ``timeout``.
+async def close_endpoint(endpoint: Any, timeout: float = ENDPOINT_CLOSE_SECONDS) -> None:
+    """Close ``endpoint``, cancelling its receives, within about ``timeout`` seconds.
 
-    An endpoint with failure handling closes at once (UCX's force mode). One without (a
-    :class:`PayloadEndpoint`) is flushed first, which needs the peer to progress: ucxx's own
-    close would then spin in the loop's thread, forever if the peer has moved on (measured:
-    30 s, until the peer exited). So on the event driver the close is a request awaited like
-    any other, and one that times out is left to UCX (its endpoint is released with the
-    worker) rather than blocking the rank.
+    An endpoint with failure handling closes at once (UCX's force mode), after one progress
+    call that lets queued messages out (a handshake's rejection must reach the peer). One
+    without (a :class:`PayloadEndpoint`) is flushed first, which needs the peer to progress:
+    ucxx's own close would then spin in the loop's thread, forever if the peer has moved on
+    (measured: 30 s, until the peer exited). So on the event driver that close is a request
+    awaited like any other, and one that times out is abandoned (UCX keeps what it holds
+    until the process exits) rather than blocking the rank.
     """
     if endpoint is None:
-        return True
-    finished = True
-    handle = endpoint._ep if _State.driver is not None else None
-    # ucxx returns no request (a null one) for an endpoint already closing: closed before, or
-    # failed (its error callback marks it closing, and it is no longer alive)
-    if handle is not None and handle.alive and endpoint not in _State.closing:
-        _State.closing.add(endpoint)
+        return
+    if endpoint in _State.flushed_on_close and _State.driver is not None:
+        _State.flushed_on_close.discard(endpoint)  # ucxx hands back no request for a second close
         future = _State.driver.loop.create_future()
         try:
-            _State.driver.track(handle.close(), future, None)
+            _State.driver.track(endpoint._ep.close(), future, None)
             await asyncio.wait_for(asyncio.shield(future), timeout)
         except UCXError as error:
             log.debug("closing a UCX endpoint: %s", error)
         except asyncio.TimeoutError:
-            finished = False
             log.debug("a UCX endpoint did not finish closing within %.1f s", timeout)
     try:
-        await endpoint.close(period=ENDPOINT_CLOSE_NS)  # ucxx's side: at once once closing
+        await endpoint.close(period=ENDPOINT_CLOSE_NS)  # at once for an endpoint closing already
     except UCXError as error:
         log.debug("closing a UCX endpoint: %s", error)
-    return finished
 
 
 async def close_listener(listener: Any) -> None:
