@@ -135,11 +135,16 @@ def run_ranks(world: int, target: Callable, *args: Any, backend: str = "tcp", li
             place = RankPlace(tuple(net.namespace(r) for r in range(world)),
                               tuple(net.address(r) for r in range(world)),
                               tuple(net.interface(r) for r in range(world)), place.store_path)
-        results = spawn(world, target, place, *args, timeout=timeout, env=env)
+        results = raise_rank_error(spawn(world, target, place, *args, timeout=timeout, env=env))
+    return 0, results if every_rank else results[0]
+
+
+def raise_rank_error(results: list[Any]) -> list[Any]:
+    """Spawned ranks' ``results``, once none is an error (the first one found is raised)."""
     failures = [result for result in results if isinstance(result, Exception)]
     if failures:
         raise failures[0]
-    return 0, results if every_rank else results[0]
+    return results
 
 
 async def with_group(rank: int, world: int, place: RankPlace, target: Callable, *args: Any) -> Any:

@@ -26,7 +26,7 @@ from sparsecoll.bench.common import (
     size_sweep,
     write_json,
 )
-from sparsecoll.bench.ranks import RankPlace
+from sparsecoll.bench.ranks import RankPlace, raise_rank_error
 from sparsecoll.launch import spawn
 
 TRANSPORTS: dict[str, dict[str, str]] = {
@@ -100,11 +100,8 @@ def run(ranks: list[int], sizes: list[int], transports: list[str], warmup: int) 
         by_transport: dict[str, dict] = {}
         for name in transports:
             with_gloo = name == "tcp"
-            results = spawn(world, sweep_rank, sizes, warmup, with_gloo, name, timeout=3600, env=TRANSPORTS[name])
-            failures = [result for result in results if isinstance(result, Exception)]
-            if failures:
-                raise failures[0]
-            result = results[0]
+            result = raise_rank_error(spawn(world, sweep_rank, sizes, warmup, with_gloo, name, timeout=3600,
+                                            env=TRANSPORTS[name]))[0]
             by_transport[name] = result
             latencies.append({"ranks": world, "transport": name, "latency_us": result["latency"]["ours_us"]})
             if with_gloo:

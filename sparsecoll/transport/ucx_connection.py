@@ -295,7 +295,7 @@ class UcxConnection:
         Its flush needs the peer to progress, so the transport does this early in its close,
         while the peer is closing too.
         """
-        if self.payload_endpoint is not None and self._payload_open:
+        if self._payload_open:
             self._payload_open = False
             await close_endpoint(self.payload_endpoint.endpoint)
 

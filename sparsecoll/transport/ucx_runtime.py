@@ -225,10 +225,11 @@ def acquire(rank: int) -> None:
             driver = EventProgress(loop)
             _progress_tasks()[loop] = driver
         ucx_mode = "blocking" if mode == "event" else mode
-        shared_memory = shared_memory_asked() and shared_memory_allowed(os.environ.get("UCX_TLS", "all"))
+        allowed = os.environ.get("UCX_TLS", "all")
+        shared_memory = shared_memory_asked() and shared_memory_allowed(allowed)
         # the transports the environment allows, less those that would make the payload
         # endpoint abort a rank (a setting UCX must take over the environment's UCX_TLS)
-        transports = {"TLS": without_peer_memory(os.environ.get("UCX_TLS", "all"))} if shared_memory else {}
+        transports = {"TLS": without_peer_memory(allowed)} if shared_memory else {}
         defaults = {key: value for key, value in UCX_DEFAULTS.items() if f"UCX_{key}" not in os.environ}
         try:
             ucxx.init(options={**defaults, **transports}, progress_mode=ucx_mode,
