@@ -21,6 +21,7 @@ import numpy as np
 import sparsecoll
 from sparsecoll.bench.common import format_size
 from sparsecoll.bench.ranks import RankPlace
+from sparsecoll.bench.table import Column, binary_size, count, integer, microseconds, nbytes, number, percent, speedup
 from sparsecoll.bench.sparse import SPARSE_ALGORITHMS, heavy_tailed, reduces, time_sparse
 from sparsecoll.collectives.sparse_common import resolve_k
 from sparsecoll.errors import InvalidArgumentError
@@ -39,6 +40,17 @@ COLUMNS = [
     ("algbw", "algbw GB/s"), ("busbw", "busbw GB/s"), ("bytes_sent", "wire B/rank"), ("wrong", "#wrong"),
     ("gloo_time_us", "gloo (us)"), ("gloo_busbw", "gloo busbw"), ("ratio", "x faster than gloo"),
 ]
+TABLE = [
+    Column("size", "size", binary_size, constant=True), Column("count", "count", count, default=False),
+    Column("op", "op", constant=True), Column("algorithm", "algorithm", constant=True),
+    Column("density", "density", percent, constant=True), Column("k", "k", count, default=False),
+    Column("bits", "bits", integer, constant=True), Column("time_us", "time", microseconds),
+    Column("min_us", "min", microseconds, default=False), Column("algbw", "algbw GB/s", number, default=False),
+    Column("busbw", "busbw GB/s", number), Column("bytes_sent", "wire/rank", nbytes),
+    Column("wrong", "wrong", integer), Column("gloo_time_us", "Gloo", microseconds, default=False),
+    Column("gloo_busbw", "Gloo busbw", number, default=False), Column("ratio", "vs Gloo", speedup),
+]
+"""The terminal table: the short default columns fit 80 columns; ``--wide`` shows them all."""
 
 
 class Case(NamedTuple):

@@ -22,6 +22,7 @@ import sparsecoll
 from sparsecoll import registry
 from sparsecoll import kernels
 from sparsecoll.bench.ranks import RankPlace
+from sparsecoll.bench.table import Column, count, integer, milliseconds, nbytes, speedup
 from sparsecoll.collectives.sketch import default_columns
 from sparsecoll.collectives.sparse_common import SparseResult, resolve_k
 from sparsecoll.wire import HEADER_SIZE
@@ -33,6 +34,21 @@ COLUMNS = [("ranks", "P"), ("d", "d"), ("k", "k"), ("algorithm", "algorithm"),
            ("time_ms", "time (ms)"), ("min_ms", "min (ms)"), ("bytes_sent", "wire B/rank"),
            ("formula_bytes", "formula B/rank"), ("speedup_vs_gloo", "x faster than Gloo"),
            ("wrong", "#wrong")]
+TABLE = [
+    Column("ranks", "P", integer, constant=True), Column("d", "d", count, constant=True),
+    Column("k", "k", count, constant=True), Column("algorithm", "algorithm"),
+    Column("time_ms", "time", milliseconds), Column("min_ms", "min", milliseconds, default=False),
+    Column("bytes_sent", "wire/rank", nbytes), Column("formula_bytes", "formula", nbytes),
+    Column("speedup_vs_gloo", "vs Gloo dense", speedup), Column("wrong", "wrong", integer),
+]
+AUTO_TABLE = [
+    Column("ranks", "P", integer, constant=True), Column("d", "d", count, constant=True),
+    Column("k", "k", count, constant=True), Column("pick", "auto's pick"),
+    Column("predicted_ms", "predicted", milliseconds), Column("pick_ms", "measured", milliseconds),
+    Column("best", "fastest"), Column("best_ms", "fastest time", milliseconds),
+    Column("gap_pct", "gap", lambda value: f"{value:.0f}%"),
+]
+"""``"auto"``'s pick against the fastest measured (see ``cost_model.auto_gap``)."""
 
 
 def formula_bytes(algorithm: str, ranks: int, size: int, k: int) -> int | None:
