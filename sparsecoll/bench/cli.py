@@ -273,13 +273,19 @@ def sparse_command(
 
 
 def _auto_report(rows: list[dict], json_file: str | None, link: str | None, wide: bool) -> None:
-    """How far "auto"'s pick (by the calibrated model, else the defaults) was from the fastest."""
-    from sparsecoll.bench import sparse
-    from sparsecoll.collectives.cost_model import auto_gap, default_path, load_default
+    """How far "auto"'s pick was from the fastest measured, priced by the model the ranks' own
+    group used (the calibration file's, else the one it measured online)."""
+    import numpy as np
 
-    model, path = load_default(), default_path()
-    source = path if path.exists() else "uncalibrated defaults: run sparsecoll-bench calibrate"
-    gaps = auto_gap(rows, model)
+    from sparsecoll.bench import sparse
+    from sparsecoll.collectives.cost_model import CostModel, auto_gap, default_path
+
+    path = default_path()
+    source = path if path.exists() else "no calibration file: calibrated online"
+    gaps = []
+    for world in sorted({row["ranks"] for row in rows}):
+        chosen = [row for row in rows if row["ranks"] == world]
+        gaps += auto_gap(chosen, CostModel.from_array(np.array(chosen[0]["auto_model"])))
     if gaps:
         auto_json = json_file and json_file.removesuffix(".json") + "-auto.json"
         _report("auto", f"algorithm='auto' against the fastest measured ({source})", sparse.AUTO_TABLE, gaps,

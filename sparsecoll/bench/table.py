@@ -1,7 +1,7 @@
 """Terminal tables of the benchmarks: a short default set of columns that fits 80 columns, every
 column with ``--wide``, numbers in K/M/G units, densities as percentages, and speed ratios said
-in words ("1.9x faster", "1.1x slower"). Cells are never cut: a row that does not fit wraps
-between columns, never inside a number. JSON keeps every raw value; this is only the view.
+in words ("1.9x faster", "1.1x slower"). Cells are never cut: a cell that does not fit wraps
+(the default columns are chosen so that none has to). JSON keeps every raw value; this is only the view.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def render(title: str, columns: Sequence[Column], rows: Sequence[dict], console:
     """Print ``rows``: the default columns (every column with ``wide``) that hold a value."""
     chosen = [column for column in columns if (wide or column.default)
               and any(row.get(column.key) is not None for row in rows)]
-    if len(rows) > 1 and not wide:
+    if rows and not wide:
         same = [column for column in chosen if column.constant
                 and len({cell(column, row.get(column.key)) for row in rows}) == 1]
         if same:
@@ -117,7 +117,7 @@ def render(title: str, columns: Sequence[Column], rows: Sequence[dict], console:
             chosen = [column for column in chosen if column not in same]
     table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     for column in chosen:
-        table.add_column(column.header, justify="right", no_wrap=True, overflow="fold")
+        table.add_column(column.header, justify="right", overflow="fold")  # wrap rather than cut, if ever
     for row in rows:
         table.add_row(*(cell(column, row.get(column.key)) for column in chosen))
     console.print(table)

@@ -35,6 +35,10 @@ TABLES = {
     "sparse": lambda console, wide: render("sparse", sparse.TABLE, rows_of("sparse-1gbit"), console, wide=wide),
     "auto": lambda console, wide: render("auto", sparse.AUTO_TABLE, auto_gap(rows_of("sparse-1gbit"), DEFAULT_MODEL),
                                          console, wide=wide),
+    "auto-one-row": lambda console, wide: render("algorithm='auto' against the fastest measured (no calibration "
+                                                 "file: calibrated online)", sparse.AUTO_TABLE,
+                                                 auto_gap(rows_of("sparse-1gbit"), DEFAULT_MODEL)[:1], console,
+                                                 wide=wide),
     "kernels": lambda console, wide: kernels.print_table(rows_of("kernels"), console, wide=wide),
     "train": lambda console, wide: render("train", train.TABLE, rows_of("train-digits"), console, wide=wide),
     "soak": lambda console, wide: render("soak", soak.TABLE, soak_rows(), console, wide=wide),
