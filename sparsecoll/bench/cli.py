@@ -129,8 +129,11 @@ def _sweep(ranks: int, cases: list, iterations: int | None, warmup: int, with_gl
         return
     world = rows[0]["ranks"]
     where = f"{backend.upper()}, {link + ' links' if link else 'loopback'}"
-    _report("collectives", f"{title}: {world} ranks, {where}", collectives.TABLE, rows, json_file, plot_file,
-            wide, ranks=world, backend=backend, link=link or "loopback")
+    shown = collectives.table_rows(rows)
+    for op in dict.fromkeys(row["op"] for row in rows):  # one table per op, as nccl-tests prints them
+        render(f"{title}: {world} ranks, {where}", collectives.TABLE, [row for row in shown if row["op"] == op],
+               console, wide=wide)
+    _save("collectives", rows, json_file, plot_file, ranks=world, backend=backend, link=link or "loopback")
 
 
 @app.command(short_help="4 ranks: dense and sparse allreduce vs Gloo")

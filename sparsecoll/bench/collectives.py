@@ -43,14 +43,22 @@ COLUMNS = [
 TABLE = [
     Column("size", "size", binary_size, constant=True), Column("count", "count", count, default=False),
     Column("op", "op", constant=True), Column("algorithm", "algorithm", constant=True),
-    Column("density", "density", percent, constant=True), Column("k", "k", count, default=False),
-    Column("bits", "bits", integer, constant=True), Column("time_us", "time", microseconds),
+    Column("setting", "density", constant=True), Column("density", "density", percent, default=False),
+    Column("k", "k", count, default=False), Column("bits", "bits", integer, default=False),
+    Column("time_us", "time", microseconds),
     Column("min_us", "min", microseconds, default=False), Column("algbw", "algbw GB/s", number, default=False),
     Column("busbw", "busbw GB/s", number), Column("bytes_sent", "wire/rank", nbytes),
     Column("wrong", "wrong", integer), Column("gloo_time_us", "Gloo", microseconds, default=False),
     Column("gloo_busbw", "Gloo busbw", number, default=False), Column("ratio", "vs Gloo", speedup),
 ]
-"""The terminal table: the short default columns fit 80 columns; ``--wide`` shows them all."""
+"""The terminal table: the short default columns fit 80 columns; ``--wide`` shows them all.
+``setting`` is the density with the bits, e.g. "1% 8b" (see :func:`table_rows`)."""
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with their ``setting`` for the table: the density and, when quantized, the bits."""
+    return [dict(row, setting=None if row.get("density") is None else
+                 percent(row["density"]) + (f" {row['bits']}b" if row.get("bits") else "")) for row in rows]
 
 
 class Case(NamedTuple):

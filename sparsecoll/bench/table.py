@@ -115,7 +115,8 @@ def render(title: str, columns: Sequence[Column], rows: Sequence[dict], console:
         if same:
             title += " (" + ", ".join(f"{c.header} {cell(c, rows[0].get(c.key))}" for c in same) + ")"
             chosen = [column for column in chosen if column not in same]
-    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    table = Table(title=title, header_style="bold", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False,
+                  collapse_padding=True)
     for column in chosen:
         table.add_column(column.header, justify="right", overflow="fold")  # wrap rather than cut, if ever
     for row in rows:

@@ -29,9 +29,22 @@ def soak_rows() -> list[dict]:
              "rss_growth_pct": 0.14, "fds_before": 17, "fds_after": 17, "calls_per_s": 2931.7} for rank in range(4)]
 
 
+def demo_rows() -> list[dict]:
+    """A sweep's rows at its widest: sizes, algorithms, densities and bits that vary, slow ratios."""
+    return [{"size": size, "count": size // 4, "op": "allreduce", "algorithm": algorithm, "density": density,
+             "k": 41, "bits": bits, "time_us": 13_573.2, "min_us": 9_831.0, "algbw": 0.309, "busbw": 0.00464,
+             "bytes_sent": 6_291_840, "wrong": 0, "gloo_time_us": 9154.1, "gloo_busbw": 0.687, "ratio": ratio}
+            for size in (4 << 10, 256 << 10, 256 << 20) for algorithm, density, bits, ratio in
+            (("dense", None, None, 1.03), ("allgather", 0.001, 8, 0.674), ("gtopk", 0.01, None, 12.5))]
+
+
 TABLES = {
-    "collectives": lambda console, wide: render("collectives", collectives.TABLE, rows_of("collectives-loopback"),
-                                                console, wide=wide),
+    "collectives": lambda console, wide: render("collectives", collectives.TABLE,
+                                                collectives.table_rows(rows_of("collectives-loopback")), console,
+                                                wide=wide),
+    "collectives-sparse-quantized": lambda console, wide: render(
+        "sparsecoll collectives: 4 ranks, TCP, loopback", collectives.TABLE,
+        collectives.table_rows(demo_rows()), console, wide=wide),
     "sparse": lambda console, wide: render("sparse", sparse.TABLE, rows_of("sparse-1gbit"), console, wide=wide),
     "auto": lambda console, wide: render("auto", sparse.AUTO_TABLE, auto_gap(rows_of("sparse-1gbit"), DEFAULT_MODEL),
                                          console, wide=wide),
