@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from sparsecoll.bench import checks
 from sparsecoll.bench.common import make_document, parse_count, parse_size, save_json, size_sweep
@@ -83,7 +84,7 @@ def _clean_errors() -> Iterator[None]:
         yield
     except (SparseCollError, PermissionError, FileNotFoundError, ValueError) as error:
         message = error.message if isinstance(error, SparseCollError) and error.rank is None else str(error)
-        errors.print(f"[bold red]error:[/] {message}")
+        errors.print(f"[bold red]error:[/] {escape(message)}")  # "[rank 0]" is text, not markup
         raise typer.Exit(2) from None
 
 

@@ -188,3 +188,17 @@ def test_every_option_of_every_subcommand_has_help() -> None:
         for parameter in command.params:
             if not getattr(parameter, "hidden", False):
                 assert getattr(parameter, "help", None), f"{name} {parameter.opts} has no help"
+
+
+def test_a_rank_error_is_printed_with_its_rank_not_eaten_as_markup(capsys: pytest.CaptureFixture) -> None:
+    import typer
+
+    from sparsecoll.bench import cli
+    from sparsecoll.errors import PeerLostError
+
+    cli.errors.file = sys.stderr  # the console writes where pytest captures
+    with pytest.raises(typer.Exit) as stopped:
+        with cli._clean_errors():
+            raise PeerLostError("connection reset", rank=0, peer=1)
+    assert stopped.value.exit_code == 2
+    assert capsys.readouterr().err.strip() == "error: [rank 0, peer 1] connection reset"
