@@ -9,34 +9,40 @@ namespaces joined by tbf-shaped links (root only; created and always removed by 
 
 from __future__ import annotations
 
-import contextlib
-import os
-from collections.abc import Iterator, Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from sparsecoll.bench import checks
-from sparsecoll.bench.common import make_document, parse_count, parse_size, save_json, size_sweep
+from sparsecoll.bench.cli_support import (
+    Backend,
+    Density,
+    Imports,
+    JsonFile,
+    Link,
+    PlotFile,
+    QuantizeBits,
+    Ranks,
+    Wide,
+    clean_errors,
+    console,
+    report,
+    save,
+    starting,
+    status,
+)
+from sparsecoll.bench.common import parse_count, parse_size, size_sweep
 from sparsecoll.bench.ranks import (
-    BACKENDS,
     import_plugins,
     run_ranks,
     this_rank,
     under_launcher,
     world_size,
 )
-from sparsecoll.bench.table import Column, render
-from sparsecoll.errors import SparseCollError
+from sparsecoll.bench.table import render
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Benchmarks of sparsecoll's collectives, kernels and training.")
-console = Console()
-if not console.is_terminal and "COLUMNS" not in os.environ:
-    console = Console(width=200)  # full tables in logs and pipes
-errors = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def _version(show: bool) -> None:
@@ -47,83 +53,20 @@ def _version(show: bool) -> None:
         raise typer.Exit()
 
 
-Imports = Annotated[list[str] | None, typer.Option(
-    "--import", metavar="MODULE", help="a module that registers collectives or compressors (every rank "
-                                       "imports it); its names then work in --algorithms; repeatable")]
-
-
 @app.callback()
 def main(imports: Imports = None,
          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                help="print the version and exit")] = False) -> None:
     """Options for every subcommand (--import also works after the subcommand)."""
-    with _clean_errors():
+    with clean_errors():
         import_plugins(imports or [])
-
-
-Ranks = Annotated[int, typer.Option("--ranks", "-r", metavar="N", help="local ranks to spawn (ignored under torchrun)")]
-JsonFile = Annotated[str | None, typer.Option("--json", metavar="FILE", help="also write every row and field "
-                                                                              "to this JSON file")]
-PlotFile = Annotated[str | None, typer.Option("--plot", metavar="FILE.png", help="also draw the rows to this PNG file")]
-Wide = Annotated[bool, typer.Option("--wide", help="every column (the default table fits 80 columns)")]
-Backend = Annotated[str, typer.Option(metavar="NAME", help=f"transport: {' or '.join(BACKENDS)} (ucx: UCX over TCP "
-                                                          "on loopback unless UCX_TLS/UCX_NET_DEVICES are set)")]
-Link = Annotated[str | None, typer.Option(metavar="RATE", help="emulated links of this rate per rank, e.g. 1gbit "
-                                                               "or 10gbit, and a one-way delay, e.g. 1gbit,5ms "
-                                                               "(netem; root only)")]
-Density = Annotated[str, typer.Option("--density", metavar="LIST", help="fractions of the gradient sent, "
-                                                                        "e.g. 0.01,0.001 (0.01 is 1%)")]
-QuantizeBits = Annotated[str, typer.Option("--quantize-bits", metavar="LIST", help="bits per sent value: 0 (not "
-                                                                                   "quantized), 1, 2, 4 or 8; e.g. 0,8")]
-
-
-@contextlib.contextmanager
-def _clean_errors() -> Iterator[None]:
-    """A wrong option, a missing privilege or a collective's refusal: one line, exit status 2."""
-    try:
-        yield
-    except (SparseCollError, PermissionError, FileNotFoundError, ValueError) as error:
-        message = error.message if isinstance(error, SparseCollError) and error.rank is None else str(error)
-        errors.print(f"[bold red]error:[/] {escape(message)}")  # "[rank 0]" is text, not markup
-        raise typer.Exit(2) from None
-
-
-def _status(message: str) -> contextlib.AbstractContextManager:
-    """A spinner with ``message`` on a terminal while the ranks work (nothing in pipes and logs)."""
-    if console.is_terminal and not under_launcher():
-        return console.status(message)
-    return contextlib.nullcontext()
-
-
-def _starting(ranks: int) -> None:
-    if not under_launcher():
-        console.print(f"[dim]starting {ranks} ranks (imports and kernel compilation take a few seconds)...[/]")
-
-
-def _report(kind: str, title: str, columns: Sequence[Column], rows: list[dict], json_file: str | None,
-            plot_file: str | None, wide: bool, **extra: Any) -> None:
-    """Print the table, then write the JSON and the plot when asked."""
-    render(title, columns, rows, console, wide=wide)
-    _save(kind, rows, json_file, plot_file, **extra)
-
-
-def _save(kind: str, rows: list[dict], json_file: str | None, plot_file: str | None, **extra: Any) -> None:
-    document = make_document(kind, rows, **extra)
-    if json_file:
-        save_json(json_file, document)
-        console.print(f"wrote {json_file}")
-    if plot_file:
-        from sparsecoll.bench.plots import plot_document
-
-        plot_document(document, plot_file)
-        console.print(f"wrote {plot_file}")
 
 
 def _sweep(ranks: int, cases: list, iterations: int | None, warmup: int, with_gloo: bool, backend: str,
            link: str | None, json_file: str | None, plot_file: str | None, title: str, wide: bool) -> None:
     from sparsecoll.bench import collectives
 
-    _starting(world_size(ranks))
+    starting(world_size(ranks))
     rank, rows = run_ranks(ranks, collectives.run_rank, cases, iterations, warmup, with_gloo,
                            console.is_terminal, backend=backend, link=link)
     if rank != 0:
@@ -134,7 +77,7 @@ def _sweep(ranks: int, cases: list, iterations: int | None, warmup: int, with_gl
     for op in dict.fromkeys(row["op"] for row in rows):  # one table per op, as nccl-tests prints them
         render(f"{title}: {world} ranks, {where}", collectives.TABLE, [row for row in shown if row["op"] == op],
                console, wide=wide)
-    _save("collectives", rows, json_file, plot_file, ranks=world, backend=backend, link=link or "loopback")
+    save("collectives", rows, json_file, plot_file, ranks=world, backend=backend, link=link or "loopback")
 
 
 @app.command(short_help="4 ranks: dense and sparse allreduce vs Gloo")
@@ -143,7 +86,7 @@ def demo(ranks: Ranks = 4, json_file: JsonFile = None, plot_file: PlotFile = Non
     """The README's first command: local ranks run dense and sparse collectives against Gloo."""
     from sparsecoll.bench import collectives
 
-    with _clean_errors():
+    with clean_errors():
         import_plugins(imports or [])
         checks.positive("--ranks", ranks)
         cases = collectives.plan_cases(["allreduce"], ["dense", "gloo", "allgather", "gtopk", "cltk"],
@@ -179,7 +122,7 @@ def collectives_command(
     """Sweep sizes like nccl-tests (-b -e -f -n -w); sizes are bytes of float32 data."""
     from sparsecoll.bench import collectives
 
-    with _clean_errors():
+    with clean_errors():
         import_plugins(imports or [])
         checks.positive("--ranks", ranks)
         checks.positive("--iters", iterations, least=0)
@@ -214,16 +157,16 @@ def soak_command(ranks: Ranks = 4,
     from sparsecoll.bench import soak
     from sparsecoll.bench.ranks import with_group
 
-    with _clean_errors():
+    with clean_errors():
         import_plugins(imports or [])
         checks.positive("--ranks", ranks)
         checks.positive("--iters", iterations)
         checks.backend(backend)
-        _starting(world_size(ranks))
-        with _status(f"{iterations:,} allreduces on each of {world_size(ranks)} ranks..."):
+        starting(world_size(ranks))
+        with status(f"{iterations:,} allreduces on each of {world_size(ranks)} ranks..."):
             rank, rows = run_ranks(ranks, with_group, soak.run_rank, iterations, backend=backend, every_rank=True)
     if rank == 0:
-        _report("soak", f"soak: {iterations:,} allreduces of 8 bytes", soak.TABLE, rows, json_file, None, wide)
+        report("soak", f"soak: {iterations:,} allreduces of 8 bytes", soak.TABLE, rows, json_file, None, wide)
 
 
 @app.command("sparse", short_help="every algorithm at one gradient size")
@@ -250,7 +193,7 @@ def sparse_command(
     """Dense vs sparse collectives end to end at one gradient size, over several rank counts."""
     from sparsecoll.bench import sparse
 
-    with _clean_errors():
+    with clean_errors():
         import_plugins(imports or [])
         elements = checks.positive("--size", parse_count(size))
         checks.densities("--density", str(density))
@@ -262,15 +205,15 @@ def sparse_command(
         checks.link(link)
         rank, rows = 0, []
         for world in worlds:
-            _starting(world)
-            with _status(f"{world} ranks: {', '.join(names)} at d={size}..."):
+            starting(world)
+            with status(f"{world} ranks: {', '.join(names)} at d={size}..."):
                 rank, world_rows = run_ranks(world, sparse.run_rank, elements, density, names, iterations,
                                              backend=backend, link=link)
             rows += world_rows
     if rank != 0:
         return
     where = f"{backend.upper()}, {link + ' links' if link else 'loopback'}"
-    _report("sparse", f"sparse vs dense, density {100 * density:g}%, {where}", sparse.TABLE, rows, json_file,
+    report("sparse", f"sparse vs dense, density {100 * density:g}%, {where}", sparse.TABLE, rows, json_file,
             plot_file, wide, link=link or "loopback", density=density, backend=backend)
     if auto:
         _auto_report(rows, json_file, link, wide)
@@ -292,7 +235,7 @@ def _auto_report(rows: list[dict], json_file: str | None, link: str | None, wide
         gaps += auto_gap(chosen, CostModel.from_array(np.array(chosen[0]["auto_model"])))
     if gaps:
         auto_json = json_file and json_file.removesuffix(".json") + "-auto.json"
-        _report("auto", f"algorithm='auto' against the fastest measured ({source})", sparse.AUTO_TABLE, gaps,
+        report("auto", f"algorithm='auto' against the fastest measured ({source})", sparse.AUTO_TABLE, gaps,
                 auto_json, None, wide, model=str(source), link=link or "loopback")
 
 
@@ -310,18 +253,18 @@ def kernels_command(
     imports: Imports = None,
 ) -> None:
     """Selection, quantization and sketch kernels against torch.topk and numpy baselines."""
-    with _clean_errors():
+    with clean_errors():
         import_plugins(imports or [])
         chosen_sizes = checks.counts("--sizes", sizes)
         chosen_densities = checks.densities("--densities", densities)
         checks.positive("--repeats", repeats)
         from sparsecoll.bench import kernels
 
-        with _status(f"timing kernels at {sizes}..."):
+        with status(f"timing kernels at {sizes}..."):
             rows = kernels.run_kernel_bench(chosen_sizes, chosen_densities, repeats=repeats, sketch=throughput,
                                             quantize=throughput, jit=jit)
     kernels.print_table(rows, console, wide=wide)
-    _save("kernels", rows, json_file, plot_file)
+    save("kernels", rows, json_file, plot_file)
 
 
 @app.command("train", short_help="convergence: dense vs compressed")
@@ -347,7 +290,7 @@ def train_command(
     """Convergence, dense vs compressed: accuracy, loss and accuracy per epoch, bytes and time per step."""
     from sparsecoll.bench import train
 
-    with _clean_errors():
+    with clean_errors():
         import_plugins(imports or [])
         if dataset not in ("mnist", "digits"):
             raise ValueError(f"--dataset takes mnist or digits, not {dataset!r}")
@@ -363,14 +306,14 @@ def train_command(
         checks.backend(backend)
         checks.link(link)
         configs = train.parse_configs(algorithms, densities)
-        _starting(world_size(ranks))
-        with _status(f"training {len(configs)} configurations for {epochs} epochs each..."):
+        starting(world_size(ranks))
+        with status(f"training {len(configs)} configurations for {epochs} epochs each..."):
             rows = train.run(dataset, ranks, configs, epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed,
                              backend=backend, link=link)
     if this_rank() != 0:
         return
     world = world_size(ranks)
-    _report("train", f"convergence: {dataset}, {world} ranks, {epochs} epochs", train.TABLE, rows, json_file,
+    report("train", f"convergence: {dataset}, {world} ranks, {epochs} epochs", train.TABLE, rows, json_file,
             plot_file, wide, dataset=dataset, world=world, epochs=epochs, batch=batch, lr=lr, hidden=hidden,
             seed=seed, backend=backend, link=link or "loopback")
 
@@ -389,13 +332,13 @@ def calibrate_command(
     """Measure latency, bandwidth and kernel costs, and save the cost model algorithm="auto" uses."""
     from sparsecoll.bench import calibrate
 
-    with _clean_errors():
+    with clean_errors():
         import_plugins(imports or [])
         if not under_launcher():
             checks.positive("--ranks", ranks, least=2)
         checks.link(link)
-        _starting(world_size(ranks))
-        with _status("measuring latency, bandwidth and kernels..."):
+        starting(world_size(ranks))
+        with status("measuring latency, bandwidth and kernels..."):
             model = calibrate.calibrate(ranks, link, output)
     if this_rank() != 0:
         return
@@ -403,7 +346,7 @@ def calibrate_command(
     if json_file:
         import dataclasses
 
-        _save("calibrate", [dataclasses.asdict(model)], json_file, None)
+        save("calibrate", [dataclasses.asdict(model)], json_file, None)
 
 
 if __name__ == "__main__":

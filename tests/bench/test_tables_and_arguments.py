@@ -193,12 +193,12 @@ def test_every_option_of_every_subcommand_has_help() -> None:
 def test_a_rank_error_is_printed_with_its_rank_not_eaten_as_markup(capsys: pytest.CaptureFixture) -> None:
     import typer
 
-    from sparsecoll.bench import cli
+    from sparsecoll.bench import cli_support
     from sparsecoll.errors import PeerLostError
 
-    cli.errors.file = sys.stderr  # the console writes where pytest captures
+    cli_support.errors.file = sys.stderr  # the console writes where pytest captures
     with pytest.raises(typer.Exit) as stopped:
-        with cli._clean_errors():
+        with cli_support.clean_errors():
             raise PeerLostError("connection reset", rank=0, peer=1)
     assert stopped.value.exit_code == 2
     assert capsys.readouterr().err.strip() == "error: [rank 0, peer 1] connection reset"
