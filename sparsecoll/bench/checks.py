@@ -15,6 +15,8 @@ from typing import Any
 from sparsecoll.bench.common import parse_count, parse_list
 from sparsecoll.errors import InvalidArgumentError
 
+OPS = ("allreduce", "allgather", "broadcast", "barrier")
+"""The dense ops ``collectives`` times (its module takes them from here)."""
 QUANTIZE_BITS = (1, 2, 4, 8)
 BUILTIN_ALGORITHMS = ("dense", "allgather", "gtopk", "sketch", "cltk")
 """What ``reduce_gradient`` knows without a registration (the cost model's ALGORITHMS)."""

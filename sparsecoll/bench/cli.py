@@ -120,8 +120,6 @@ def collectives_command(
     imports: Imports = None,
 ) -> None:
     """Sweep sizes like nccl-tests (-b -e -f -n -w); sizes are bytes of float32 data."""
-    from sparsecoll.bench import collectives
-
     with clean_errors():
         import_plugins(imports or [])
         checks.positive("--ranks", ranks)
@@ -129,18 +127,20 @@ def collectives_command(
         warmup = checks.positive("--warmup-iters", warmup if warmup_underscore is None else warmup_underscore,
                                  least=0)
         names = checks.algorithms("--algorithms", algorithms, ("dense", "gloo"))
-        unknown_ops = [op for op in checks.listed("--ops", ops) if op not in collectives.OPS]
+        unknown_ops = [op for op in checks.listed("--ops", ops) if op not in checks.OPS]
         if unknown_ops:
-            raise ValueError(f"--ops: unknown {', '.join(unknown_ops)}; choose from {', '.join(collectives.OPS)}")
+            raise ValueError(f"--ops: unknown {', '.join(unknown_ops)}; choose from {', '.join(checks.OPS)}")
         bits = checks.quantize_bits("--quantize-bits", quantize_bits)
         smallest, largest = checks.positive("--minbytes", parse_size(begin)), parse_size(end)
         if largest < smallest:
             raise ValueError(f"--maxbytes {end} is smaller than --minbytes {begin}")
         sizes = size_sweep(smallest, largest, checks.positive("--stepfactor", factor, least=2))
-        cases = collectives.plan_cases(checks.listed("--ops", ops), names, sizes,
-                                       checks.densities("--density", density), bits)
+        densities = checks.densities("--density", density)
         checks.backend(backend)
         checks.link(link)
+        from sparsecoll.bench import collectives  # after the checks: it loads the kernels
+
+        cases = collectives.plan_cases(checks.listed("--ops", ops), names, sizes, densities, bits)
         _sweep(ranks, cases, iterations or None, warmup, "gloo" in names, backend, link, json_file, plot_file,
                "sparsecoll collectives", wide)
 
@@ -191,8 +191,6 @@ def sparse_command(
     imports: Imports = None,
 ) -> None:
     """Dense vs sparse collectives end to end at one gradient size, over several rank counts."""
-    from sparsecoll.bench import sparse
-
     with clean_errors():
         import_plugins(imports or [])
         elements = checks.positive("--size", parse_count(size))
@@ -203,6 +201,8 @@ def sparse_command(
                                                             for value in checks.listed("--ranks", ranks, int)]
         checks.backend(backend)
         checks.link(link)
+        from sparsecoll.bench import sparse  # after the checks: it loads the kernels
+
         rank, rows = 0, []
         for world in worlds:
             starting(world)
@@ -288,8 +288,6 @@ def train_command(
     imports: Imports = None,
 ) -> None:
     """Convergence, dense vs compressed: accuracy, loss and accuracy per epoch, bytes and time per step."""
-    from sparsecoll.bench import train
-
     with clean_errors():
         import_plugins(imports or [])
         if dataset not in ("mnist", "digits"):
@@ -305,6 +303,8 @@ def train_command(
         checks.densities("--densities", densities)
         checks.backend(backend)
         checks.link(link)
+        from sparsecoll.bench import train  # after the checks: it loads torch
+
         configs = train.parse_configs(algorithms, densities)
         starting(world_size(ranks))
         with status(f"training {len(configs)} configurations for {epochs} epochs each..."):
@@ -330,13 +330,13 @@ def calibrate_command(
     imports: Imports = None,
 ) -> None:
     """Measure latency, bandwidth and kernel costs, and save the cost model algorithm="auto" uses."""
-    from sparsecoll.bench import calibrate
-
     with clean_errors():
         import_plugins(imports or [])
         if not under_launcher():
             checks.positive("--ranks", ranks, least=2)
         checks.link(link)
+        from sparsecoll.bench import calibrate  # after the checks: it loads the kernels
+
         starting(world_size(ranks))
         with status("measuring latency, bandwidth and kernels..."):
             model = calibrate.calibrate(ranks, link, output)

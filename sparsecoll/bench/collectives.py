@@ -19,6 +19,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import sparsecoll
+from sparsecoll.bench import checks
 from sparsecoll.bench.common import format_size
 from sparsecoll.bench.ranks import RankPlace
 from sparsecoll.bench.table import Column, binary_size, count, integer, microseconds, nbytes, number, percent, speedup
@@ -26,7 +27,7 @@ from sparsecoll.bench.sparse import SPARSE_ALGORITHMS, heavy_tailed, reduces, ti
 from sparsecoll.collectives.sparse_common import resolve_k
 from sparsecoll.errors import InvalidArgumentError
 
-OPS = ("allreduce", "allgather", "broadcast", "barrier")
+OPS = checks.OPS
 ALGORITHMS = ("dense", "gloo", *SPARSE_ALGORITHMS)
 """``gloo`` adds the Gloo baseline to every row; the sparse ones reduce an allreduce's gradient."""
 BUS_FACTORS = {
