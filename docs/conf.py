@@ -17,7 +17,10 @@ version = release = sparsecoll.__version__
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon"]
 exclude_patterns = ["_build"]
 html_theme = "alabaster"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
+# a wider page, so that code blocks are not clipped (custom.css lets them scroll beyond it)
+html_theme_options = {"page_width": "1200px", "body_max_width": "none"}
 
 autodoc_member_order = "bysource"
 autodoc_typehints = "signature"

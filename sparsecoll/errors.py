@@ -93,6 +93,14 @@ class GroupAbortedError(SparseCollError):
     code = 11
 
 
+class LoopThreadError(SparseCollError, RuntimeError):
+    """A blocking :class:`~sparsecoll.SyncGroup` call was made on the group's own event-loop
+    thread (from a coroutine, a callback or a codec running there): it would wait for the
+    loop it blocks. Await the :class:`~sparsecoll.Group` call instead."""
+
+    code = 12
+
+
 ERRORS_BY_CODE: dict[int, type[SparseCollError]] = {
     cls.code: cls
     for cls in (
@@ -107,6 +115,7 @@ ERRORS_BY_CODE: dict[int, type[SparseCollError]] = {
         RendezvousError,
         GroupClosedError,
         GroupAbortedError,
+        LoopThreadError,
     )
 }
 

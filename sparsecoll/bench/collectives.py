@@ -19,13 +19,15 @@ from typing import Any, NamedTuple
 import numpy as np
 
 import sparsecoll
+from sparsecoll.bench import checks
 from sparsecoll.bench.common import format_size
 from sparsecoll.bench.ranks import RankPlace
+from sparsecoll.bench.table import Column, binary_size, count, integer, microseconds, nbytes, number, percent, speedup
 from sparsecoll.bench.sparse import SPARSE_ALGORITHMS, heavy_tailed, reduces, time_sparse
 from sparsecoll.collectives.sparse_common import resolve_k
 from sparsecoll.errors import InvalidArgumentError
 
-OPS = ("allreduce", "allgather", "broadcast", "barrier")
+OPS = checks.OPS
 ALGORITHMS = ("dense", "gloo", *SPARSE_ALGORITHMS)
 """``gloo`` adds the Gloo baseline to every row; the sparse ones reduce an allreduce's gradient."""
 BUS_FACTORS = {
@@ -39,6 +41,25 @@ COLUMNS = [
     ("algbw", "algbw GB/s"), ("busbw", "busbw GB/s"), ("bytes_sent", "wire B/rank"), ("wrong", "#wrong"),
     ("gloo_time_us", "gloo (us)"), ("gloo_busbw", "gloo busbw"), ("ratio", "x faster than gloo"),
 ]
+TABLE = [
+    Column("size", "size", binary_size, constant=True), Column("count", "count", count, default=False),
+    Column("op", "op", constant=True), Column("algorithm", "algorithm", constant=True),
+    Column("setting", "density", constant=True), Column("density", "density", percent, default=False),
+    Column("k", "k", count, default=False), Column("bits", "bits", integer, default=False),
+    Column("time_us", "time", microseconds),
+    Column("min_us", "min", microseconds, default=False), Column("algbw", "algbw GB/s", number, default=False),
+    Column("busbw", "busbw GB/s", number), Column("bytes_sent", "wire/rank", nbytes),
+    Column("wrong", "wrong", integer), Column("gloo_time_us", "Gloo", microseconds, default=False),
+    Column("gloo_busbw", "Gloo busbw", number, default=False), Column("ratio", "vs Gloo", speedup),
+]
+"""The terminal table: the short default columns fit 80 columns; ``--wide`` shows them all.
+``setting`` is the density with the bits, e.g. "1% 8b" (see :func:`table_rows`)."""
+
+
+def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rows with their ``setting`` for the table: the density and, when quantized, the bits."""
+    return [dict(row, setting=None if row.get("density") is None else
+                 percent(row["density"]) + (f" {row['bits']}b" if row.get("bits") else "")) for row in rows]
 
 
 class Case(NamedTuple):

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from sparsecoll.bench.common import parse_count
+from sparsecoll.bench.table import Column, count, milliseconds, number, percent, render, speedup
 
 DEFAULT_SIZES = (1_000_000, 25_000_000, 100_000_000)
 DEFAULT_DENSITIES = (0.01, 0.001)
@@ -185,67 +186,60 @@ def run_kernel_bench(
     return rows
 
 
-def print_table(rows: Sequence[dict[str, Any]]) -> None:
-    """Prints the rows as rich tables, one per kind."""
-    from rich.console import Console
-    from rich.table import Table
+SELECTION_TABLE = [
+    Column("size", "size", count), Column("density", "density", percent), Column("k", "k", count, default=False),
+    Column("torch_topk_ms", "torch.topk", milliseconds), Column("argpartition_ms", "argpartition", milliseconds,
+                                                                  default=False),
+    Column("abs_pass_ms", "abs>t", milliseconds, default=False), Column("fast_ms", "fast", milliseconds),
+    Column("exact_ms", "exact", milliseconds), Column("threshold_ms", "threshold", milliseconds, default=False),
+    Column("fast_vs_torch", "fast vs torch", speedup), Column("exact_vs_torch", "exact vs torch", speedup,
+                                                              default=False),
+    Column("fast_vs_argpartition", "fast vs argp", speedup, default=False),
+    Column("threshold_vs_abs", "thr/abs", number, default=False), Column("correct", "correct"),
+]
+GPU_TABLE = [
+    Column("size", "size", count), Column("density", "density", percent), Column("k", "k", count, default=False),
+    Column("torch_topk_ms", "torch.topk", milliseconds), Column("fast_ms", "fast", milliseconds),
+    Column("exact_ms", "exact", milliseconds), Column("fast_vs_torch", "fast vs torch", speedup),
+    Column("exact_vs_torch", "exact vs torch", speedup, default=False), Column("correct", "correct"),
+]
+OTHER_TABLE = [Column("kernel", "kernel"), Column("detail", "detail"), Column("time", "time"),
+               Column("throughput", "throughput")]
 
-    console = Console(width=max(Console().width, 190))
-    selection = [r for r in rows if r["kind"] == "selection"]
-    if selection:
-        table = Table(title="top-k / threshold selection, float32, CPU (ms; ratio > 1: ours faster)")
-        for column in (
-            "size", "density", "k", "torch.topk", "argpartition", "abs>t", "fast", "exact",
-            "threshold", "torch/fast", "torch/exact", "argp/fast", "thr/abs", "correct",
-        ):
-            table.add_column(column, justify="right")
-        for r in selection:
-            table.add_row(
-                f"{r['size']:,}", f"{r['density']:g}", f"{r['k']:,}",
-                f"{r['torch_topk_ms']:.1f}", f"{r['argpartition_ms']:.1f}", f"{r['abs_pass_ms']:.1f}",
-                f"{r['fast_ms']:.1f}", f"{r['exact_ms']:.1f}", f"{r['threshold_ms']:.1f}",
-                f"{r['fast_vs_torch']:.1f}x", f"{r['exact_vs_torch']:.1f}x",
-                f"{r['fast_vs_argpartition']:.1f}x", f"{r['threshold_vs_abs']:.2f}",
-                "ok" if r["correct"] else "MISMATCH",
-            )
-        console.print(table)
-    on_gpu = [r for r in rows if r["kind"] == "selection-gpu"]
-    if on_gpu:
-        table = Table(title="top-k selection, float32, CUDA (ms; ratio > 1: ours faster)")
-        for column in ("size", "density", "k", "torch.topk", "fast", "exact", "torch/fast", "torch/exact", "correct"):
-            table.add_column(column, justify="right")
-        for r in on_gpu:
-            torch_ms = r.get("torch_topk_ms")
-            table.add_row(
-                f"{r['size']:,}", f"{r['density']:g}", f"{r['k']:,}", "-" if torch_ms is None else f"{torch_ms:.2f}",
-                f"{r['fast_ms']:.2f}", f"{r['exact_ms']:.2f}",
-                "-" if torch_ms is None else f"{r['fast_vs_torch']:.1f}x",
-                "-" if torch_ms is None else f"{r['exact_vs_torch']:.1f}x",
-                "ok" if r["correct"] else "MISMATCH",
-            )
-        console.print(table)
-    others = Table(title="throughput and JIT cost")
-    for column in ("kernel", "detail", "time", "throughput"):
-        others.add_column(column, justify="right")
+
+def _other_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, str]]:
+    """Sketch, quantization and JIT rows as (kernel, detail, time, throughput) text."""
+    out = []
     for r in rows:
         if r["kind"] == "sketch":
-            others.add_row(
-                "count sketch insert", f"{r['size']:,} into {r['rows']}x{r['columns']:,}",
-                f"{r['ms']:.1f} ms", f"{r['gbps']:.2f} GB/s",
-            )
+            out.append({"kernel": "count sketch insert", "detail": f"{count(r['size'])} into {r['rows']}x"
+                        f"{count(r['columns'])}", "time": milliseconds(r["ms"]),
+                        "throughput": f"{r['gbps']:.2f} GB/s"})
         elif r["kind"] == "quantize":
-            others.add_row(
-                f"quantize {r['bits']}-bit", f"{r['size']:,} float32",
-                f"{r['quantize_ms']:.1f} / {r['dequantize_ms']:.1f} ms",
-                f"{r['quantize_gbps']:.2f} / {r['dequantize_gbps']:.2f} GB/s (enc/dec)",
-            )
+            out.append({"kernel": f"quantize {r['bits']}-bit", "detail": f"{count(r['size'])} float32",
+                        "time": f"{milliseconds(r['quantize_ms'])} / {milliseconds(r['dequantize_ms'])}",
+                        "throughput": f"{r['quantize_gbps']:.2f} / {r['dequantize_gbps']:.2f} GB/s"})
         elif r["kind"] == "jit":
-            others.add_row(
-                "import + first calls", r["cache"],
-                f"{r['import_s']:.2f} s + {r['first_calls_s']:.2f} s", "",
-            )
-    if others.row_count:
-        console.print(others)
+            out.append({"kernel": "import + first calls", "detail": r["cache"],
+                        "time": f"{r['import_s']:.2f}s + {r['first_calls_s']:.2f}s", "throughput": "-"})
+    return out
+
+
+def print_table(rows: Sequence[dict[str, Any]], console: Any = None, *, wide: bool = False) -> None:
+    """Prints the rows as tables, one per kind (the short columns; every column with ``wide``)."""
+    from rich.console import Console
+
+    console = console or Console()
+    selection = [dict(r, correct="yes" if r["correct"] else "NO") for r in rows if r["kind"] == "selection"]
+    if selection:
+        render("top-k selection, float32, CPU (vs: ours against torch.topk)", SELECTION_TABLE, selection,
+               console, wide=wide)
+    on_gpu = [dict(r, correct="yes" if r["correct"] else "NO") for r in rows if r["kind"] == "selection-gpu"]
+    if on_gpu:
+        render("top-k selection, float32, CUDA", GPU_TABLE, on_gpu, console, wide=wide)
+    others = _other_rows(rows)
+    if others:
+        render("throughput (encode / decode) and JIT cost", OTHER_TABLE, others, console, wide=wide)
 
 
 def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:

@@ -13,11 +13,19 @@ import numpy as np
 import psutil
 
 import sparsecoll
+from sparsecoll.bench.table import Column, integer, number
 
 COLUMNS = [("rank", "rank"), ("iterations", "calls"), ("errors", "errors"),
            ("rss_before_mib", "RSS before MiB"), ("rss_after_mib", "RSS after MiB"),
            ("rss_growth_pct", "RSS +%"), ("fds_before", "fds before"), ("fds_after", "fds after"),
            ("calls_per_s", "calls/s")]
+TABLE = [
+    Column("rank", "rank", integer), Column("iterations", "calls", integer, constant=True),
+    Column("errors", "errors", integer), Column("rss_before_mib", "RSS before MiB", number, default=False),
+    Column("rss_after_mib", "RSS MiB", number), Column("rss_growth_pct", "RSS growth", lambda v: f"{v:+.1f}%"),
+    Column("fds_before", "fds before", integer), Column("fds_after", "fds after", integer),
+    Column("calls_per_s", "calls/s", number),
+]
 
 
 async def run_rank(group: sparsecoll.Group, iterations: int, count: int = 2) -> dict:

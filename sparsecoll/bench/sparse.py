@@ -22,6 +22,8 @@ import sparsecoll
 from sparsecoll import registry
 from sparsecoll import kernels
 from sparsecoll.bench.ranks import RankPlace
+from sparsecoll.bench.table import Column, count, integer, milliseconds, nbytes, speedup
+from sparsecoll.collectives.auto import shared_cost_model
 from sparsecoll.collectives.sketch import default_columns
 from sparsecoll.collectives.sparse_common import SparseResult, resolve_k
 from sparsecoll.wire import HEADER_SIZE
@@ -33,6 +35,21 @@ COLUMNS = [("ranks", "P"), ("d", "d"), ("k", "k"), ("algorithm", "algorithm"),
            ("time_ms", "time (ms)"), ("min_ms", "min (ms)"), ("bytes_sent", "wire B/rank"),
            ("formula_bytes", "formula B/rank"), ("speedup_vs_gloo", "x faster than Gloo"),
            ("wrong", "#wrong")]
+TABLE = [
+    Column("ranks", "P", integer, constant=True), Column("d", "d", count, constant=True),
+    Column("k", "k", count, constant=True), Column("algorithm", "algorithm"),
+    Column("time_ms", "time", milliseconds), Column("min_ms", "min", milliseconds, default=False),
+    Column("bytes_sent", "wire/rank", nbytes), Column("formula_bytes", "formula", nbytes),
+    Column("speedup_vs_gloo", "vs Gloo dense", speedup), Column("wrong", "wrong", integer),
+]
+AUTO_TABLE = [
+    Column("ranks", "P", integer, constant=True), Column("d", "d", count, constant=True),
+    Column("k", "k", count, constant=True), Column("pick", "auto's pick"),
+    Column("predicted_ms", "predicted", milliseconds), Column("pick_ms", "measured", milliseconds),
+    Column("best", "fastest"), Column("best_ms", "its time", milliseconds),
+    Column("gap_pct", "gap", lambda value: f"{value:.0f}%"),
+]
+"""``"auto"``'s pick against the fastest measured (see ``cost_model.auto_gap``)."""
 
 
 def formula_bytes(algorithm: str, ranks: int, size: int, k: int) -> int | None:
@@ -161,6 +178,9 @@ async def run_rank(rank: int, world: int, place: RankPlace, size: int, density: 
                          "time_ms": float(slowest.mean() * 1e3), "min_ms": float(slowest.min() * 1e3),
                          "bytes_sent": sent, "formula_bytes": formula_bytes(algorithm, world, size, k),
                          "wrong": int(wrong_total[0])})
+        model = await shared_cost_model(group)  # what "auto" prices with here (calibrated online without a file)
+        for row in rows:
+            row.update(auto_model=model.to_array().tolist(), auto_model_link=model.link)
     if "gloo" in algorithms:
         dist.destroy_process_group()
         gloo_ms = next(row["time_ms"] for row in rows if row["algorithm"] == "gloo")

@@ -20,12 +20,21 @@ import numpy as np
 
 from sparsecoll.bench.common import parse_list, render_table, write_json
 from sparsecoll.bench.ranks import RankPlace, run_ranks, this_rank
+from sparsecoll.bench.table import Column, nbytes, number, percent, seconds
 
 DEFAULT_CONFIGS = [("dense", 1.0)] + [(algorithm, density) for density in (0.01, 0.001)
                                       for algorithm in ("gtopk", "allgather", "sketch", "cltk")]
 COLUMNS = [("algorithm", "algorithm"), ("density", "density"), ("accuracy", "test acc"),
            ("final_loss", "train loss"), ("steady_bytes_per_step", "bytes/step/rank"),
            ("bytes_per_step", "with warm-up"), ("compression", "ratio"), ("seconds_per_step", "time/step")]
+TABLE = [
+    Column("algorithm", "algorithm"), Column("density", "density", percent),
+    Column("accuracy", "test acc", lambda value: f"{100 * value:.1f}%"), Column("final_loss", "loss", number),
+    Column("steady_bytes_per_step", "bytes/step", nbytes), Column("bytes_per_step", "with warm-up", nbytes,
+                                                                   default=False),
+    Column("compression", "compression", lambda value: f"{value:.3g}x"),
+    Column("seconds_per_step", "time/step", seconds),
+]
 _AVERAGED = ("bytes_per_step", "steady_bytes_per_step", "final_loss", "seconds_per_step")
 """Per-rank figures that the rows average over ranks (with the per-epoch losses)."""
 
