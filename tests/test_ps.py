@@ -107,38 +107,83 @@ def test_the_staleness_bound_refuses_old_gradients_and_only_those(least_squares_
 
 
 ENCODINGS = ["direct", "delta"]
+ONE_WORKER_SESSIONS = {
+    "direct": dict(lr=0.2, param_bits=4, grad_bits=8, param_encoding="direct"),
+    "delta": dict(lr=0.2, param_bits=4, grad_bits=8, param_encoding="delta"),
+    "sparse": dict(lr=1.0, param_bits=32, grad_bits=8, density=0.05),
+    "momentum": dict(lr=0.1, param_bits=32, grad_bits=32, momentum=0.5),
+}
+SIZE, PUSHES = 700, 3
 
 
-async def watch_parameters(group):
-    """One worker, three pushes a session; returns (copy before the last reply, copy after, its version)."""
+def fixed_gradient(step: int) -> np.ndarray:
+    return np.random.default_rng(step).normal(size=SIZE)
+
+
+async def one_worker(group):
+    """Rank 1 pushes fixed gradients to rank 0, one session per ONE_WORKER_SESSIONS entry.
+
+    The worker returns (its copy before the last reply, its copy after, its version, its
+    error-feedback residual), after checking that bad calls raise before anything is sent.
+    """
     results = []
-    for encoding in ENCODINGS:
-        config = AsyLPGConfig(lr=0.2, param_bits=4, grad_bits=8, param_encoding=encoding)
+    initial = np.random.default_rng(1).normal(size=SIZE)
+    for options in ONE_WORKER_SESSIONS.values():
+        config = AsyLPGConfig(**options)
         if group.rank == 0:
-            results.append(await serve(group, np.random.default_rng(1).normal(size=700), config, timeout=60))
+            results.append(await serve(group, initial, config, timeout=60))
         else:
-            worker = Worker(group, 700, config, timeout=60)
+            with pytest.raises(InvalidArgumentError):
+                Worker(group, SIZE, config, server=1)  # itself
+            worker = Worker(group, SIZE, config, timeout=60)
+            with pytest.raises(InvalidArgumentError):
+                await worker.push(fixed_gradient(0))  # before the first pull
             params = await worker.pull()
-            for step in range(3):
+            with pytest.raises(InvalidArgumentError):
+                await worker.push(np.zeros(SIZE + 1))
+            for step in range(PUSHES):
                 previous = params.copy()
-                params = await worker.push(np.random.default_rng(step).normal(size=700))
+                params = await worker.push(fixed_gradient(step))
             await worker.close()
-            results.append((previous, params, worker.version))
+            results.append((previous, params, worker.version, worker.residual))
         await group.barrier()
-    return results
+    return dict(zip(ONE_WORKER_SESSIONS, results))
 
 
 @pytest.fixture(scope="module")
-def parameter_views() -> list:
-    """Both encodings' sessions on one pair of real ranks: [server results, worker views]."""
-    return run_ranks(2, watch_parameters, timeout=60)
+def one_worker_run() -> tuple[dict, dict]:
+    """Every one-worker session on one pair of real ranks: (server results, worker results)."""
+    server, worker = run_ranks(2, one_worker, timeout=90)
+    return server, worker
+
+
+def test_sparse_pushes_lose_nothing_to_error_feedback(one_worker_run) -> None:
+    server, worker = one_worker_run
+    final, stats = server["sparse"]
+    initial = np.random.default_rng(1).normal(size=SIZE)
+    pushed = sum(fixed_gradient(step) for step in range(PUSHES))
+    residual = worker["sparse"][3]
+    # lr = 1: what the server subtracted plus what the worker still holds is every gradient
+    np.testing.assert_allclose((initial - final) + residual, pushed, atol=1e-9)
+    assert stats.updates == PUSHES and np.count_nonzero(initial - final) <= PUSHES * 35
+
+
+def test_accelerated_step_is_nesterov_extrapolation(one_worker_run) -> None:
+    server, _ = one_worker_run
+    final, _ = server["momentum"]
+    config = AsyLPGConfig(**ONE_WORKER_SESSIONS["momentum"])
+    params = lookahead = np.random.default_rng(1).normal(size=SIZE)
+    for step in range(PUSHES):
+        gradient = fixed_gradient(step).astype(np.float32).astype(np.float64)
+        ahead = params - config.lr * gradient
+        params, lookahead = ahead + config.momentum * (ahead - lookahead), ahead
+    np.testing.assert_allclose(final, params, rtol=0, atol=1e-12)
 
 
 @pytest.mark.parametrize("encoding", ENCODINGS)
-def test_workers_compute_at_quantized_parameters_within_the_rounding_bound(encoding: str, parameter_views) -> None:
-    index = ENCODINGS.index(encoding)
-    (exact, stats), (previous, seen, version) = parameter_views[0][index], parameter_views[1][index]
-    assert version == stats.updates == 3
+def test_workers_compute_at_quantized_parameters_within_the_rounding_bound(encoding: str, one_worker_run) -> None:
+    (exact, stats), (previous, seen, version, _) = one_worker_run[0][encoding], one_worker_run[1][encoding]
+    assert version == stats.updates == PUSHES
     steps = grid_steps(4)
     blocks = lambda v: np.pad(v, (0, -v.size % 256)).reshape(-1, 256)  # noqa: E731
     # the rounded quantity: x itself (direct), or x minus the worker's previous copy (delta)
