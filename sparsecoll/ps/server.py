@@ -35,15 +35,16 @@ class ServerStats:
 
 
 class ParameterEncoder:
-    """The server's end of one worker's parameter stream (step 4: Q(x) at ``param_bits``)."""
+    """The server's end of one worker's parameter stream (steps 1 and 4: Q(x) at ``param_bits``)."""
 
     def __init__(self, config: AsyLPGConfig, size: int, worker: int) -> None:
         self.config = config
         seed = config.seed * 1009 + worker
+        quantized = config.param_bits != FULL_PRECISION
         self.delta = ParameterQuantizer(np.zeros(size), config.param_bits, block_size=config.block_size,
-                                        seed=seed) if config.param_bits != FULL_PRECISION else None
+                                        seed=seed) if quantized and config.param_encoding == "delta" else None
         self.codec = QuantizeCodec(config.param_bits, block_size=config.block_size, seed=seed) \
-            if config.param_bits != FULL_PRECISION else None
+            if quantized and self.delta is None else None
         self.step = 0
 
     def encode(self, params: np.ndarray) -> list[np.ndarray]:
@@ -51,7 +52,7 @@ class ParameterEncoder:
         self.step += 1
         if self.config.param_bits == FULL_PRECISION:
             return [np.asarray(params, np.float32)]
-        if self.config.param_encoding == "delta":
+        if self.delta is not None:
             payload: QuantizedPayload = self.delta.encode(params)
             return [payload.packed, np.asarray(payload.scales, np.float32)]
         return encode_values(params, self.config.param_bits, self.codec, self.step)
@@ -82,7 +83,7 @@ class ParameterServer:
             if config.grad_bits != FULL_PRECISION else None
 
     async def serve(self) -> np.ndarray:
-        """Answer pulls and pushes until every worker sent DONE; returns the final parameters."""
+        """Answer pulls and pushes in arrival order until every worker sent DONE (step 5); returns x."""
         active = set(range(self.group.size)) - {self.group.rank}
         while active:
             message = await self.group.recv(ANY_SOURCE, REQUEST_TAG, timeout=self.timeout)
@@ -106,7 +107,7 @@ class ParameterServer:
         return self.params.copy()
 
     def _apply(self, worker: int, base_version: int, body: np.ndarray) -> bool:
-        """Steps 2-3: refuse a gradient older than τ updates, else take one (accelerated) step."""
+        """Step 3: refuse a gradient older than τ updates, else take one (accelerated) step."""
         staleness = self.version - base_version
         if not 0 <= staleness:
             raise FrameError(f"push at version {base_version} from the future (server at {self.version})",
@@ -139,7 +140,7 @@ class ParameterServer:
         return gradient
 
     async def _reply(self, worker: int, kind: Kind) -> None:
-        """Step 4: the parameters, quantized for this worker, with the version they are at."""
+        """Steps 1 and 4: the parameters, quantized for this worker, with the version they are at."""
         encoder = self.encoders.get(worker)
         if encoder is None:
             encoder = self.encoders[worker] = ParameterEncoder(self.config, self.params.size, worker)

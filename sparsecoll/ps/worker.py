@@ -70,7 +70,7 @@ class Worker:
         return await self._receive()
 
     async def push(self, gradient: np.ndarray) -> np.ndarray:
-        """Steps 2-3: send the gradient computed at ``params``; returns the next parameters.
+        """Steps 2 and 4: send the gradient computed at ``params``; returns the next parameters.
 
         If the server refused it as too stale, the returned parameters are its current ones
         and ``stats.refused`` counts it; the caller just computes the next gradient there.
@@ -86,7 +86,7 @@ class Worker:
         return await self._receive()
 
     async def close(self) -> None:
-        """Tell the server this worker is done (idempotent; the group stays open)."""
+        """Step 5: tell the server this worker is done (idempotent; the group stays open)."""
         if not self._closed:
             self._closed = True
             await self._request(frame(Kind.DONE, self.version, []))
@@ -114,7 +114,7 @@ class Worker:
         self.stats.bytes_pushed += message.nbytes
 
     async def _receive(self) -> np.ndarray:
-        """Step 4 on the worker: decode x̂ = Q(x) and remember its version."""
+        """Steps 1 and 4 on the worker: decode x̂ = Q(x) and remember its version."""
         message = await self.group.recv(self.server, REPLY_TAG, timeout=self.timeout)
         self.stats.bytes_pulled += message.value.nbytes
         kind, version, body = parse(message.value, self.server, self.group.rank)
