@@ -66,10 +66,36 @@ STEPS, RANKS = 50, 4
 
 
 @pytest.fixture(scope="module")
-def least_squares_run() -> tuple[list, list[list]]:
-    """Every least-squares session on one set of 4 real ranks: (server results, workers' stats)."""
-    server, *workers = run_ranks(RANKS, train_least_squares, PRECISIONS + STALENESS, STEPS, timeout=150)
-    return server, workers
+def job() -> list[dict]:
+    """One job of 4 real ranks runs every multi-session test below, one part after another.
+
+    Spawning ranks costs far more than the sessions on a loaded machine, so the least-squares,
+    one-worker and digits sessions share it; each test reads its part.
+    """
+    return run_ranks(RANKS, every_session, timeout=300, group_kwargs=None)
+
+
+def every_session(rank: int, world_size: int) -> dict:
+    """Rank ``rank``'s results of each part, separated by barriers."""
+    import sparsecoll
+
+    results = {}
+    with sparsecoll.init_sync_group() as group:
+        results["least_squares"] = group.run(train_least_squares(group.group, PRECISIONS + STALENESS, STEPS))
+        group.barrier()
+        pair = group.group.new_group([0, 1])  # the one-worker sessions: rank 1 alone serves as worker
+        if pair is not None:
+            results["one_worker"] = group.run(one_worker(pair))
+        group.barrier()
+        results["digits"] = train_digits(group, epochs=10)
+    return results
+
+
+@pytest.fixture(scope="module")
+def least_squares_run(job) -> tuple[list, list[list]]:
+    """Every least-squares session: (server results, workers' stats)."""
+    server, *workers = (results["least_squares"] for results in job)
+    return server, list(workers)
 
 
 def test_least_squares_converges_and_every_message_has_its_formula_size(least_squares_run) -> None:
@@ -151,10 +177,9 @@ async def one_worker(group):
 
 
 @pytest.fixture(scope="module")
-def one_worker_run() -> tuple[dict, dict]:
-    """Every one-worker session on one pair of real ranks: (server results, worker results)."""
-    server, worker = run_ranks(2, one_worker, timeout=90)
-    return server, worker
+def one_worker_run(job) -> tuple[dict, dict]:
+    """Every one-worker session: (server results, worker results)."""
+    return job[0]["one_worker"], job[1]["one_worker"]
 
 
 def test_sparse_pushes_lose_nothing_to_error_feedback(one_worker_run) -> None:
@@ -264,13 +289,12 @@ def test_malformed_messages_raise_frame_error() -> None:
 DIGITS_PRECISIONS = [dict(param_bits=32, grad_bits=32), dict(param_bits=8, grad_bits=8), dict(param_bits=4, grad_bits=4)]
 
 
-def train_digits(rank: int, world_size: int, epochs: int) -> list:
+def train_digits(group, epochs: int) -> list:
     """A torch MLP on sklearn's digits, one session per precision: rank 0 serves, the rest train."""
     import torch
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    import sparsecoll
     from sparsecoll.ps.torch_model import ModelWorker, serve_model
 
     torch.set_num_threads(1)
@@ -278,34 +302,33 @@ def train_digits(rank: int, world_size: int, epochs: int) -> list:
     train_x, test_x, train_y, test_y = train_test_split((features / 16).astype(np.float32), labels,
                                                         test_size=0.3, random_state=0, stratify=labels)
     results = []
-    with sparsecoll.init_sync_group() as group:
-        for options in DIGITS_PRECISIONS:
-            torch.manual_seed(0)
-            model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
-            config = AsyLPGConfig(lr=0.1, **options)
-            if rank == 0:
-                stats = serve_model(group, model, config, timeout=60)
-                with torch.no_grad():
-                    predicted = model(torch.from_numpy(test_x)).argmax(1).numpy()
-                results.append((float((predicted == test_y).mean()), stats.updates))
-            else:
-                worker = ModelWorker(group, model, config, timeout=60)
-                mine = np.arange(rank - 1, len(train_y), world_size - 1)
-                inputs, targets = torch.from_numpy(train_x[mine]), torch.from_numpy(train_y[mine])
-                order = np.random.default_rng(rank)
-                for _ in range(epochs):
-                    for batch in np.array_split(order.permutation(mine.size), mine.size // 32):
-                        model.zero_grad()
-                        torch.nn.functional.cross_entropy(model(inputs[batch]), targets[batch]).backward()
-                        worker.step()
-                worker.close()
-                results.append(worker.stats)
-            group.barrier()
+    for options in DIGITS_PRECISIONS:
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 10))
+        config = AsyLPGConfig(lr=0.1, **options)
+        if group.rank == 0:
+            stats = serve_model(group, model, config, timeout=60)
+            with torch.no_grad():
+                predicted = model(torch.from_numpy(test_x)).argmax(1).numpy()
+            results.append((float((predicted == test_y).mean()), stats.updates))
+        else:
+            worker = ModelWorker(group, model, config, timeout=60)
+            mine = np.arange(group.rank - 1, len(train_y), group.size - 1)
+            inputs, targets = torch.from_numpy(train_x[mine]), torch.from_numpy(train_y[mine])
+            order = np.random.default_rng(group.rank)
+            for _ in range(epochs):
+                for batch in np.array_split(order.permutation(mine.size), mine.size // 32):
+                    model.zero_grad()
+                    torch.nn.functional.cross_entropy(model(inputs[batch]), targets[batch]).backward()
+                    worker.step()
+            worker.close()
+            results.append(worker.stats)
+        group.barrier()
     return results
 
 
-def test_digits_training_at_8_and_4_bits_stays_within_a_point_and_a_half_of_full_precision() -> None:
-    server, *workers = run_ranks(3, train_digits, 10, timeout=150, group_kwargs=None)
+def test_digits_training_at_8_and_4_bits_stays_within_a_point_and_a_half_of_full_precision(job) -> None:
+    server, *workers = (results["digits"] for results in job)
     (full, updates), *quantized = server
     assert full > 0.92 and updates == sum(worker[0].pushes - worker[0].refused for worker in workers)
     for options, (accuracy, _) in zip(DIGITS_PRECISIONS[1:], quantized):
