@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 
 from sparsecoll.compress import QuantizeCodec
-from sparsecoll.errors import FrameError, GroupAbortedError, InvalidArgumentError, PeerLostError
+from sparsecoll.errors import (
+    FrameError,
+    GroupAbortedError,
+    InvalidArgumentError,
+    PeerLostError,
+    SparseCollError,
+)
 from sparsecoll.kernels.quantize import grid_steps
 from sparsecoll.ps import AsyLPGConfig, Worker, serve
 from sparsecoll.ps.config import MESSAGE_HEADER_BYTES
@@ -80,15 +86,32 @@ def every_session(rank: int, world_size: int) -> dict:
     import sparsecoll
 
     results = {}
-    with sparsecoll.init_sync_group() as group:
-        results["least_squares"] = group.run(train_least_squares(group.group, PRECISIONS + STALENESS, STEPS))
-        group.barrier()
-        pair = group.group.new_group([0, 1])  # the one-worker sessions: rank 1 alone serves as worker
-        if pair is not None:
-            results["one_worker"] = group.run(one_worker(pair))
-        group.barrier()
-        results["digits"] = train_digits(group, epochs=10)
+    try:
+        with sparsecoll.init_sync_group() as group:
+            results["least_squares"] = group.run(train_least_squares(group.group, PRECISIONS + STALENESS, STEPS))
+            group.barrier()
+            pair = group.group.new_group([0, 1])  # the one-worker sessions: rank 1 alone serves as worker
+            if pair is not None:
+                results["one_worker"] = group.run(one_worker(pair))
+            group.barrier()
+            results["digits"] = train_digits(group, epochs=10)
+            group.run(disagree_on_bits(group.group))  # last: it fails the group
+    except SparseCollError as error:
+        results["disagreement"] = type(error).__name__
     return results
+
+
+async def disagree_on_bits(group) -> None:
+    """Rank 2 pushes 4-bit gradients to a server that expects 8; everyone then meets at a barrier."""
+    config = AsyLPGConfig(lr=0.1, grad_bits=4 if group.rank == 2 else 8)
+    if group.rank == 0:
+        await serve(group, np.zeros(DIM), config, timeout=60)
+    else:
+        worker = Worker(group, DIM, config, timeout=60)
+        await worker.pull()
+        await worker.push(np.ones(DIM))
+        await worker.close()
+    await group.barrier(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -339,3 +362,9 @@ def test_digits_training_at_8_and_4_bits_stays_within_a_point_and_a_half_of_full
         assert stats.bytes_pulled == (stats.pulls + stats.pushes) * AsyLPGConfig(lr=0.1, **options).pull_bytes(size)
     full_push, eight_bit_push = (workers[0][i].bytes_pushed / workers[0][i].pushes for i in (0, 1))
     assert 3.9 < full_push / eight_bit_push < 4.0
+
+
+def test_ranks_that_disagree_on_the_bits_raise_on_every_rank(job) -> None:
+    server, *workers = (results["disagreement"] for results in job)
+    assert server == "FrameError"  # a push of the wrong size is refused before it is read
+    assert all(seen in ("GroupAbortedError", "PeerLostError") for seen in workers), workers
