@@ -102,10 +102,17 @@ def every_session(rank: int, world_size: int) -> dict:
 
 
 async def disagree_on_bits(group) -> None:
-    """Rank 2 pushes 4-bit gradients to a server that expects 8; everyone then meets at a barrier."""
+    """Rank 2 pushes 4-bit gradients to a server that expects 8; everyone then meets at a barrier.
+
+    The server swallows its error and goes to the barrier: only the group's poisoning by
+    ``serve`` can then stop the workers waiting for a reply (else they time out).
+    """
     config = AsyLPGConfig(lr=0.1, grad_bits=4 if group.rank == 2 else 8)
     if group.rank == 0:
-        await serve(group, np.zeros(DIM), config, timeout=60)
+        try:
+            await serve(group, np.zeros(DIM), config, timeout=60)
+        except FrameError:
+            pass
     else:
         worker = Worker(group, DIM, config, timeout=60)
         await worker.pull()
@@ -365,6 +372,5 @@ def test_digits_training_at_8_and_4_bits_stays_within_a_point_and_a_half_of_full
 
 
 def test_ranks_that_disagree_on_the_bits_raise_on_every_rank(job) -> None:
-    server, *workers = (results["disagreement"] for results in job)
-    assert server == "FrameError"  # a push of the wrong size is refused before it is read
-    assert all(seen in ("GroupAbortedError", "PeerLostError") for seen in workers), workers
+    # a push of the wrong size is refused before it is read, and the group carries the error
+    assert [results["disagreement"] for results in job] == ["FrameError"] * RANKS

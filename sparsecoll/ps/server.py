@@ -83,7 +83,18 @@ class ParameterServer:
             if config.grad_bits != FULL_PRECISION else None
 
     async def serve(self) -> np.ndarray:
-        """Answer pulls and pushes in arrival order until every worker sent DONE (step 5); returns x."""
+        """Answer pulls and pushes in arrival order until every worker sent DONE (step 5); returns x.
+
+        A malformed message (a worker with another model size or bit width) poisons the group,
+        as a malformed frame does, so every worker raises it too instead of waiting for a reply.
+        """
+        try:
+            return await self._serve()
+        except FrameError as error:
+            self.group.poison(error)
+            raise
+
+    async def _serve(self) -> np.ndarray:
         active = set(range(self.group.size)) - {self.group.rank}
         while active:
             message = await self.group.recv(ANY_SOURCE, REQUEST_TAG, timeout=self.timeout)

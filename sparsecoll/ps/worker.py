@@ -117,13 +117,18 @@ class Worker:
         """Steps 1 and 4 on the worker: decode x̂ = Q(x) and remember its version."""
         message = await self.group.recv(self.server, REPLY_TAG, timeout=self.timeout)
         self.stats.bytes_pulled += message.value.nbytes
-        kind, version, body = parse(message.value, self.server, self.group.rank)
-        if kind not in (Kind.PARAMS, Kind.REFUSED):
-            raise FrameError(f"the server sent a worker message kind {kind.name}",
-                             rank=self.group.rank, peer=self.server)
+        try:
+            kind, version, body = parse(message.value, self.server, self.group.rank)
+            if kind not in (Kind.PARAMS, Kind.REFUSED):
+                raise FrameError(f"the server sent a worker message kind {kind.name}",
+                                 rank=self.group.rank, peer=self.server)
+            params = self._decode_params(body)
+        except FrameError as error:  # the server and this worker disagree: fail every rank
+            self.group.poison(error)
+            raise
         self.stats.refused += kind == Kind.REFUSED
         self.version = version
-        self.params = self._decode_params(body)
+        self.params = params
         return self.params
 
     def _decode_params(self, body: np.ndarray) -> np.ndarray:
