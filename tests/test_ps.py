@@ -33,16 +33,20 @@ def least_squares_shard(rank: int) -> tuple[np.ndarray, np.ndarray]:
     return features, features @ truth + 0.1 * rng.normal(size=ROWS)
 
 
+STALE_TAG = 77
+
+
 async def train_least_squares(group, sessions: list[dict], steps: int):
     """One parameter-server session per config, a barrier between them; full-batch gradients.
 
-    A session's ``slow_rank`` (not a config field) sleeps before each push, so its gradients
-    arrive stale; its ``steps`` overrides the pushes per worker.
+    A session's ``stale_rank`` (not a config field) pulls, then waits until every other worker
+    has finished before its first push, so that push is exactly as stale as the others' pushes
+    together; ``steps`` overrides the pushes per worker.
     """
     results = []
     for options in sessions:
         options = dict(options)
-        slow_rank = options.pop("slow_rank", -1)
+        stale_rank = options.pop("stale_rank", -1)
         pushes = options.pop("steps", steps)
         config = AsyLPGConfig(**options)
         if group.rank == 0:
@@ -51,10 +55,13 @@ async def train_least_squares(group, sessions: list[dict], steps: int):
             features, targets = least_squares_shard(group.rank)
             worker = Worker(group, DIM, config, timeout=60)
             params = await worker.pull()
+            if group.rank == stale_rank:
+                for other in set(range(1, group.size)) - {stale_rank}:
+                    await group.recv(other, STALE_TAG, timeout=60)
             for _ in range(pushes):
-                if group.rank == slow_rank:
-                    await asyncio.sleep(0.03)
                 params = await worker.push(features.T @ (features @ params - targets) / ROWS)
+            if 0 < stale_rank != group.rank:
+                await group.send(np.zeros(1), stale_rank, STALE_TAG)
             await worker.close()
             results.append(worker.stats)
         await group.barrier()
@@ -67,7 +74,9 @@ PRECISIONS = [
     dict(lr=0.3, param_bits=4, grad_bits=4),
     dict(lr=0.3, param_bits=8, grad_bits=4, density=0.25),
 ]
-STALENESS = [dict(lr=0.3, staleness=1, slow_rank=3, steps=20), dict(lr=0.3, staleness=1_000_000, slow_rank=3, steps=20)]
+STALE_STEPS = 10
+STALENESS = [dict(lr=0.3, staleness=1, stale_rank=3, steps=STALE_STEPS),
+             dict(lr=0.3, staleness=1_000_000, stale_rank=3, steps=STALE_STEPS)]
 STEPS, RANKS = 50, 4
 
 
@@ -155,10 +164,12 @@ def test_the_staleness_bound_refuses_old_gradients_and_only_those(least_squares_
     server, workers = least_squares_run
     first = len(PRECISIONS)
     (_, bounded), (_, unbounded) = server[first:]
-    assert unbounded.refused == 0 and unbounded.max_applied_staleness > 1  # the slow worker is stale
+    others = STALE_STEPS * (RANKS - 2)  # updates the other workers made before rank 3's first push
+    assert unbounded.refused == 0 and unbounded.max_applied_staleness == others
+    assert workers[2][first].refused == 1  # rank 3's first push, `others` updates old; then it is current
     assert bounded.max_applied_staleness <= 1
-    assert bounded.refused > 0 and workers[2][first].refused > 0  # rank 3's pushes were the ones refused
     assert bounded.refused == sum(worker[first].refused for worker in workers)
+    assert bounded.updates + bounded.refused == STALE_STEPS * (RANKS - 1)
     assert sum(bounded.staleness_histogram.values()) == bounded.updates
 
 
