@@ -74,10 +74,12 @@ PRECISIONS = [
     dict(lr=0.3, param_bits=4, grad_bits=4),
     dict(lr=0.3, param_bits=8, grad_bits=4, density=0.25),
 ]
-STALE_STEPS = 10
-STALENESS = [dict(lr=0.3, staleness=1, stale_rank=3, steps=STALE_STEPS),
-             dict(lr=0.3, staleness=1_000_000, stale_rank=3, steps=STALE_STEPS)]
 STEPS, RANKS = 50, 4
+STALE_STEPS = 10
+STALE_BY = STALE_STEPS * (RANKS - 2)
+"""How old the stale rank's first push is: every update the other workers made."""
+STALENESS = [dict(lr=0.3, staleness=STALE_BY - 1, stale_rank=3, steps=STALE_STEPS),
+             dict(lr=0.3, staleness=STALE_BY, stale_rank=3, steps=STALE_STEPS)]
 
 
 @pytest.fixture(scope="module")
@@ -163,14 +165,14 @@ def test_least_squares_converges_and_every_message_has_its_formula_size(least_sq
 def test_the_staleness_bound_refuses_old_gradients_and_only_those(least_squares_run) -> None:
     server, workers = least_squares_run
     first = len(PRECISIONS)
-    (_, bounded), (_, unbounded) = server[first:]
-    others = STALE_STEPS * (RANKS - 2)  # updates the other workers made before rank 3's first push
-    assert unbounded.refused == 0 and unbounded.max_applied_staleness == others
-    assert workers[2][first].refused == 1  # rank 3's first push, `others` updates old; then it is current
-    assert bounded.max_applied_staleness <= 1
-    assert bounded.refused == sum(worker[first].refused for worker in workers)
-    assert bounded.updates + bounded.refused == STALE_STEPS * (RANKS - 1)
-    assert sum(bounded.staleness_histogram.values()) == bounded.updates
+    (_, below), (_, at) = server[first:]
+    # τ = STALE_BY - 1: only rank 3's first push is too old (the others' are at most STALE_STEPS old)
+    assert below.refused == 1 and workers[2][first].refused == 1
+    assert below.max_applied_staleness <= STALE_STEPS < STALE_BY - 1
+    assert below.updates + below.refused == STALE_STEPS * (RANKS - 1)
+    # τ = STALE_BY: the same push is exactly τ old, and accepted
+    assert at.refused == 0 and at.max_applied_staleness == STALE_BY
+    assert sum(at.staleness_histogram.values()) == at.updates == STALE_STEPS * (RANKS - 1)
 
 
 ENCODINGS = ["direct", "delta"]
