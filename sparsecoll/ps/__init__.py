@@ -23,10 +23,9 @@ The algorithm, as the code follows it (server rank S, workers w, version t = upd
    the change since its last pull; ``"direct"`` rounds x itself each time.
 5. A worker that is done sends DONE; S returns x when every worker has.
 
-Where this differs from the paper: the paper's AsyLPG is built on asynchronous SVRG (a
-full-gradient snapshot each epoch) and samples Sparse-AsyLPG's coordinates with probabilities
-proportional to their magnitude; here the inner step is plain asynchronous SGD and sparsity is
-top-k with error feedback. Quantizer grids are per block of ``block_size`` values with a
+Where this differs from the paper as we read it: AsyLPG is built on asynchronous SVRG (a
+full-gradient snapshot each epoch) and Sparse-AsyLPG drops coordinates at random, unbiased;
+here the inner step is plain asynchronous SGD and sparsity is top-k with error feedback. Quantizer grids are per block of ``block_size`` values with a
 max-abs scale (the paper's per-vector ∞-norm grid is block_size = d).
 
 Failure: every wait has a deadline. A worker that dies fails the group on every rank, as any
