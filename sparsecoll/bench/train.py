@@ -76,7 +76,10 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
     inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     algorithm, density = config["algorithm"], config["density"]
     optimizer = SparseCollOptimizer(inner, sync, algorithm, density if algorithm != "dense" else 1.0,
-                                    error_feedback=config.get("error_feedback", True),
+                                    error_feedback=config.get("error_feedback"),
+                                    memory_beta=config.get("memory_beta"),
+                                    momentum_correction=config.get("momentum_correction", True),
+                                    algorithm_options=config.get("options"),
                                     warmup_steps=int(warmup_epochs * steps_per_epoch) if algorithm != "dense" else 0,
                                     seed=seed)
     losses, epoch_loss, epoch_accuracy = [], [], []
