@@ -59,7 +59,10 @@ class SparseCollOptimizer(torch.optim.Optimizer):
     without bound (Wangni et al. 2018 send ``g / p`` and keep nothing). ``memory_beta`` is
     ScaleCom's low-pass filter on the error-feedback memory (None: the paper's 0.1 for "cltk", 1.0
     for the others). With ``lazy``, each step feeds LAG's rule the buckets' parameter steps and
-    the step size ``lr / P`` (see :mod:`sparsecoll.collectives.lazy`).
+    the step size ``lr / P`` (see :mod:`sparsecoll.collectives.lazy`). ``per_layer`` (Aji &
+    Heafield's per-layer selection) gives every parameter its own bucket, so each layer sends its
+    own ``density`` of values at its own threshold instead of competing with the other layers of
+    a shared bucket for one cut (``bucket_bytes`` is then ignored).
     """
 
     _step_supports_amp_scaling = True
@@ -71,7 +74,7 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                  dense_if: Callable[[torch.Tensor], bool] | None = small_parameters,
                  dense_above: float = 0.25, seed: int = 0, grad_scaler: Any = None,
                  skip_nonfinite: bool = False, algorithm_options: dict[str, Any] | None = None,
-                 memory_beta: float | None = None) -> None:
+                 memory_beta: float | None = None, per_layer: bool = False) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if not isinstance(group, SyncGroup):
@@ -99,7 +102,8 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                 if param_group.get("dampening", 0) != 0:
                     raise ValueError("momentum correction accumulates undampened momentum (DGC): "
                                      "use dampening=0 or momentum_correction=False")
-        self.buckets = build_buckets(optimizer.param_groups, bucket_bytes, dense_if)
+        self.per_layer = bool(per_layer)
+        self.buckets = build_buckets(optimizer.param_groups, 1 if per_layer else bucket_bytes, dense_if)
         self.memories = [ErrorFeedback(bucket.flat) for bucket in self.buckets]
         self.lazy_states = [None if lazy is None else lazy.fresh() for _ in self.buckets]
         self.steps = 0
