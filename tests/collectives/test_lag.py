@@ -57,7 +57,7 @@ async def descend(group, rule: str | None, bits: int | None = None) -> dict:
 
 async def all_rules(group) -> dict:
     return {"dense": await descend(group, None), "lag": await descend(group, "lag"),
-            "laq": await descend(group, "lag", bits=4), "relative": await descend(group, "relative")}
+            "laq": await descend(group, "lag", bits=8), "relative": await descend(group, "relative")}
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,8 @@ def test_laq_reaches_the_gap_with_fewer_uploads_than_dense(runs: list[dict]) -> 
 def test_the_relative_rule_stalls_where_lag_converges(runs: list[dict]) -> None:
     """Why the relative rule is not the default: its bound never tightens near the optimum."""
     relative = runs[0]["relative"]
+    print(f"relative rule: gap {relative['gap']:.3g} after {relative['rounds']} rounds, "
+          f"uploads per rank {[r['relative']['uploads'] for r in runs]}")
     assert relative["rounds"] == MAX_ROUNDS and relative["gap"] > 100 * TARGET_GAP, relative
 
 
