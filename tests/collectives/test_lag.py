@@ -112,9 +112,38 @@ def test_lag_bound_follows_the_paper() -> None:
     weighted.record_parameter_step(8.0, 1.0)
     weighted.record_parameter_step(4.0, 1.0)
     assert weighted.lag_bound(2) == pytest.approx((0.5 * 4.0 + 0.25 * 8.0) / 4)
+    laq = LazyState(rounds=1, sent_error=0.5)
+    assert laq.wants_skip(2.2, 1.0, 4, quantization_error=0.25)  # 2.2 <= 0 + 3 (0.25 + 0.5)
+    assert not laq.wants_skip(2.3, 1.0, 4, quantization_error=0.25)
+    laq.stale = laq.max_stale
+    assert not laq.wants_skip(0.0, 1.0, 4)  # stale too long: a forced upload
     with pytest.raises(InvalidArgumentError, match="weights"):
         LazyState(memory=2, weights=(1.0,)).validate()
     with pytest.raises(InvalidArgumentError, match="quantizer"):
         LazyState(quantizer="nearest").validate()
     with pytest.raises(InvalidArgumentError, match="step size"):
         state.record_parameter_step(1.0, 0.0)
+
+
+async def constant_laq_rounds(group) -> dict:
+    grad = np.random.default_rng(group.rank).standard_normal(1000).astype(np.float32)
+    state = LazyState()
+    sent = []
+    for _ in range(3):
+        _, stats = await group.reduce_gradient(grad, "dense", lazy=state, quantize_bits=8)
+        sent.append(stats.bytes_sent)
+    return {"history": state.history, "bytes": sent, "error": state.sent_error}
+
+
+def test_laq_skips_an_unchanged_gradient_within_its_quantization_error() -> None:
+    """Re-quantizing an unchanged gradient moves Q by about its last rounding error: LAQ's
+    3(||eps||^2 + ||eps_sent||^2) term lets it skip, where the bare LAG bound (zero: no step yet)
+    would upload the rounding noise every round. Round 0 sends LAQ's grid: R and 8-bit codes."""
+    from sparsecoll.compress.grid import grid_bytes
+    from sparsecoll.wire import HEADER_SIZE
+
+    for rank in run_ranks(2, constant_laq_rounds, timeout=60):
+        assert rank["history"] == [0, 2, 2], rank
+        assert rank["error"] > 0
+        assert rank["bytes"][0] == HEADER_SIZE + grid_bytes(1000, 8), rank
+        assert rank["bytes"][1] == rank["bytes"][2] == HEADER_SIZE, rank  # an empty block each
