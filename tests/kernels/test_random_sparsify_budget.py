@@ -38,7 +38,7 @@ def test_the_closed_form_meets_the_budget_exactly(size: int, eps: float, seed: i
 def test_the_budget_holds_in_expectation_over_draws(eps: float) -> None:
     grad = np.random.default_rng(1).standard_t(3, 2000).astype(np.float64)
     norm = float(np.sum(grad ** 2))
-    draws = 400
+    draws = 200
     total = np.zeros_like(grad)
     squares = []
     for seed in range(draws):

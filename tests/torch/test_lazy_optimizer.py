@@ -2,7 +2,7 @@
 
 Each rank's loss is its own least-squares term (features scaled by 1, 2, 4, 8); the wrapper
 steps by the mean over ranks, so ``lr = P / L`` is LAG's ``alpha = 1 / L`` on the summed loss.
-The first 80 steps (the whole run to the 1e-8 gap is tests/collectives/test_lag.py's) must already
+The first 40 steps (the whole run to the 1e-8 gap is tests/collectives/test_lag.py's) must already
 show LAG ahead of dense GD on the gap with a fraction of the uploads.
 """
 
@@ -16,7 +16,7 @@ from sparsecoll.torch import SparseCollOptimizer, init_group
 from tests.collectives.test_lag import FEATURES, SCALES, TARGET_GAP, problem
 from tests.ranks import run_ranks
 
-STEPS = 80
+STEPS = 40
 
 
 def both(rank: int, world: int) -> tuple[dict, dict]:

@@ -1,4 +1,4 @@
-"""Wangni et al.'s unbiased random-k trains (digits, 2 ranks), because error feedback is off for it.
+"""Wangni et al.'s unbiased random-k trains (digits, 2 ranks, 8 epochs), because error feedback is off for it.
 
 Error feedback keeps ``-g (1 - p) / p`` of what random-k left out, which grows without bound
 (issue 22: loss 1.8e18, 4.6% accuracy); without it random-k converges close to dense.
