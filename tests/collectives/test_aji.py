@@ -36,7 +36,8 @@ def test_sampled_threshold_travels_on_the_builtin_path_with_uint32_indices() -> 
         np.testing.assert_array_equal(result["sent"], kept)  # everything above the sampled cut, nothing else
         assert 0.5 * DENSITY * SIZE <= kept.size <= 2 * DENSITY * SIZE
         expected_sum[kept] += grad[kept]
-    print(f"bytes a rank sends: builtin {[r['bytes'] for r in per_rank]}, generic {[r['generic_bytes'] for r in per_rank]}")
+    print(f"bytes a rank sends: builtin {[r['bytes'] for r in per_rank]}, "
+          f"generic {[r['generic_bytes'] for r in per_rank]}")
     for rank, result in enumerate(per_rank):
         np.testing.assert_allclose(result["dense"], expected_sum, rtol=1e-6, atol=1e-6)
         # the ring forwards P-1 blocks: a uint64 count, then uint32 indices and float32 values
