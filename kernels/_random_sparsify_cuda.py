@@ -8,7 +8,7 @@ import numpy as np
 from numba import cuda, njit
 
 from ._cuda_compact import THREADS, compact, make_compaction
-from .random_sparsify import greedy_scale, is_kept, keep_probability
+from .random_sparsify import budget_scale, greedy_scale, is_kept, keep_probability
 
 ITEMS_PER_THREAD = 16
 
@@ -40,6 +40,30 @@ def _sums_kernel(x, lam, out):
 
 
 @cuda.jit
+def _budget_kernel(x, lam, out):
+    # out: [sum |x| over the unsaturated, their sum of squares, sum of all squares, NaN/inf count]
+    start = cuda.grid(1)
+    stride = cuda.gridsize(1)
+    rest = 0.0
+    rest_squares = 0.0
+    squares = 0.0
+    bad = 0.0
+    for i in range(start, x.size, stride):
+        a = abs(np.float64(x[i]))
+        if not a < np.inf:
+            bad += 1.0
+        else:
+            squares += a * a
+            if not lam * a >= 1.0:
+                rest += a
+                rest_squares += a * a
+    cuda.atomic.add(out, 0, rest)
+    cuda.atomic.add(out, 1, rest_squares)
+    cuda.atomic.add(out, 2, squares)
+    cuda.atomic.add(out, 3, bad)
+
+
+@cuda.jit
 def _scale_kernel(x, lam, idx, out):
     t = cuda.grid(1)
     if t < idx.size:
@@ -56,8 +80,21 @@ def _sums(x: Any, lam: float) -> tuple[int, float, int]:
     return int(saturated), float(rest), int(bad)
 
 
-def random_sparsify(x: Any, density: float, seed: int) -> tuple[Any, Any]:
-    lam = greedy_scale(lambda scale: _sums(x, scale), x.size, density)
+def _budget_sums(x: Any, lam: float) -> tuple[float, float, float, int]:
+    out = cuda.to_device(np.zeros(4, np.float64))
+    blocks = max(1, -(-x.size // (THREADS * ITEMS_PER_THREAD)))
+    if x.size:
+        _budget_kernel[blocks, THREADS](x, lam, out)
+    rest, rest_squares, squares, bad = out.copy_to_host()
+    return float(rest), float(rest_squares), float(squares), int(bad)
+
+
+def random_sparsify(x: Any, density: float | None, seed: int,
+                    variance_budget: float | None = None) -> tuple[Any, Any]:
+    if variance_budget is not None:
+        lam = budget_scale(lambda scale: _budget_sums(x, scale), variance_budget)
+    else:
+        lam = greedy_scale(lambda scale: _sums(x, scale), x.size, density)
     kernels = make_compaction(is_kept, _value_nonfinite)
     idx, _ = compact(kernels, x, lam, np.uint64(seed), 0)
     out = cuda.device_array(idx.size, x.dtype)

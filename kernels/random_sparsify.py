@@ -7,6 +7,13 @@ target density: start from ``lam = k / sum|g|`` with ``k = density * d``; coordi
 ``p_i`` reaches 1 are kept for sure, and ``lam`` is recomputed over the rest until no more
 coordinates saturate. The coin flips are a counter-based hash of ``(seed, i)``, so ranks that
 share a seed flip the same coins, on CPU and GPU alike.
+
+The paper's other form fixes the variance instead of the density (its eq. (5), solved in closed
+form, Algorithm 2): the fewest expected coordinates ``sum p_i`` such that
+``E ||Q(g)||^2 = sum g_i^2 / p_i <= (1 + eps) ||g||^2``. With ``p_i = min(1, lam |g_i|)`` and S
+the saturated set, the budget is met with equality at
+``lam = sum_{i not in S} |g_i| / (eps ||g||^2 + sum_{i not in S} g_i^2)``, and ``lam`` is
+recomputed as S grows until it stops (``variance_budget=eps``; each round only raises ``lam``).
 """
 
 from __future__ import annotations
@@ -63,6 +70,67 @@ def saturation_sums(x, lam):
     return saturated.sum(), rest.sum(), bad.sum()
 
 
+@njit(parallel=True, cache=True)
+def budget_sums(x, lam):
+    """(sum of |x| and of x^2 over the unsaturated, x^2 over all, count of NaN/inf)."""
+    n = x.size
+    nchunks = (n + CHUNK - 1) // CHUNK
+    rest = np.zeros(nchunks, np.float64)
+    rest_squares = np.zeros(nchunks, np.float64)
+    squares = np.zeros(nchunks, np.float64)
+    bad = np.zeros(nchunks, np.int64)
+    for c in prange(nchunks):
+        view = x[c * CHUNK : min((c + 1) * CHUNK, n)]
+        total = 0.0
+        total_squares = 0.0
+        every_square = 0.0
+        nonfinite = 0
+        for j in range(view.size):
+            a = abs(np.float64(view[j]))
+            if not a < np.inf:
+                nonfinite += 1
+            else:
+                every_square += a * a
+                if lam * a < 1.0:
+                    total += a
+                    total_squares += a * a
+        rest[c] = total
+        rest_squares[c] = total_squares
+        squares[c] = every_square
+        bad[c] = nonfinite
+    return rest.sum(), rest_squares.sum(), squares.sum(), bad.sum()
+
+
+def budget_scale(sums: Any, variance_budget: float) -> float:
+    """The paper's closed-form ``lam`` for ``E||Q(g)||^2 <= (1 + eps)||g||^2``; ``sums(lam)`` is a
+    budget_sums pass."""
+    rest, rest_squares, squares, bad = sums(0.0)
+    if bad:
+        raise InvalidArgumentError(f"array holds {int(bad)} NaN or inf value(s)")
+    if rest == 0.0:
+        return 0.0
+    lam = rest / (variance_budget * squares + rest_squares)
+    for _ in range(MAX_ROUNDS + 1):
+        rest, rest_squares, _, _ = sums(lam)
+        if rest == 0.0:
+            return lam
+        new_lam = rest / (variance_budget * squares + rest_squares)
+        if new_lam <= lam * (1.0 + 1e-12):
+            return lam
+        lam = new_lam
+    return lam
+
+
+def check_budget(density: float | None, variance_budget: float | None) -> None:
+    """InvalidArgumentError unless exactly one of a density in (0, 1] and a budget eps > 0 is given."""
+    if (density is None) == (variance_budget is None):
+        raise InvalidArgumentError("give exactly one of density and variance_budget")
+    if density is not None and not 0.0 < density <= 1.0:
+        raise InvalidArgumentError(f"density must be in (0, 1], not {density}")
+    if variance_budget is not None and not (variance_budget > 0 and np.isfinite(variance_budget)):
+        raise InvalidArgumentError(f"variance_budget must be a finite number > 0, not {variance_budget}")
+
+
 def greedy_scale(sums: Any, size: int, density: float) -> float:
     """The paper's greedy ``lam`` for a target density; ``sums(lam)`` is a saturation_sums pass."""
     target = density * size
@@ -111,24 +179,29 @@ def _write_kept(x, lam, seed, counts, out_idx, out_val):
                 pos += 1
 
 
-def random_sparsify(array: Any, density: float, *, seed: int = 0) -> tuple[Any, Any]:
-    """Keeps about ``density * size`` coordinates at random, scaled so the result is unbiased.
+def random_sparsify(array: Any, density: float | None = None, *, seed: int = 0,
+                    variance_budget: float | None = None) -> tuple[Any, Any]:
+    """Keeps about ``density * size`` coordinates at random, scaled so the result is unbiased;
+    or, with ``variance_budget`` (eps) instead, the fewest whose variance stays within
+    ``E||Q(g)||^2 <= (1 + eps) ||g||^2``.
 
     Returns (int64 indices ascending, scaled values in the input dtype).
     """
-    if not 0.0 < density <= 1.0:
-        raise InvalidArgumentError(f"density must be in (0, 1], not {density}")
+    check_budget(density, variance_budget)
     if backend_of(array) == CUDA:
         from . import _random_sparsify_cuda
 
         device = as_device_vector(array)
         float_dtype(device.dtype)
-        idx, val = _random_sparsify_cuda.random_sparsify(device, density, seed)
+        idx, val = _random_sparsify_cuda.random_sparsify(device, density, seed, variance_budget)
         return wrap_like(array, idx), wrap_like(array, val)
     host = as_host_vector(array)
     dtype = float_dtype(host.dtype)
     x = host.astype(np.float32) if dtype == np.float16 else host
-    lam = greedy_scale(lambda scale: saturation_sums(x, scale), x.size, density)
+    if variance_budget is not None:
+        lam = budget_scale(lambda scale: budget_sums(x, scale), variance_budget)
+    else:
+        lam = greedy_scale(lambda scale: saturation_sums(x, scale), x.size, density)
     counts = _count_kept(x, lam, np.uint64(seed))
     total = int(counts.sum())
     out_idx = np.empty(total, np.int64)

@@ -85,7 +85,10 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
     inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     algorithm, density = config["algorithm"], config["density"]
     optimizer = SparseCollOptimizer(inner, sync, algorithm, density if algorithm != "dense" else 1.0,
-                                    error_feedback=config.get("error_feedback", True),
+                                    error_feedback=config.get("error_feedback"),
+                                    memory_beta=config.get("memory_beta"),
+                                    momentum_correction=config.get("momentum_correction", True),
+                                    algorithm_options=config.get("options"),
                                     warmup_steps=int(warmup_epochs * steps_per_epoch) if algorithm != "dense" else 0,
                                     seed=seed)
     losses, epoch_loss, epoch_accuracy = [], [], []
@@ -111,7 +114,9 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
     return {**config, "accuracy": epoch_accuracy[-1], "epoch_loss": epoch_loss, "epoch_accuracy": epoch_accuracy,
             "final_loss": float(np.mean(losses[-20:])), "steps": steps, "bytes_per_step": bytes_sent / steps,
             "steady_bytes_per_step": last_epoch_bytes / steps_per_epoch, "seconds_per_step": training_seconds / steps,
-            "parameters": sum(p.numel() for p in model.parameters())}
+            "parameters": sum(p.numel() for p in model.parameters()),
+            "error_feedback_used": bool(optimizer.compression.error_feedback),
+            "memory_beta_used": optimizer.compression.filter_factor()}
 
 
 def _accuracy(model: Any, test_x: Any, test_y: Any) -> float:

@@ -1,14 +1,36 @@
-"""Lazy aggregation in the spirit of LAG / LAQ (Chen et al. 2018, 2019): skip what changed little.
+"""Lazy aggregation: LAG (Chen, Giannakis, Sun, Yin 2018) and LAQ (Sun, Chen, Giannakis, Yang 2019).
 
-Dense (:func:`lazy_allreduce`): every rank keeps the sum of the ranks' last *sent* gradients.
-At each round a rank sends the change since its own last send, or nothing when that change is
-small: ``|g - g_sent|^2 <= threshold * |g|^2`` (and it has not skipped ``max_stale`` rounds in
-a row). The changes travel around a ring (a skipping rank contributes an empty block but still
-forwards the others'), and every rank adds them, in rank order, to its running sum, which
-therefore stays identical on all ranks. The result is the sum of the latest sent gradients:
-stale for the ranks that skipped, exact for the others. With ``quantize_bits`` the change goes
-at b bits (LAQ) and ``g_sent`` advances by the decoded change, so the rounding error of one
-round is part of the next round's change instead of accumulating.
+The rule (LAG-WK, eq. (12a); LAQ eq. (7a)). Rank m holds the gradient it last uploaded, ``g_sent``
+(LAQ: its quantized gradient ``Q_sent``). At round k, with the gradient ``g = grad L_m(theta^k)``
+of a loss that the server sums over the M ranks and steps by ``theta^{k+1} = theta^k - alpha *
+sum_m g_sent_m``, rank m skips its upload when
+
+    ||g - g_sent||^2 <= (1 / (alpha^2 M^2)) sum_{d=1..D} xi_d ||theta^{k+1-d} - theta^{k-d}||^2
+
+and LAQ, whose left side is ``||Q_new - Q_sent||^2``, adds ``3 (||eps||^2 + ||eps_sent||^2)``,
+the squared quantization errors of the new and of the last uploaded gradient. The right side
+shrinks with the parameter steps, so near an optimum every rank uploads again unless its gradient
+truly stopped changing; a rank also uploads after ``max_stale`` skips in a row (LAQ's clock
+``t-bar``). Defaults are the papers' experiments: D = 10, xi_d = 1/D; ``max_stale`` = 100.
+
+The caller feeds the right side: :meth:`LazyState.record_parameter_step` after every update with
+``||theta^{k+1} - theta^k||^2`` and the step size ``alpha`` applied to the sum this collective
+returns (:class:`~sparsecoll.torch.SparseCollOptimizer` does it with ``alpha = lr / M``, as it
+steps by the mean). Before any step is recorded the right side is zero and every rank uploads.
+
+``threshold=`` (a number) selects instead the relative rule ``||g - g_sent||^2 <= threshold *
+||g||^2`` that this module used before. It is kept only for callers that cannot report
+parameter steps; it does not tighten near an optimum where the ranks' own gradients do not vanish
+(heterogeneous data), so it stalls there (issue 22: a gap of 1.35e-3 where LAG reaches 1e-8).
+
+Dense (:func:`lazy_allreduce`): every rank keeps the sum of the ranks' last sent gradients. A rank
+that uploads sends the change since its last upload; the changes travel around a ring (a skipping
+rank contributes an empty block but still forwards the others') and every rank adds them, in rank
+order, to its running sum, which therefore stays identical on all ranks. With ``quantize_bits``
+the change goes at b bits (LAQ): on LAQ's deterministic grid with an inf-norm radius
+(``quantizer="grid"``, :mod:`sparsecoll.compress.grid`, the default) or stochastically rounded
+with a scale per 256 values (``quantizer="stochastic"``); ``g_sent`` advances by the decoded
+change, so a round's rounding error is part of the next round's innovation.
 
 Sparse allgather (``sparse_allgather(..., lazy=state)``) applies the same rule to a rank's
 selection and keeps every rank's last sent (indices, values); see :func:`sparse_skip`.
@@ -31,6 +53,7 @@ from sparsecoll.collectives.quantized_ring import (
     stream_seed,
 )
 from sparsecoll.collectives.sparse_common import SparseResult, float_vector, ring_gather_blocks
+from sparsecoll.compress.grid import grid_bytes, grid_decode, grid_parts, grid_quantize
 from sparsecoll.errors import FrameError, InvalidArgumentError
 from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code
 
@@ -38,14 +61,22 @@ if TYPE_CHECKING:
     from sparsecoll.group import Group
 
 Contribution = tuple[np.ndarray, np.ndarray]
+QUANTIZERS = ("grid", "stochastic")
+GRID_SIGNATURE = 1 << 8
+"""Added to the signature's bit width when the grid quantizer is used, so ranks cannot mix them."""
 
 
 @dataclass
 class LazyState:
-    """The memory of one lazily reduced tensor; keep one per gradient (or bucket) and reuse it."""
+    """The memory of one lazily reduced tensor; keep one per gradient (or bucket) and reuse it.
 
-    threshold: float = 0.1
-    max_stale: int = 10
+    Hyperparameters: ``memory`` (D), ``weights`` (xi_1..xi_D; None means 1/D each),
+    ``max_stale`` (forced upload after that many skips), ``quantizer`` (LAQ's "grid" or
+    "stochastic") and ``threshold`` (None: LAG's rule; a number: the relative rule).
+    """
+
+    threshold: float | None = None
+    max_stale: int = 100
     last_sent: np.ndarray | None = None
     total: np.ndarray | None = None
     contributions: list[Contribution] | None = None
@@ -57,21 +88,72 @@ class LazyState:
     group_skips: int = 0
     """Contributions skipped by any rank, summed over rounds (out of rounds x P)."""
     history: list[int] = field(default_factory=list)
+    memory: int = 10
+    weights: tuple[float, ...] | None = None
+    quantizer: str = "grid"
+    step_size: float | None = None
+    """alpha: the step the caller takes along the sum this collective returns."""
+    parameter_steps: list[float] = field(default_factory=list)
+    """||theta^{k+1-d} - theta^{k-d}||^2 for d = 1..D, the most recent first."""
+    sent_error: float = 0.0
+    """LAQ: ||eps_sent||^2, the squared quantization error of the last uploaded gradient."""
 
     @property
     def skipped_fraction(self) -> float:
         """Fraction of this rank's rounds that sent nothing."""
         return self.skipped / self.rounds if self.rounds else 0.0
 
+    def fresh(self) -> LazyState:
+        """A new state with this one's hyperparameters and no memory (one per bucket)."""
+        return LazyState(threshold=self.threshold, max_stale=self.max_stale, memory=self.memory,
+                         weights=self.weights, quantizer=self.quantizer)
+
     def validate(self) -> None:
         """InvalidArgumentError for a rule that cannot work."""
-        if self.threshold < 0 or self.max_stale < 0:
+        if (self.threshold is not None and self.threshold < 0) or self.max_stale < 0:
             raise InvalidArgumentError("lazy threshold and max_stale must be >= 0")
+        if self.memory < 1:
+            raise InvalidArgumentError(f"lazy memory D must be >= 1, not {self.memory}")
+        if self.weights is not None and (len(self.weights) != self.memory or min(self.weights) < 0):
+            raise InvalidArgumentError(f"lazy weights must be D = {self.memory} non-negative numbers, "
+                                       f"not {self.weights}")
+        if self.quantizer not in QUANTIZERS:
+            raise InvalidArgumentError(f"lazy quantizer must be one of {QUANTIZERS}, not {self.quantizer!r}")
 
-    def wants_skip(self, change_squared: float, norm_squared: float) -> bool:
-        """The LAG rule: skip a change small against the gradient, unless stale too long."""
-        return (self.rounds > 0 and self.stale < self.max_stale
-                and change_squared <= self.threshold * norm_squared)
+    def record_parameter_step(self, squared_norm: float, step_size: float) -> None:
+        """Feed the rule: after an update, ``||theta^{k+1} - theta^k||^2`` and the step size alpha."""
+        if not (squared_norm >= 0 and np.isfinite(squared_norm)):
+            raise InvalidArgumentError(f"a parameter step's squared norm must be finite and >= 0, "
+                                       f"not {squared_norm}")
+        if not step_size > 0:
+            raise InvalidArgumentError(f"the step size must be positive, not {step_size}")
+        self.step_size = float(step_size)
+        self.parameter_steps.insert(0, float(squared_norm))
+        del self.parameter_steps[self.memory:]
+
+    def lag_bound(self, world: int) -> float:
+        """The rule's right side: (1 / (alpha^2 M^2)) sum_d xi_d ||theta^{k+1-d} - theta^{k-d}||^2."""
+        if self.step_size is None or not self.parameter_steps:
+            return 0.0
+        weights = self.weights if self.weights is not None else (1.0 / self.memory,) * self.memory
+        recent = sum(weight * step for weight, step in zip(weights, self.parameter_steps))
+        return recent / (self.step_size * world) ** 2
+
+    def wants_skip(self, change_squared: float, norm_squared: float, world: int,
+                   quantization_error: float = 0.0) -> bool:
+        """Whether to skip this round: the change is within the rule's bound, and not stale too long.
+
+        ``quantization_error`` is LAQ's ``||eps||^2`` of this round's quantized gradient (the
+        last uploaded one's is kept in ``sent_error``).
+        """
+        if self.rounds == 0 or self.stale >= self.max_stale:
+            return False
+        if self.threshold is not None:
+            return change_squared <= self.threshold * norm_squared
+        bound = self.lag_bound(world)
+        if quantization_error or self.sent_error:
+            bound += 3.0 * (quantization_error + self.sent_error)
+        return change_squared <= bound
 
     def record(self, skipped: bool, group_skips: int) -> None:
         """Count one finished round."""
@@ -98,7 +180,7 @@ def _copied(value: object) -> object:
     if isinstance(value, np.ndarray):
         return value.copy()
     if isinstance(value, list):
-        return [tuple(part.copy() for part in item) for item in value]
+        return [tuple(part.copy() for part in item) if isinstance(item, tuple) else item for item in value]
     return value
 
 
@@ -117,7 +199,7 @@ def sparse_skip(state: LazyState, rank: int, world: int, indices: np.ndarray, va
         return False
     last_indices, last_values = state.contributions[rank]
     _, change = kernels.merge_sorted(indices, values, last_indices, -last_values)
-    return state.wants_skip(_squared(np.asarray(change)), _squared(values))
+    return state.wants_skip(_squared(np.asarray(change)), _squared(values), world)
 
 
 def stale_contribution(state: LazyState, peer: int, rank: int) -> Contribution:
@@ -135,7 +217,16 @@ def keep_contributions(state: LazyState, parts: list[Contribution]) -> None:
 
 async def lazy_allreduce(group: Group, grad: np.ndarray, state: LazyState, *, quantize_bits: int | None = None,
                          seed: int = 0, timeout: float | None = None) -> CollectiveResult:
-    """Sum of the ranks' latest sent gradients; a rank sends only when its gradient moved.
+    """Sum of the ranks' latest sent gradients; a rank sends only when the rule asks it to.
+
+    Each round, on every rank:
+
+    1. form the upload candidate: the change ``g - g_sent`` (LAQ: quantized, ``Q_new - Q_sent``,
+       and its quantization error ``eps = Q_new - g``);
+    2. skip or upload by the rule (module docstring);
+    3. pass the changes around the ring (an empty block for a skip) and add them, in rank
+       order, to the running sum;
+    4. on upload, advance ``g_sent`` (LAQ: ``Q_sent = Q_new``, ``||eps_sent||^2 = ||eps||^2``).
 
     For error feedback, a rank that sends reports its new ``g_sent`` as sent (its whole
     contribution to the sum, after rounding); one that skips reports nothing sent, as the
@@ -145,42 +236,63 @@ async def lazy_allreduce(group: Group, grad: np.ndarray, state: LazyState, *, qu
     size = flat.size
     state.validate()
     bits = quantize_bits or 0
+    grid = bool(bits) and state.quantizer == "grid"
     if bits:
         check_bits(bits)
     if state.last_sent is None or state.last_sent.size != size:
         state.last_sent = np.zeros(size, flat.dtype)
         state.total = np.zeros(size, flat.dtype)
         state.stale = 0
-    change = flat - state.last_sent
-    skip = state.wants_skip(_squared(change), _squared(flat))
-    block_bytes = quantized_bytes(size, bits) if bits else size * flat.itemsize
-    signature = Signature(Op.LAZY, Algorithm.RING, dtype_code(flat.dtype), ReduceOp.SUM, -1, size, 0, bits)
+        state.sent_error = 0.0
+    if grid:
+        block_bytes = grid_bytes(size, bits)
+    else:
+        block_bytes = quantized_bytes(size, bits) if bits else size * flat.itemsize
+    signature = Signature(Op.LAZY, Algorithm.RING, dtype_code(flat.dtype), ReduceOp.SUM, -1, size, 0,
+                          bits + (GRID_SIGNATURE if grid else 0))
+
+    def decode(block: memoryview | list[np.ndarray]) -> np.ndarray:
+        if grid:
+            radius, packed = grid_parts(block, size, bits) if not isinstance(block, list) else block
+            return grid_decode(radius, packed, size, bits, flat.dtype)
+        return decode_quantized(block, size, bits, flat.dtype) if bits else np.frombuffer(block, flat.dtype)
 
     async def body(call: Call) -> SparseResult:
-        own: list[np.ndarray] = [np.empty(0, np.uint8)]
-        sent_change = change
-        if not skip and bits:
-            own = encode_quantized(change, bits, stream_seed(seed, call.seq, call.rank, state.rounds))
-            sent_change = decode_quantized(own, size, bits, flat.dtype)
-        elif not skip:
-            own = [change]
+        # 1. the candidate change and, quantized, its rounding error
+        own: list[np.ndarray] = [flat - state.last_sent]
+        change = own[0]
+        error = 0.0
+        if bits:
+            if grid:
+                own = list(grid_quantize(change, bits))
+            else:
+                own = encode_quantized(change, bits, stream_seed(seed, call.seq, call.rank, state.rounds))
+            change = decode(own)
+            error = _squared(state.last_sent + change - flat)
+        # 2. the rule
+        skip = state.wants_skip(_squared(change), _squared(flat), call.size, error)
+        if skip:
+            own = [np.empty(0, np.uint8)]
+        # 3. the ring and the running sum
         blocks = await ring_gather_blocks(call, own, block_bytes) if call.size > 1 else [own]
         skips = 0
         for rank, block in enumerate(blocks):
             if rank == call.rank:
-                delta = None if skip else sent_change
+                delta = None if skip else change
             elif len(block) == 0:
                 delta = None
             elif len(block) != block_bytes:
                 raise FrameError(f"rank {rank} sent {len(block)} bytes, not {block_bytes}", rank=call.rank)
             else:
-                delta = decode_quantized(block, size, bits, flat.dtype) if bits else np.frombuffer(block, flat.dtype)
+                delta = decode(block)
             if delta is None:
                 skips += 1
             else:
                 state.total += delta
+        # 4. what this rank's sum now holds of it
         if not skip:
-            state.last_sent = state.last_sent + sent_change if bits else flat.copy()
+            state.last_sent = state.last_sent + change if bits else flat.copy()
+            state.sent_error = error
         state.record(skip, skips)
         if skip:  # nothing of this round's gradient was sent
             return SparseResult(None, state.total.copy(), size, np.empty(0, np.int64), np.empty(0, flat.dtype))

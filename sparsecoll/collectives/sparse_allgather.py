@@ -1,6 +1,9 @@
 """Sparse allgather (Aji & Heafield 2017; Top-k S-SGD): every rank's selection, summed locally.
 
-1. Each rank selects (indices, values) of its gradient: top-k, threshold, or unbiased random-k.
+1. Each rank selects (indices, values) of its gradient: top-k, threshold (a fixed cut, or with
+   ``density`` alone a cut sampled for that density, as Aji & Heafield do), or unbiased random-k
+   (Wangni et al.; with ``variance_budget`` their variance-budget form instead of a density).
+   Indices travel as uint32 (int64 when d >= 2^32).
 2. The selections travel around a ring, each forwarded P-1 times: (P-1)·k pairs per rank.
 3. Every rank sums all selections in rank order, so the result is bit-identical everywhere.
 Values may travel quantized (``quantize_bits``); the result then sums the decoded values.
@@ -48,7 +51,7 @@ async def sparse_allgather(group: Group, grad: np.ndarray, *, k: int | None = No
                            density: float | None = None, selection: str = "topk",
                            threshold: float | None = None, quantize_bits: int | None = None,
                            seed: int = 0, step: int = 0, lazy: LazyState | None = None,
-                           timeout: float | None = None) -> CollectiveResult:
+                           variance_budget: float | None = None, timeout: float | None = None) -> CollectiveResult:
     """Sum of every rank's sparse selection; value is a :class:`SparseResult`."""
     flat = float_vector(grad)
     size = flat.size
@@ -65,7 +68,7 @@ async def sparse_allgather(group: Group, grad: np.ndarray, *, k: int | None = No
 
     async def body(call: Call) -> SparseResult:
         # selecting inside the call: a bad gradient (NaN/inf) aborts every rank, not just this one
-        indices, values = select(flat, count, selection, threshold, density, rank_seed)
+        indices, values = select(flat, count, selection, threshold, density, rank_seed, variance_budget)
         skip = lazy is not None and sparse_skip(lazy, call.rank, call.size, indices, values)
         wire_values, sent_values = encode_values(values, quantize_bits, rank_seed)
         blocks = await ring_gather_blocks(call, REUSE if skip else own_block(indices, wire_values, size), limit)

@@ -79,19 +79,28 @@ def float_vector(array: np.ndarray) -> np.ndarray:
 
 
 def select(flat: np.ndarray, k: int, selection: str, threshold: float | None,
-           density: float | None, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """This rank's (indices, values) to contribute, by top-k, threshold or random-k."""
+           density: float | None, seed: int, variance_budget: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """This rank's (indices, values) to contribute, by top-k, threshold or random-k.
+
+    "threshold" without ``threshold`` cuts at a magnitude sampled for ``density`` (Aji &
+    Heafield's sampled threshold); "randomk" with ``variance_budget`` keeps Wangni's
+    variance-budget form instead of a density.
+    """
     if selection == "topk":
         return kernels.topk(flat, k, method="fast", seed=seed) if k else _empty(flat)
     if selection == "topk-exact":
         return kernels.topk(flat, k, method="exact") if k else _empty(flat)
     if selection == "threshold":
+        if threshold is None and density is None:
+            raise InvalidArgumentError("selection='threshold' needs threshold= or density= (a sampled cut)")
         if threshold is None:
-            raise InvalidArgumentError("selection='threshold' needs threshold=")
+            threshold = kernels.estimate_threshold(flat, resolve_k(flat.size, None, density), seed=seed)
         return kernels.select_threshold(flat, threshold)
     if selection == "randomk":
-        if density is None:
-            raise InvalidArgumentError("selection='randomk' needs density=")
+        if density is None and variance_budget is None:
+            raise InvalidArgumentError("selection='randomk' needs density= or variance_budget=")
+        if variance_budget is not None:
+            return kernels.random_sparsify(flat, seed=seed, variance_budget=variance_budget)
         return kernels.random_sparsify(flat, density, seed=seed)
     raise InvalidArgumentError(f"unknown selection {selection!r}; choose from {sorted(SELECTIONS)}")
 

@@ -38,16 +38,20 @@ class CommHookState:
     (DDP's rebuild, or a fresh model after :meth:`load_state_dict`) then takes over their
     residuals and momentum, so a run resumes exactly; without it a changed bucket starts
     afresh.
+
+    ``error_feedback`` and ``memory_beta`` (ScaleCom's filter) default and refuse as in
+    :class:`~sparsecoll.torch.SparseCollOptimizer`: off, and refused, for unbiased random-k.
     """
 
     __slots__ = ("group", "compression", "momentum", "nesterov", "warmup_steps", "start_iter",
                  "iteration", "memories", "last_stats", "_executor", "_names", "_layouts", "_saved")
 
     def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: float = 0.001, *,
-                 quantize_bits: int | None = None, error_feedback: bool = True, momentum: float = 0.0,
+                 quantize_bits: int | None = None, error_feedback: bool | None = None, momentum: float = 0.0,
                  nesterov: bool = False, warmup_steps: int = 0, start_iter: int = 1,
                  dense_above: float = 0.25, seed: int = 0,
-                 algorithm_options: dict[str, Any] | None = None, module: Any = None) -> None:
+                 algorithm_options: dict[str, Any] | None = None, module: Any = None,
+                 memory_beta: float | None = None) -> None:
         if not isinstance(group, SyncGroup):
             raise TypeError("group must be a SyncGroup: create it with sparsecoll.torch.init_group()")
         if not 0.0 <= momentum < 1.0:
@@ -56,7 +60,8 @@ class CommHookState:
             raise ValueError("warmup_steps and start_iter must be >= 0")
         self.group = group
         self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
-                                       float(dense_above), int(seed), dict(algorithm_options or {}))
+                                       float(dense_above), int(seed), dict(algorithm_options or {}),
+                                       memory_beta)
         self.compression.validate()
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)

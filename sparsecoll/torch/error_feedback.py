@@ -12,6 +12,11 @@ Deep Gradient Compression (Lin et al. 2018) in four pieces, per flat buffer:
 4. momentum factor masking: ``u`` is zeroed where ``v`` was sent, so stale momentum is not
    applied twice.
 
+ScaleCom (Chen et al. 2020, Algorithm 1) filters the memory with a factor ``memory_beta`` (β):
+with ``p = m + u`` compressed to ``C(p)``, the new memory is ``m' = (1 - β) m + β (p - C(p))``
+instead of ``p - C(p)``; β = 1 is plain error feedback, and β < 1 is a low-pass filter that keeps
+CLT-k's memory (which holds what the leader's indices missed) from swinging step to step.
+
 The warm-up moves the density exponentially from dense toward the target (DGC: 25%, 6.25%,
 1.5625%, 0.4%, 0.1% over the first epochs).
 """
@@ -30,14 +35,24 @@ from sparsecoll.torch.buckets import to_tensor
 class ErrorFeedback:
     """Residual and momentum of one flat gradient buffer on this rank."""
 
-    __slots__ = ("residual", "momentum")
+    __slots__ = ("residual", "momentum", "previous")
 
     def __init__(self, like: torch.Tensor) -> None:
         self.residual = torch.zeros_like(like)
         self.momentum: torch.Tensor | None = None
+        self.previous: torch.Tensor | None = None
+        """ScaleCom's filter: the memory before this step's gradient was added (β < 1 only)."""
 
-    def accumulate(self, grad: torch.Tensor, momentum: float = 0.0, nesterov: bool = False) -> torch.Tensor:
-        """Steps 2 and 3: add this step's (momentum-corrected) gradient to the residual; return it."""
+    def accumulate(self, grad: torch.Tensor, momentum: float = 0.0, nesterov: bool = False,
+                   memory_beta: float = 1.0) -> torch.Tensor:
+        """Steps 2 and 3: add this step's (momentum-corrected) gradient to the residual; return it.
+
+        With ``memory_beta`` < 1 the memory before the addition is kept for :meth:`low_pass`.
+        """
+        if memory_beta < 1.0:
+            if self.previous is None:
+                self.previous = torch.empty_like(self.residual)
+            self.previous.copy_(self.residual)
         if momentum:
             if self.momentum is None:
                 self.momentum = torch.zeros_like(self.residual)
@@ -61,6 +76,15 @@ class ErrorFeedback:
         self.residual.index_add_(0, indices, values, alpha=-1)
         if mask_momentum and self.momentum is not None:
             self.momentum.index_fill_(0, indices, 0)
+
+    def low_pass(self, memory_beta: float) -> None:
+        """ScaleCom's filter, after :meth:`sent` (and :meth:`accumulate` with the same β):
+        ``m' = (1 - β) m + β (p - C(p))``; nothing to do for β = 1."""
+        if memory_beta >= 1.0:
+            return
+        if self.previous is None:
+            raise RuntimeError("ErrorFeedback.low_pass needs accumulate(..., memory_beta=) with the same beta")
+        self.residual.mul_(memory_beta).add_(self.previous, alpha=1.0 - memory_beta)
 
     def slice_state(self, offset: int, numel: int) -> dict:
         """Copies of ``numel`` elements of the buffers from ``offset`` (one parameter's share)."""

@@ -22,6 +22,9 @@ from sparsecoll.group import Group
 from sparsecoll.torch.buckets import as_array, to_tensor
 from sparsecoll.torch.error_feedback import ErrorFeedback
 
+SCALECOM_BETA = 0.1
+"""ScaleCom's low-pass filter factor for CLT-k (Chen et al. 2020, their experiments' beta)."""
+
 
 @dataclass(slots=True)
 class Compression:
@@ -30,11 +33,28 @@ class Compression:
     algorithm: str = "gtopk"
     density: float = 0.001
     quantize_bits: int | None = None
-    error_feedback: bool = True
+    error_feedback: bool | None = True
     dense_above: float = 0.25
     seed: int = 0
     options: dict = field(default_factory=dict)
     """Extra keyword options of the algorithm (a registered compressor's factory arguments)."""
+    memory_beta: float | None = None
+    """ScaleCom's low-pass filter on the error-feedback memory (see :class:`ErrorFeedback`);
+    None: the paper's 0.1 for "cltk", 1.0 (plain error feedback) for the others."""
+
+    def filter_factor(self) -> float:
+        """The memory_beta in force: the given one, else the algorithm's default."""
+        if self.memory_beta is not None:
+            return float(self.memory_beta)
+        return SCALECOM_BETA if self.algorithm == "cltk" else 1.0
+
+    def unbiased(self) -> bool:
+        """Whether the compressor is unbiased (Wangni's random-k): error feedback diverges with it."""
+        if self.algorithm == "allgather":
+            return self.options.get("selection") == "randomk"
+        if self.algorithm in registry.compressors() and self.algorithm not in registry.collectives():
+            return bool(getattr(registry.compressor_factory(self.algorithm), "unbiased", False))
+        return False
 
     def validate(self) -> None:
         """Raise ValueError with the reason when a setting cannot work."""
@@ -51,6 +71,14 @@ class Compression:
                              "(a registered compressor quantizes itself)")
         if self.quantize_bits is not None and self.quantize_bits not in QUANTIZE_BITS:
             raise ValueError(f"quantize_bits must be one of {QUANTIZE_BITS}, got {self.quantize_bits}")
+        if self.memory_beta is not None and not 0.0 < self.memory_beta <= 1.0:
+            raise ValueError(f"memory_beta must be in (0, 1], got {self.memory_beta}")
+        if self.error_feedback is None:  # the default: on for contractive compressors only
+            self.error_feedback = not self.unbiased()
+        elif self.error_feedback and self.unbiased():
+            raise ValueError(f"error feedback diverges with an unbiased sparsifier ({self.algorithm!r} with "
+                             "random-k): it keeps -g(1-p)/p of every unsent coordinate, which grows without "
+                             "bound (Wangni et al. send g/p and keep nothing); use error_feedback=False")
 
 
 async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback, compression: Compression,
@@ -63,7 +91,8 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
     allreduce of ``residual + momentum-corrected gradient`` (nothing is left behind); the others
     send a sparse part of it and keep the rest (error feedback).
     """
-    outgoing = memory.accumulate(grad, momentum, nesterov)
+    memory_beta = compression.filter_factor()
+    outgoing = memory.accumulate(grad, momentum, nesterov, memory_beta=memory_beta)
     sparse = compressed and compression.algorithm != "dense" and density < compression.dense_above
     array = as_array(outgoing, backend)
     if not sparse:
@@ -95,6 +124,7 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
         grad.index_copy_(0, to_tensor(result.indices, grad).long(), to_tensor(result.values, grad).to(grad.dtype))
     grad.div_(group.size)
     memory.sent(result)
+    memory.low_pass(memory_beta)
     if not compression.error_feedback:
         memory.forget()
     return stats

@@ -52,17 +52,29 @@ class SparseCollOptimizer(torch.optim.Optimizer):
     builtin the calibrated cost model prices fastest (``sparsecoll-bench calibrate``). ``grad_scaler`` (the ``torch.amp.GradScaler`` that calls
     ``step``) lets the wrapper tell the scaler when another rank overflowed, so every rank's
     scale follows the same path.
+
+    ``error_feedback`` defaults to on, except for unbiased sparsifiers (``algorithm_options=
+    {"selection": "randomk"}`` with "allgather", or the "randomk" compressor), which refuse it:
+    error feedback keeps ``-g (1 - p) / p`` of every coordinate random-k did not send, which grows
+    without bound (Wangni et al. 2018 send ``g / p`` and keep nothing). ``memory_beta`` is
+    ScaleCom's low-pass filter on the error-feedback memory (None: the paper's 0.1 for "cltk", 1.0
+    for the others). With ``lazy``, each step feeds LAG's rule the buckets' parameter steps and
+    the step size ``lr / P`` (see :mod:`sparsecoll.collectives.lazy`). ``per_layer`` (Aji &
+    Heafield's per-layer selection) gives every parameter its own bucket, so each layer sends its
+    own ``density`` of values at its own threshold instead of competing with the other layers of
+    a shared bucket for one cut (``bucket_bytes`` is then ignored).
     """
 
     _step_supports_amp_scaling = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, group: SyncGroup, algorithm: str = "gtopk",
-                 density: float = 0.001, *, quantize_bits: int | None = None, error_feedback: bool = True,
+                 density: float = 0.001, *, quantize_bits: int | None = None, error_feedback: bool | None = None,
                  momentum_correction: bool = True, warmup_steps: int = 0, lazy: LazyState | None = None,
                  clip_norm: float | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  dense_if: Callable[[torch.Tensor], bool] | None = small_parameters,
                  dense_above: float = 0.25, seed: int = 0, grad_scaler: Any = None,
-                 skip_nonfinite: bool = False, algorithm_options: dict[str, Any] | None = None) -> None:
+                 skip_nonfinite: bool = False, algorithm_options: dict[str, Any] | None = None,
+                 memory_beta: float | None = None, per_layer: bool = False) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if not isinstance(group, SyncGroup):
@@ -75,7 +87,8 @@ class SparseCollOptimizer(torch.optim.Optimizer):
             raise ValueError(f"lazy aggregation needs algorithm 'dense', 'allgather' or 'auto' (the others "
                              f"have no per-rank contribution to reuse), not {algorithm!r}")
         self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
-                                       float(dense_above), int(seed), dict(algorithm_options or {}))
+                                       float(dense_above), int(seed), dict(algorithm_options or {}),
+                                       memory_beta)
         self.compression.validate()
         self.optimizer = optimizer
         self.sync = group
@@ -89,10 +102,10 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                 if param_group.get("dampening", 0) != 0:
                     raise ValueError("momentum correction accumulates undampened momentum (DGC): "
                                      "use dampening=0 or momentum_correction=False")
-        self.buckets = build_buckets(optimizer.param_groups, bucket_bytes, dense_if)
+        self.per_layer = bool(per_layer)
+        self.buckets = build_buckets(optimizer.param_groups, 1 if per_layer else bucket_bytes, dense_if)
         self.memories = [ErrorFeedback(bucket.flat) for bucket in self.buckets]
-        self.lazy_states = [None if lazy is None else LazyState(lazy.threshold, lazy.max_stale)
-                            for _ in self.buckets]
+        self.lazy_states = [None if lazy is None else lazy.fresh() for _ in self.buckets]
         self.steps = 0
         """Steps taken (skipped AMP steps do not count); drives the warm-up and the seeds."""
         self.skipped_steps = 0
@@ -158,9 +171,26 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         self.last_stats = self._exchange(hyper)
         for bucket in self.buckets:
             bucket.scatter_grads()
+        before = self._lazy_parameters()
         self._inner_step()
+        self._record_parameter_steps(before)
         self.steps += 1
         return loss
+
+    def _lazy_parameters(self) -> list[list[torch.Tensor] | None]:
+        """Copies of the lazy buckets' parameters before the step (LAG's rule needs its size)."""
+        return [None if lazy is None else [param.detach().clone() for param in bucket.params]
+                for bucket, lazy in zip(self.buckets, self.lazy_states)]
+
+    def _record_parameter_steps(self, before: list[list[torch.Tensor] | None]) -> None:
+        """Feed each lazy bucket's rule ``||theta^{k+1} - theta^k||^2`` and ``alpha = lr / P``."""
+        for bucket, lazy, old in zip(self.buckets, self.lazy_states, before):
+            lr = float(self.param_groups[bucket.group_index].get("lr", 0.0))
+            if lazy is None or lr <= 0:
+                continue
+            squared = sum(float(torch.sum((param.detach() - copy).double() ** 2))
+                          for param, copy in zip(bucket.params, old))
+            lazy.record_parameter_step(squared, lr / self.sync.size)
 
     def _skip_for_overflow(self) -> bool:
         """Unscale under AMP; True (on every rank alike) when any rank has inf/NaN gradients."""

@@ -77,7 +77,7 @@ async def battery(group) -> dict:
         result, _ = await group.reduce_gradient(grad, "allgather", k=K, lazy=state)
         constant.append(result.dense().tobytes())
     out["lazy-constant"] = (constant, state.skipped)
-    state = LazyState(threshold=0.05, max_stale=3)
+    state = LazyState(threshold=0.05, max_stale=3, quantizer="stochastic")
     laq = []
     for step in range(6):
         result, stats = await group.reduce_gradient(drifting(group.rank, step)[:SMALL * 4], "dense",

@@ -156,3 +156,12 @@ def test_sparse_helpers_match_cpu(sizes):
     expected_dense = K.scatter_add(np.zeros(100), np.concatenate([ia, ia]), np.concatenate([va, va]))
     np.testing.assert_allclose(host(dense), expected_dense)
     np.testing.assert_array_equal(host(K.gather(dense, cuda.to_device(ib))), expected_dense[ib])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_random_sparsify_variance_budget_matches_cpu(dtype):
+    x = np.random.default_rng(3).standard_t(2, 1200).astype(dtype)
+    idx, val = K.random_sparsify(cuda.to_device(x), seed=7, variance_budget=0.5)
+    expected_idx, expected_val = K.random_sparsify(x, seed=7, variance_budget=0.5)
+    np.testing.assert_array_equal(host(idx), expected_idx)
+    np.testing.assert_allclose(host(val), expected_val, rtol=1e-6)
