@@ -106,7 +106,7 @@ def dense(indices: np.ndarray, values: np.ndarray, d: int) -> np.ndarray:
 async def invariants_rank(group) -> list[str]:
     """Every failed check, as text (an empty list when all hold)."""
     failures = []
-    for world in range(1, MAX_WORLD + 1):
+    for world in range(1, group.size + 1):
         sub = group.new_group(range(world))
         if sub is None:
             continue
