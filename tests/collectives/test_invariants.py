@@ -88,10 +88,21 @@ def cases(rank: int):
         k = int(rng.choice([0, 1, 3, d])) if d else 0
         k = min(k, d)
         yield trial, d, k, DTYPES[trial % len(DTYPES)], int(rng.integers(1 << 30))
+    yield TRIALS, 4, 1, np.float64, ADVERSARIAL
+
+
+ADVERSARIAL = -1
+"""Rank 1's entry is cut in its first merge, and its index comes back from the other ranks."""
 
 
 def gradients(world: int, d: int, dtype, seed: int) -> list[np.ndarray]:
     """Correlated random gradients: shared big coordinates make indices drop and come back."""
+    if seed == ADVERSARIAL:  # e.g. P=3: {0: 5} beats rank 1's {1: 4}; rank 2's {1: 12} wins the round
+        grads = [np.array([0.0, 10.0 + rank, 0.0, 0.0], dtype) for rank in range(world)]
+        grads[0] = np.array([5.0, 0.0, 0.0, 0.0], dtype)
+        if world > 1:
+            grads[1] = np.array([0.0, 4.0, 0.0, 0.0], dtype)
+        return grads
     rng = np.random.default_rng(seed)
     common = rng.standard_normal(d) * 2
     return [(common + rng.standard_normal(d) * 1.5).astype(dtype) for _ in range(world)]
