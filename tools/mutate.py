@@ -69,6 +69,9 @@ MUTANTS = (
             ("if active is not None and active != header.signature:", "if False:"),
             ("if posted.signature is not None and header.signature != posted.signature:", "if False:")),
            ("tests/test_mismatch_matrix.py",)),
+    Mutant("kernel cache stamped by the kernel's own file only", "kernels/__init__.py",
+           (("_cache.install()  #", "_cache.__name__  #"),),
+           ("tests/kernels/test_cache.py",)),
 )
 
 _IGNORED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis",
