@@ -23,7 +23,7 @@ from sparsecoll.errors import SparseCollError
 from sparsecoll.wire import FrameHeader, Kind, encode_header
 from tests.conftest import ucx_required, ucx_unavailable
 from tests.ranks import run_ranks
-from tests.test_group import killed_mid_collective
+from tests.test_group import DEADLINE, killed_mid_collective
 
 pytestmark = [pytest.mark.ucx,  # the backend fixture fails instead when SPARSECOLL_REQUIRE_UCX=1
               pytest.mark.skipif(bool(ucx_unavailable()) and not ucx_required(), reason=ucx_unavailable() or "-"),
@@ -318,7 +318,10 @@ def test_a_killed_peer_is_noticed_while_its_payloads_come_through_shared_memory(
     for rank in (0, 1, 3):
         name, peer, seconds = results[rank]
         assert (name, peer) == ("PeerLostError", 2), results[rank]
-        assert seconds < 2, results[rank]
+        assert seconds < DEADLINE, results[rank]  # noticed as a loss, before the survivors' deadline
+
+
+PAYLOAD_WAIT = 20.0
 
 
 async def killed_mid_payload(group) -> tuple:
@@ -329,7 +332,7 @@ async def killed_mid_payload(group) -> tuple:
         await group.barrier()
         started = time.monotonic()
         try:
-            await asyncio.wait_for(asyncio.shield(posted.future), 20)
+            await asyncio.wait_for(asyncio.shield(posted.future), PAYLOAD_WAIT)
         except SparseCollError as error:
             return type(error).__name__, error.peer, time.monotonic() - started, group.transport.payload_endpoints
         return "arrived", None, time.monotonic() - started, group.transport.payload_endpoints
@@ -345,7 +348,7 @@ def test_a_peer_killed_mid_payload_is_an_error_not_an_abort(backend: str) -> Non
         name, peer, seconds, payload_endpoints = run_ranks(2, killed_mid_payload, timeout=60, expect_dead={1},
                                                            env={"UCX_TLS": "sm,tcp"})[0]
         assert (name, peer, payload_endpoints) == ("PeerLostError", 1, 1), (name, peer, payload_endpoints)
-        assert seconds < 2, seconds
+        assert seconds < PAYLOAD_WAIT / 2, seconds  # an error well before the receiver gives up
 
 
 async def init_with_progress_mode(rank: int, world: int) -> str:
