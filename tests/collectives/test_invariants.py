@@ -25,7 +25,7 @@ from sparsecoll.errors import SparseCollError
 from tests.ranks import run_ranks
 
 MAX_WORLD = 8
-TRIALS = 16
+TRIALS = 9
 OTHERS_EVERY = 3
 """allgather, CLT-k and sketch run every third trial: gTop-k's merges need the most cases."""
 DTYPES = (np.float64, np.float32, np.float16)
