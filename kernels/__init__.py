@@ -6,6 +6,10 @@ Numba device arrays: GPU kernels) and returns results of the same kind. Sparse r
 ``numba.cuda`` is imported when a CUDA array first arrives.
 """
 
+from . import _cache
+
+_cache.install()  # before any kernel below is decorated: their cache follows every kernel source
+
 from .quantize import SUPPORTED_BITS, dequantize, packed_size, quantize
 from .random_sparsify import random_sparsify
 from .select import estimate_threshold, select_threshold, topk, topk_exact, topk_fast

@@ -15,6 +15,11 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "ucx: runs ranks over the UCX transport (needs ucxx)")
 
 
+def ucx_required() -> bool:
+    """CI sets SPARSECOLL_REQUIRE_UCX=1: there a UCX import failure fails instead of skipping."""
+    return os.environ.get("SPARSECOLL_REQUIRE_UCX") == "1"
+
+
 @functools.cache
 def ucx_unavailable() -> str:
     """Why the UCX backend cannot run here ('' when it can)."""
@@ -30,6 +35,8 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
     """The transport the spawned ranks use (they inherit SPARSECOLL_BACKEND and UCX_*)."""
     if request.param == "ucx":
         reason = ucx_unavailable()
+        if reason and ucx_required():
+            pytest.fail(f"SPARSECOLL_REQUIRE_UCX=1 but {reason}")
         if reason:
             pytest.skip(reason)
         for key, value in UCX_TEST_ENV.items():

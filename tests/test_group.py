@@ -47,7 +47,12 @@ def test_killed_peer_raises_peer_lost_on_every_survivor(backend: str) -> None:
         name, peer, seconds = results[rank]
         assert name == "PeerLostError", results[rank]
         assert peer == 2, f"rank {rank} blamed {peer}"
-        assert seconds < DEADLINE + 1
+        # the name already says it was noticed as a loss, not as the deadline passing; the
+        # deadline bounds it (a fixed second flakes on a loaded runner)
+        assert seconds < 2 * DEADLINE, results[rank]
+
+
+SHORT_DEADLINE, LONG_DEADLINE = 2.0, 100.0
 
 
 async def stalled_rank(group) -> tuple:
@@ -60,7 +65,7 @@ async def stalled_rank(group) -> tuple:
         except SparseCollError as error:
             return type(error).__name__, error.peer, 0.0
         return "no error", None, 0.0
-    timeout = 2.0 if group.rank == 3 else 100.0
+    timeout = SHORT_DEADLINE if group.rank == 3 else LONG_DEADLINE
     started = time.monotonic()
     try:
         await group.allreduce(np.ones(1 << 18, np.float32), timeout=timeout)
@@ -75,8 +80,9 @@ def test_stalled_peer_times_out_and_the_abort_reaches_everyone(backend: str) -> 
         name, peer, seconds = results[rank]
         assert name == "CollectiveTimeoutError", results[rank]
         assert peer == 2, f"rank {rank} blamed {peer}: {results[rank]}"
-        # rank 3's 2 s deadline fires; ranks 0 and 1 (100 s deadlines) hear its abort
-        assert seconds < 2.0 + 1.0, results[rank]
+        # rank 3's short deadline fires; ranks 0 and 1 hear its abort long before their own
+        assert seconds < LONG_DEADLINE / 4, results[rank]
+    assert results[3][2] >= SHORT_DEADLINE, results[3]  # not before its deadline
     assert results[2][0] == "CollectiveTimeoutError"
 
 

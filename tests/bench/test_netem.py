@@ -35,4 +35,6 @@ def test_a_delayed_link_is_delayed_or_refused_clearly() -> None:
             assert rtt >= 8.0, ping  # 4 ms each way
     except InvalidArgumentError as error:  # this kernel has no netem: say so, build nothing
         assert "netem" in str(error)
+        assert prefix not in _namespaces()
+        pytest.skip(f"no netem here (refused clearly, nothing left behind): {error}")
     assert prefix not in _namespaces()

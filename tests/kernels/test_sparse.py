@@ -29,7 +29,8 @@ def test_merge_sorted_equals_dense_sum(a, b):
     np.add.at(dense, b[0], b[1].astype(np.float64))
     np.testing.assert_array_equal(idx, np.union1d(a[0], b[0]))
     assert val.dtype == np.result_type(a[1].dtype, b[1].dtype)
-    np.testing.assert_allclose(val.astype(np.float64), dense[idx], rtol=2e-3, atol=2e-3)
+    tolerance = {np.dtype(np.float16): 2e-3, np.dtype(np.float32): 1e-6, np.dtype(np.float64): 1e-12}[val.dtype]
+    np.testing.assert_allclose(val.astype(np.float64), dense[idx], rtol=tolerance, atol=tolerance)
 
 
 @settings(max_examples=60, deadline=None)

@@ -56,4 +56,4 @@ async def large_frames(group) -> tuple:
 def test_large_messages_arrive_intact() -> None:
     for summed_ok, broadcast_ok, received in run_ranks(2, large_frames, timeout=120):
         assert summed_ok and broadcast_ok
-        assert received >= 4 << 24 // 2
+        assert received >= 4 << 24  # a 2-rank ring receives half the array twice: 64 MiB

@@ -1,0 +1,156 @@
+#!/usr/bin/env python3
+"""A mutation check you can rerun: does the suite catch the bugs that matter?
+
+Each mutant below is one plausible bug: a file, an exact source snippet, its replacement, and
+the pytest node ids that must turn red. The tool
+
+1. copies the tree once into a temporary directory (never touching the working tree; ``.git``,
+   virtual environments and caches are left out);
+2. for each mutant, replaces the snippet in the copy (it must occur exactly once), runs the
+   named tests there with a timeout, and restores the file;
+3. prints a table of caught / not caught and exits non-zero if any mutant survived (or its
+   snippet no longer exists, or its tests errored instead of failing).
+
+Usage: ``python tools/mutate.py [--list] [--check] [-k NAME] [--timeout SECONDS]``.
+``--check`` only verifies that every snippet still exists verbatim (the fast pytest guard in
+``tests/test_mutants.py`` runs it, so the list cannot rot silently). Add a mutant for every bug
+found: the list grows with the bugs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """One injected bug: ``edits`` are (original, replacement) pairs in ``path``."""
+
+    name: str
+    path: str
+    edits: tuple[tuple[str, str], ...]
+    tests: tuple[str, ...]
+
+
+MUTANTS = (
+    Mutant("stochastic rounding -> round to nearest", "kernels/_scalar.py",
+           (("    if u < pos - low:\n", "    if 0.5 < pos - low:\n"),),
+           ("tests/kernels/test_quantize.py::test_quantization_is_unbiased",)),
+    Mutant("gTop-k survival: alive &= -> alive =", "sparsecoll/collectives/gtopk.py",
+           (("alive &= np.isin(local_indices, kept", "alive = np.isin(local_indices, kept"),),
+           ("tests/collectives/test_invariants.py::test_gtopk_sent_set_matches_a_survival_reference",)),
+    Mutant("error feedback subtracts the global result", "sparsecoll/torch/error_feedback.py",
+           (("indices = to_tensor(result.sent_indices, self.residual)",
+             "indices = to_tensor(result.indices, self.residual)"),
+            ("values = to_tensor(result.sent_values, self.residual)",
+             "values = to_tensor(result.values, self.residual)")),
+           ("tests/torch/test_conservation.py",)),
+    Mutant("optimizer mean drops the division by P (sparse path)", "sparsecoll/torch/exchange.py",
+           (("    grad.div_(group.size)\n", "\n"),),
+           ("tests/torch/test_conservation.py",)),
+    Mutant("optimizer mean drops the division by P (dense path)", "sparsecoll/torch/exchange.py",
+           (("torch.div(total.view_as(grad), group.size, out=grad)", "grad.copy_(total.view_as(grad))"),),
+           ("tests/torch/test_conservation.py",)),
+    Mutant("no abort frame sent", "sparsecoll/group.py",
+           (("        self.transport.send_abort(error)\n", "\n"),),
+           ("tests/test_group.py::test_abort_reaches_peers_and_closed_group_refuses_calls[tcp]",)),
+    Mutant("skip the signature comparison", "sparsecoll/transport/mailbox.py",
+           (("queue[0].header.signature != signature:", "False:"),
+            ("if active is not None and active != header.signature:", "if False:"),
+            ("if posted.signature is not None and header.signature != posted.signature:", "if False:")),
+           ("tests/test_mismatch_matrix.py",)),
+    Mutant("uint32 indices past 2^32 elements", "sparsecoll/wire.py",
+           (("np.dtype(np.uint32) if size < (1 << 32) else", "np.dtype(np.uint32) if size < (1 << 33) else"),),
+           ("tests/collectives/test_index_width.py",)),
+    Mutant("kernel cache stamped by the kernel's own file only", "kernels/__init__.py",
+           (("_cache.install()  #", "_cache.__name__  #"),),
+           ("tests/kernels/test_cache.py",)),
+)
+
+_IGNORED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis",
+                                  "*.egg-info", "build", "dist", "bench-results")
+
+
+def missing_snippets(root: Path = ROOT, mutants: tuple[Mutant, ...] = MUTANTS) -> list[str]:
+    """Why each of ``mutants`` cannot be applied to the tree at ``root`` ([] when all can)."""
+    problems = []
+    for mutant in mutants:
+        path = root / mutant.path
+        if not path.is_file():
+            problems.append(f"{mutant.name}: {mutant.path} does not exist")
+            continue
+        source = path.read_text()
+        for original, _ in mutant.edits:
+            count = source.count(original)
+            if count != 1:
+                problems.append(f"{mutant.name}: {original!r} occurs {count} times in {mutant.path}, not once")
+        for test in mutant.tests:
+            if not (root / test.split("::")[0]).is_file():
+                problems.append(f"{mutant.name}: test file of {test} does not exist")
+    return problems
+
+
+def run_mutant(mutant: Mutant, copy: Path, timeout: float) -> tuple[str, float]:
+    """Apply ``mutant`` in ``copy``, run its tests, restore; the verdict and the seconds taken."""
+    path = copy / mutant.path
+    original_source = path.read_text()
+    mutated = original_source
+    for original, replacement in mutant.edits:
+        mutated = mutated.replace(original, replacement, 1)
+    path.write_text(mutated)
+    env = dict(os.environ, PYTHONPATH=str(copy), PYTHONDONTWRITEBYTECODE="1")
+    command = [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *mutant.tests]
+    started = time.monotonic()
+    try:
+        completed = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=timeout)
+        verdict = {0: "NOT CAUGHT", 1: "caught"}.get(completed.returncode,
+                                                     f"error (pytest exit {completed.returncode})")
+    except subprocess.TimeoutExpired:
+        verdict = f"timed out after {timeout:.0f} s"
+    finally:
+        path.write_text(original_source)
+    return verdict, time.monotonic() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--list", action="store_true", help="print the mutants and exit")
+    parser.add_argument("--check", action="store_true", help="only check that every snippet exists")
+    parser.add_argument("-k", dest="select", default="", help="run only mutants whose name contains this")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per mutant's test run")
+    options = parser.parse_args(argv)
+    if options.list:
+        for mutant in MUTANTS:
+            print(f"{mutant.name}  [{mutant.path}]  -> {' '.join(mutant.tests)}")
+        return 0
+    chosen = tuple(mutant for mutant in MUTANTS if options.select in mutant.name)
+    problems = missing_snippets(ROOT, chosen)
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    if problems or options.check:
+        return 1 if problems else 0
+    failures = 0
+    with tempfile.TemporaryDirectory(prefix="sparsecoll-mutants-") as directory:
+        copy = Path(directory) / "tree"
+        shutil.copytree(ROOT, copy, symlinks=True, ignore=_IGNORED)
+        print(f"{'mutant':<55} {'verdict':<28} seconds")
+        for mutant in chosen:
+            verdict, seconds = run_mutant(mutant, copy, options.timeout)
+            failures += verdict != "caught"
+            print(f"{mutant.name:<55} {verdict:<28} {seconds:7.1f}", flush=True)
+    print(f"{len(chosen) - failures} of {len(chosen)} mutants caught")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
