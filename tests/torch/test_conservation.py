@@ -7,7 +7,8 @@ after. What a rank sent is then reconstructed as
     sent = residual_before + corrected_gradient - residual_after
 
 (``corrected_gradient`` is the gradient itself, or DGC's momentum ``m u + g`` with momentum
-correction), and the parent checks, on every step and bucket:
+correction; under ScaleCom's filter, the default for CLT-k, the memory's low pass is undone
+first: see :func:`sent`), and the parent checks, on every step and bucket:
 
 1. the sum over ranks of what each sent equals the global result (so a residual that subtracts
    the global result, or anything else than this rank's share, is caught: it makes every rank's
@@ -119,7 +120,8 @@ def optimizer_records(rank: int, sync, algorithm: str, density: float, extra: di
                 record["lazy_contributions"] = lazy.contributions and [
                     (np.asarray(i, np.int64), np.asarray(v, np.float64)) for i, v in lazy.contributions]
         steps.append(buckets)
-    return {"steps": steps, "momentum": MOMENTUM if momentum_correction else 0.0}
+    return {"steps": steps, "momentum": MOMENTUM if momentum_correction else 0.0,
+            "memory_beta": optimizer.compression.filter_factor()}
 
 
 def hook_records(rank: int, sync, algorithm: str, density: float, extra: dict) -> dict:
@@ -161,7 +163,7 @@ def hook_records(rank: int, sync, algorithm: str, density: float, extra: dict) -
         optimizer.step()
     state.close()
     steps = [[records[index][step] for index in sorted(records)] for step in range(STEPS)]
-    return {"steps": steps, "momentum": momentum}
+    return {"steps": steps, "momentum": momentum, "memory_beta": state.compression.filter_factor()}
 
 
 def conservation_rank(rank: int, world: int) -> dict:
@@ -187,10 +189,16 @@ def per_rank() -> list[dict]:
     return results
 
 
-def sent(record: dict, momentum: float) -> np.ndarray:
-    """What a rank contributed: residual before + (momentum-corrected) gradient - residual after."""
+def sent(record: dict, momentum: float, memory_beta: float = 1.0) -> np.ndarray:
+    """What a rank contributed: residual before + (momentum-corrected) gradient - residual after.
+
+    Under ScaleCom's filter the memory after is ``(1-beta) m + beta (p - sent)`` with
+    ``p = m + corrected``, so ``sent = p - (after - (1-beta) m) / beta`` (beta = 1: plain).
+    """
     corrected = record["grad_in"] + momentum * record["momentum_before"] if momentum else record["grad_in"]
-    return record["residual_before"] + corrected - record["residual_after"]
+    before = record["residual_before"]
+    kept = (record["residual_after"] - (1.0 - memory_beta) * before) / memory_beta
+    return before + corrected - kept
 
 
 def dense_of(contributions: list, size: int) -> np.ndarray:
@@ -204,6 +212,7 @@ def dense_of(contributions: list, size: int) -> np.ndarray:
 @pytest.mark.parametrize("name", [*OPTIMIZER_CONFIGS, *HOOK_CONFIGS])
 def test_sum_of_what_ranks_sent_is_the_result_and_grad_is_its_mean(per_rank: list[dict], name: str) -> None:
     momentum = per_rank[0][name]["momentum"]
+    memory_beta = per_rank[0][name]["memory_beta"]
     skipped = 0
     for step in range(STEPS):
         for position, first in enumerate(per_rank[0][name]["steps"][step]):
@@ -221,14 +230,14 @@ def test_sum_of_what_ranks_sent_is_the_result_and_grad_is_its_mean(per_rank: lis
                 total = sum(record["lazy_last_sent"] for record in records)
                 skipped += sum(record["lazy_skipped"] for record in records)
             elif name in REQUANTIZED:
-                contributions = [sent(record, momentum) for record in records]
+                contributions = [sent(record, momentum, memory_beta) for record in records]
                 total = sum(contributions)
                 largest = max(np.abs(part).max() for part in [total, *contributions])
                 rounding = 2 * WORLD * largest / (2 ** (REQUANTIZED[name] - 1) - 1)  # WORLD roundings at most
                 assert np.abs(global_result - total).max() <= rounding, where
                 continue
             else:
-                total = sum(sent(record, momentum) for record in records)
+                total = sum(sent(record, momentum, memory_beta) for record in records)
             np.testing.assert_allclose(global_result, total, rtol=1e-4, atol=1e-5 * np.abs(total).max(),
                                        err_msg=where)
     if name in LAZY:
