@@ -93,6 +93,12 @@ class GroupAbortedError(SparseCollError):
     code = 11
 
 
+class NonFiniteGradientError(SparseCollError, ArithmeticError):
+    """A rank's gradient held NaN or inf and the step was not to be skipped; raised on every rank."""
+
+    code = 12
+
+
 ERRORS_BY_CODE: dict[int, type[SparseCollError]] = {
     cls.code: cls
     for cls in (
@@ -107,6 +113,7 @@ ERRORS_BY_CODE: dict[int, type[SparseCollError]] = {
         RendezvousError,
         GroupClosedError,
         GroupAbortedError,
+        NonFiniteGradientError,
     )
 }
 

@@ -7,6 +7,7 @@ These are coroutines of a :class:`sparsecoll.Group`; torch code runs them throug
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -115,7 +116,17 @@ async def check_layout(group: Group, signature: np.ndarray, what: str = "paramet
         raise error
 
 
-async def any_rank_flags(group: Group, flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (one tiny allreduce)."""
-    total, _ = await group.allreduce(np.array([1.0 if flag else 0.0], np.float32), op="max")
-    return bool(total[0] > 0)
+async def any_rank_flags(group: Group, *flags: bool) -> tuple[bool, ...] | bool:
+    """Each flag OR-ed over the ranks, the same on every rank (one tiny allreduce); a single flag
+    comes back as a bool, several as a tuple."""
+    total, _ = await group.allreduce(np.array([1.0 if flag else 0.0 for flag in flags], np.float32), op="max")
+    agreed = tuple(bool(value > 0) for value in total)
+    return agreed[0] if len(agreed) == 1 else agreed
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` holds no NaN or inf; one pass and no tensor-sized allocation below
+    64 bits (a float64 sum of finite float32 values cannot overflow)."""
+    if tensor.dtype == torch.float64:
+        return bool(torch.isfinite(tensor).all())
+    return math.isfinite(float(tensor.sum(dtype=torch.float64)))

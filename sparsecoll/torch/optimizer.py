@@ -3,7 +3,9 @@
 On ``step()`` the wrapper
 
 1. brings every gradient into its bucket (a missing gradient counts as zero, as in DDP);
-2. under AMP, unscales, and skips the step on every rank if any rank saw inf/NaN;
+2. under AMP, unscales; if any rank's gradient holds inf/NaN, skips the step on every rank
+   (residuals and momentum untouched, counted in ``skipped_steps``), or with
+   ``skip_nonfinite=False`` raises NonFiniteGradientError on every rank;
 3. clips locally (DGC), folds SGD weight decay in and applies momentum correction;
 4. reduces every bucket with the chosen collective, keeping what was not sent (error feedback);
 5. writes the mean over ranks into ``.grad`` and calls the wrapped optimizer.
@@ -24,10 +26,11 @@ from sparsecoll.call import CommStats
 from sparsecoll.collectives.auto import shared_cost_model
 from sparsecoll.collectives.lazy import LazyState
 from sparsecoll.collectives.reduce import BUILTIN, LAZY_REFUSED
+from sparsecoll.errors import NonFiniteGradientError
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, build_buckets, layout_signature, small_parameters
 from sparsecoll.torch.error_feedback import ErrorFeedback, clip_local, warmup_density
-from sparsecoll.torch.exchange import Compression, any_rank_flags, check_layout, reduce_buffer
+from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, check_layout, reduce_buffer
 
 _TAKEN_OVER = ("momentum", "weight_decay", "nesterov")
 LAZY_ALGORITHMS = (*(name for name in BUILTIN if name not in LAZY_REFUSED), "auto")
@@ -62,7 +65,7 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                  clip_norm: float | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  dense_if: Callable[[torch.Tensor], bool] | None = small_parameters,
                  dense_above: float = 0.25, seed: int = 0, grad_scaler: Any = None,
-                 skip_nonfinite: bool = False, algorithm_options: dict[str, Any] | None = None) -> None:
+                 skip_nonfinite: bool = True, algorithm_options: dict[str, Any] | None = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if not isinstance(group, SyncGroup):
@@ -149,7 +152,7 @@ class SparseCollOptimizer(torch.optim.Optimizer):
             self._layout_checked = True
         for bucket in self.buckets:
             bucket.gather_grads()
-        if self._skip_for_overflow():
+        if self._skip_this_step():
             self.skipped_steps += 1
             return loss
         if self.clip_norm is not None:
@@ -162,25 +165,30 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         self.steps += 1
         return loss
 
-    def _skip_for_overflow(self) -> bool:
-        """Unscale under AMP; True (on every rank alike) when any rank has inf/NaN gradients."""
+    def _skip_this_step(self) -> bool:
+        """Unscale under AMP, then agree with the other ranks (one allreduce of three flags) whether
+        to step: True on every rank alike when any rank overflowed (AMP) or, with ``skip_nonfinite``,
+        holds a NaN/inf gradient; NonFiniteGradientError on every rank when one does and the step
+        is not to be skipped. Nothing has touched the residuals or momentum yet."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if grad_scale is not None:
             inverse = 1.0 / float(grad_scale)
             for bucket in self.buckets:
                 bucket.flat.mul_(inverse)
-        if found_inf is None and not self.skip_nonfinite:
-            return False
-        local = bool(found_inf is not None and float(found_inf) > 0)
-        if self.skip_nonfinite and not local:
-            local = not all(bool(torch.isfinite(bucket.flat).all()) for bucket in self.buckets)
-        overflow = self.sync.run(any_rank_flags(self.sync.group, local))
-        if overflow and self.grad_scaler is not None:
+        overflowed = bool(found_inf is not None and float(found_inf) > 0)
+        nonfinite = not overflowed and not all(all_finite(bucket.flat) for bucket in self.buckets)
+        overflowed, nonfinite = self.sync.run(any_rank_flags(self.sync.group, overflowed, nonfinite))
+        if overflowed and self.grad_scaler is not None:
             record = self.grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
             for flag in record.values():
                 flag.fill_(1.0)
-        return overflow
+        if nonfinite and not overflowed and not self.skip_nonfinite:
+            raise NonFiniteGradientError(
+                f"a gradient held NaN or inf at step {self.steps} (on this rank or another); nothing was "
+                "sent and the residuals are as they were, so the group and optimizer stay usable "
+                "(skip_nonfinite=True skips such steps instead)", rank=self.sync.rank)
+        return overflowed or nonfinite
 
     def _momentum_of(self, bucket) -> tuple[float, bool]:
         """Momentum and Nesterov flag the wrapper applies to ``bucket``; folds weight decay in."""
