@@ -26,11 +26,12 @@ from sparsecoll.call import CommStats
 from sparsecoll.collectives.auto import shared_cost_model
 from sparsecoll.collectives.lazy import LazyState
 from sparsecoll.collectives.reduce import BUILTIN, LAZY_REFUSED
-from sparsecoll.errors import NonFiniteGradientError
+from sparsecoll.errors import InvalidArgumentError, NonFiniteGradientError
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, build_buckets, layout_signature, small_parameters
 from sparsecoll.torch.error_feedback import ErrorFeedback, clip_local, warmup_density
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, check_layout, reduce_buffer
+from sparsecoll.torch.replicas import broadcast_tensors, replicated_tensors
 
 _TAKEN_OVER = ("momentum", "weight_decay", "nesterov")
 LAZY_ALGORITHMS = (*(name for name in BUILTIN if name not in LAZY_REFUSED), "auto")
@@ -55,6 +56,19 @@ class SparseCollOptimizer(torch.optim.Optimizer):
     builtin the calibrated cost model prices fastest (``sparsecoll-bench calibrate``). ``grad_scaler`` (the ``torch.amp.GradScaler`` that calls
     ``step``) lets the wrapper tell the scaler when another rank overflowed, so every rank's
     scale follows the same path.
+
+    Replicas start and stay identical, as under DDP: building the wrapper broadcasts rank 0's
+    parameters (those of ``module`` too, and its buffers, when ``module`` is given); with
+    ``module`` and ``broadcast_buffers`` (the default) every ``step()`` broadcasts rank 0's
+    buffers (BatchNorm's running statistics) again, so that after each step parameters and
+    buffers are the same on every rank, as a checkpoint or an evaluation should see them (DDP
+    broadcasts before each forward instead; for several forwards a step, add
+    :class:`~sparsecoll.torch.BufferBroadcast`, which does that). A parameter that gets a
+    gradient but was frozen when the wrapper was built is in no bucket: ``step()`` raises on
+    every rank rather than let it step on local gradients. A step whose gradient holds NaN or
+    inf on any rank is skipped on every rank (``skipped_steps``; residuals and momentum are
+    left as they were), or with ``skip_nonfinite=False`` raises NonFiniteGradientError on
+    every rank; the group stays usable either way.
     """
 
     _step_supports_amp_scaling = True
@@ -65,7 +79,8 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                  clip_norm: float | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  dense_if: Callable[[torch.Tensor], bool] | None = small_parameters,
                  dense_above: float = 0.25, seed: int = 0, grad_scaler: Any = None,
-                 skip_nonfinite: bool = True, algorithm_options: dict[str, Any] | None = None) -> None:
+                 skip_nonfinite: bool = True, algorithm_options: dict[str, Any] | None = None,
+                 module: torch.nn.Module | None = None, broadcast_buffers: bool = True) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if not isinstance(group, SyncGroup):
@@ -93,6 +108,7 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                     raise ValueError("momentum correction accumulates undampened momentum (DGC): "
                                      "use dampening=0 or momentum_correction=False")
         self.buckets = build_buckets(optimizer.param_groups, bucket_bytes, dense_if)
+        self._bucketed = {id(param) for bucket in self.buckets for param in bucket.params}
         self.memories = [ErrorFeedback(bucket.flat) for bucket in self.buckets]
         self.lazy_states = [None if lazy is None else LazyState(lazy.threshold, lazy.max_stale)
                             for _ in self.buckets]
@@ -104,6 +120,10 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         self._layout = layout_signature(self.buckets)
         self._layout_checked = False
         self._backend = "ucx" if type(group.group.transport).__module__.endswith("ucx") else "tcp"
+        self._check_layout()
+        self.module = module
+        self.broadcast_buffers = broadcast_buffers
+        broadcast_tensors(group, replicated_tensors(optimizer.param_groups, module))
 
     # ------------------------------------------------------- the wrapped optimizer's face
     @property
@@ -147,12 +167,13 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._layout_checked:
-            self.sync.run(check_layout(self.sync.group, self._layout))
-            self._layout_checked = True
+        self._check_layout()
+        if self.module is not None and self.broadcast_buffers:
+            broadcast_tensors(self.sync, self.module.buffers())
+        stray = self._stray_parameter()
         for bucket in self.buckets:
             bucket.gather_grads()
-        if self._skip_this_step():
+        if self._skip_this_step(stray):
             self.skipped_steps += 1
             return loss
         if self.clip_norm is not None:
@@ -165,11 +186,26 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         self.steps += 1
         return loss
 
-    def _skip_this_step(self) -> bool:
+    def _check_layout(self) -> None:
+        """CollectiveMismatchError on every rank unless all ranks bucket the same parameters."""
+        if not self._layout_checked:
+            self.sync.run(check_layout(self.sync.group, self._layout))
+            self._layout_checked = True
+
+    def _stray_parameter(self) -> str:
+        """A parameter of the wrapped optimizer that has a gradient but no bucket ('' if none)."""
+        for group_index, param_group in enumerate(self.param_groups):
+            for position, param in enumerate(param_group["params"]):
+                if param.grad is not None and id(param) not in self._bucketed:
+                    return f"parameter {position} of param group {group_index} (shape {tuple(param.shape)})"
+        return ""
+
+    def _skip_this_step(self, stray: str = "") -> bool:
         """Unscale under AMP, then agree with the other ranks (one allreduce of three flags) whether
         to step: True on every rank alike when any rank overflowed (AMP) or, with ``skip_nonfinite``,
         holds a NaN/inf gradient; NonFiniteGradientError on every rank when one does and the step
-        is not to be skipped. Nothing has touched the residuals or momentum yet."""
+        is not to be skipped; InvalidArgumentError on every rank when a rank has a gradient of a
+        parameter in no bucket (``stray``). Nothing has touched the residuals or momentum yet."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if grad_scale is not None:
@@ -178,7 +214,14 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                 bucket.flat.mul_(inverse)
         overflowed = bool(found_inf is not None and float(found_inf) > 0)
         nonfinite = not overflowed and not all(all_finite(bucket.flat) for bucket in self.buckets)
-        overflowed, nonfinite = self.sync.run(any_rank_flags(self.sync.group, overflowed, nonfinite))
+        overflowed, nonfinite, strayed = self.sync.run(any_rank_flags(self.sync.group, overflowed, nonfinite,
+                                                                      bool(stray)))
+        if strayed:
+            raise InvalidArgumentError(
+                f"{stray or 'a parameter on another rank'} has a gradient but was not trainable "
+                "(requires_grad=False) when the SparseCollOptimizer was built, so it is in no bucket and "
+                "would step on this rank's gradient alone: build the SparseCollOptimizer after unfreezing "
+                "(freezing later is fine: a bucketed parameter without a gradient counts as zero)", rank=self.sync.rank)
         if overflowed and self.grad_scaler is not None:
             record = self.grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
             for flag in record.values():
