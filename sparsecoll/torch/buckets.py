@@ -1,10 +1,11 @@
 """Flatten parameters' gradients into contiguous buckets that the collectives read as numpy arrays.
 
 A bucket holds parameters of one param group, dtype and device, in order, up to a byte budget.
-Its gradient buffer is one flat tensor; after the first step every parameter's ``.grad`` is a
-view into it, so backward accumulates straight into the buffer and a step copies nothing (a
-gradient that was replaced, e.g. by ``zero_grad(set_to_none=True)``, is copied in once and the
-view is restored). On CPU the buffer and ``.numpy()`` share memory. Half-precision parameters
+Its gradient buffer is one flat tensor; every parameter's ``.grad`` is a view into it, so
+backward accumulates straight into the buffer and a step copies nothing. A gradient set to None
+(``zero_grad()``) is pointed at its zeroed region again just before backward accumulates into
+it (:meth:`Bucket.bind_on_backward`); one replaced by another tensor is copied in once and the
+view is restored. On CPU the buffer and ``.numpy()`` share memory. Half-precision parameters
 (``float16``, ``bfloat16``: numpy has no ``bfloat16``) get a ``float32`` buffer and are copied.
 
 CUDA: :func:`as_array` stages a CUDA tensor through host memory, unless ``cupy`` is installed
@@ -81,12 +82,38 @@ class Bucket:
             else:
                 param.grad.copy_(region)
 
-    def zero_grads(self) -> None:
-        """Zero the buffer in place (views stay attached)."""
+    def zero_grads(self, set_to_none: bool = True) -> None:
+        """As ``Optimizer.zero_grad``: gradients become None, or zero in place (views stay attached)."""
+        if set_to_none:
+            for param in self.params:
+                param.grad = None
+            return
         self.flat.zero_()
         for position, param in enumerate(self.params):
             if param.grad is not None and not _is_view_of(param.grad, self.slice(position)):
                 param.grad.zero_()
+
+    def bind_on_backward(self) -> list:
+        """Make backward accumulate into the buffer even after ``.grad`` was set to None
+        (``zero_grad()``, ``model.zero_grad()``): a hook on each parameter, run before autograd
+        accumulates its gradient, points a missing ``.grad`` at the zeroed buffer region, so
+        no step allocates or copies a gradient. Returns the hooks' handles."""
+        return [param.register_hook(_Rebind(param, self.slice(position)))
+                for position, param in enumerate(self.params) if param.dtype == self.flat.dtype]
+
+
+class _Rebind:
+    """The hook of :meth:`Bucket.bind_on_backward` for one parameter and its buffer region."""
+
+    __slots__ = ("param", "region")
+
+    def __init__(self, param: torch.Tensor, region: torch.Tensor) -> None:
+        self.param = param
+        self.region = region
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        if self.param.grad is None and grad.layout == torch.strided:
+            self.param.grad = self.region.zero_()
 
 
 def _is_view_of(grad: torch.Tensor | None, region: torch.Tensor) -> bool:

@@ -16,6 +16,7 @@ Its state is rank-local: save it per rank (see :meth:`SparseCollOptimizer.state_
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -28,12 +29,17 @@ from sparsecoll.collectives.lazy import LazyState
 from sparsecoll.collectives.reduce import BUILTIN, LAZY_REFUSED
 from sparsecoll.errors import InvalidArgumentError, NonFiniteGradientError
 from sparsecoll.sync import SyncGroup
-from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, build_buckets, layout_signature, small_parameters
+from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, Bucket, build_buckets, layout_signature, small_parameters
 from sparsecoll.torch.error_feedback import ErrorFeedback, clip_local, warmup_density
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, check_layout, reduce_buffer
 from sparsecoll.torch.replicas import broadcast_tensors, replicated_tensors
 
 _TAKEN_OVER = ("momentum", "weight_decay", "nesterov")
+_HOOK_TABLES = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                "_optimizer_load_state_dict_post_hooks")
+"""The hook tables torch's ``Optimizer.register_*_hook`` methods fill (set up by its ``__init__``,
+which the wrapper cannot call: its param_groups, state and defaults are the wrapped optimizer's)."""
 LAZY_ALGORITHMS = (*(name for name in BUILTIN if name not in LAZY_REFUSED), "auto")
 """What ``lazy=`` works with: the builtins reduce_gradient does not refuse it for, and "auto"."""
 
@@ -107,11 +113,17 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                 if param_group.get("dampening", 0) != 0:
                     raise ValueError("momentum correction accumulates undampened momentum (DGC): "
                                      "use dampening=0 or momentum_correction=False")
-        self.buckets = build_buckets(optimizer.param_groups, bucket_bytes, dense_if)
-        self._bucketed = {id(param) for bucket in self.buckets for param in bucket.params}
-        self.memories = [ErrorFeedback(bucket.flat) for bucket in self.buckets]
-        self.lazy_states = [None if lazy is None else LazyState(lazy.threshold, lazy.max_stale)
-                            for _ in self.buckets]
+        for hooks in _HOOK_TABLES:  # what Optimizer.__init__ sets up for torch's register_*_hook methods
+            setattr(self, hooks, OrderedDict())
+        self._bucket_bytes = bucket_bytes
+        self._dense_if = dense_if
+        self._lazy = lazy
+        self.buckets: list[Bucket] = []
+        self.memories: list[ErrorFeedback] = []
+        self.lazy_states: list[LazyState | None] = []
+        self._bucketed: set[int] = set()
+        self._view_hooks: list = []
+        self._add_buckets(build_buckets(optimizer.param_groups, bucket_bytes, dense_if))
         self.steps = 0
         """Steps taken (skipped AMP steps do not count); drives the warm-up and the seeds."""
         self.skipped_steps = 0
@@ -148,18 +160,58 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                 f"density={c.density}, buckets={len(self.buckets)}, rank={self.sync.rank}/{self.sync.size})")
 
     def add_param_group(self, param_group: dict) -> None:
-        raise NotImplementedError("add parameter groups to the wrapped optimizer before wrapping it")
+        """Add a group to the wrapped optimizer and give its trainable parameters new buckets.
+
+        A collective, as building the wrapper is: every rank adds the same group (checked, with
+        CollectiveMismatchError on every rank otherwise) and gets rank 0's values of its
+        parameters.
+        """
+        if self.momentum_correction and param_group.get("dampening", 0) != 0:
+            raise ValueError("momentum correction accumulates undampened momentum (DGC): use dampening=0")
+        params = param_group["params"]
+        param_group = {**param_group, "params": [params] if isinstance(params, torch.Tensor) else list(params)}
+        added = build_buckets([param_group], self._bucket_bytes, self._dense_if)
+        for bucket in added:
+            bucket.index += len(self.buckets)
+            bucket.group_index = len(self.param_groups)
+        layout = layout_signature([*self.buckets, *added])
+        self.sync.run(check_layout(self.sync.group, layout))  # before anything changes, on every rank
+        self.optimizer.add_param_group(param_group)
+        self._add_buckets(added)
+        self._layout = layout
+        broadcast_tensors(self.sync, param_group["params"])
+
+    def _add_buckets(self, buckets: list[Bucket]) -> None:
+        for bucket in buckets:
+            self.buckets.append(bucket)
+            self.memories.append(ErrorFeedback(bucket.flat))
+            lazy = self._lazy
+            self.lazy_states.append(None if lazy is None else LazyState(lazy.threshold, lazy.max_stale))
+            self._bucketed.update(id(param) for param in bucket.params)
+            self._view_hooks.extend(bucket.bind_on_backward())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradient buckets in place (``set_to_none`` is ignored: gradients stay views)."""
+        """As torch's optimizers: every gradient becomes None (or zero, with ``set_to_none=False``).
+
+        Either way the next backward accumulates straight into the buckets (see
+        :meth:`~sparsecoll.torch.buckets.Bucket.bind_on_backward`).
+        """
         for bucket in self.buckets:
-            bucket.zero_grads()
+            bucket.zero_grads(set_to_none)
+        for param_group in self.param_groups:
+            for param in param_group["params"]:
+                if id(param) not in self._bucketed and param.grad is not None:
+                    if set_to_none:
+                        param.grad = None
+                    else:
+                        param.grad.zero_()
 
     def density_now(self) -> float:
         """The density of the next step (the warm-up schedule)."""
         return warmup_density(self.steps, self.compression.density, self.warmup_steps)
 
     # ------------------------------------------------------------------------ the step
+    @torch.optim.Optimizer.profile_hook_step  # runs the register_step_pre_hook / _post_hook hooks
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Exchange the gradients compressed, then step the wrapped optimizer."""
@@ -288,15 +340,27 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         ``torch.save(opt.state_dict(), f"opt-rank{group.rank}.pt")`` (no collective is
         involved, so saving from one rank only loses the others' residuals).
         """
-        return {"optimizer": self.optimizer.state_dict(),
-                "sparsecoll": {"rank": self.sync.rank, "world_size": self.sync.size, "steps": self.steps,
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state = {"optimizer": self.optimizer.state_dict(),
+                 "sparsecoll": {"rank": self.sync.rank, "world_size": self.sync.size, "steps": self.steps,
                                "skipped_steps": self.skipped_steps,
                                "layout": self._layout.tolist(),
                                "memories": [memory.state_dict() for memory in self.memories],
                                "lazy": [None if lazy is None else lazy.state_dict() for lazy in self.lazy_states]}}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            returned = post_hook(self, state)
+            if returned is not None:
+                state = returned
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore this rank's state saved by :meth:`state_dict` on the same rank of the same world."""
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            returned = pre_hook(self, state_dict)
+            if returned is not None:
+                state_dict = returned
         ours = state_dict["sparsecoll"]
         if (ours["rank"], ours["world_size"]) != (self.sync.rank, self.sync.size):
             raise ValueError(f"this state was saved by rank {ours['rank']} of {ours['world_size']}; "
@@ -311,3 +375,5 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                 lazy.load_state_dict(saved)
         self.steps = int(ours["steps"])
         self.skipped_steps = int(ours["skipped_steps"])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
