@@ -127,7 +127,7 @@ def random_sparsify(array: Any, density: float, *, seed: int = 0) -> tuple[Any, 
         return wrap_like(array, idx), wrap_like(array, val)
     host = as_host_vector(array)
     dtype = float_dtype(host.dtype)
-    x = host.astype(np.float32) if dtype == np.float16 else host
+    x = host.astype(np.float32) if np.dtype(dtype).itemsize == 2 else host
     lam = greedy_scale(lambda scale: saturation_sums(x, scale), x.size, density)
     counts = _count_kept(x, lam, np.uint64(seed))
     total = int(counts.sum())

@@ -5,8 +5,9 @@ Its gradient buffer is one flat tensor; every parameter's ``.grad`` is a view in
 backward accumulates straight into the buffer and a step copies nothing. A gradient set to None
 (``zero_grad()``) is pointed at its zeroed region again just before backward accumulates into
 it (:meth:`Bucket.bind_on_backward`); one replaced by another tensor is copied in once and the
-view is restored. On CPU the buffer and ``.numpy()`` share memory. Half-precision parameters
-(``float16``, ``bfloat16``: numpy has no ``bfloat16``) get a ``float32`` buffer and are copied.
+view is restored. On CPU the buffer and ``.numpy()`` share memory. A bucket keeps its parameters' dtype:
+``float16`` and ``bfloat16`` (numpy's view of it is ml_dtypes' ``bfloat16``) buckets send 2 bytes
+a value, and the collectives widen to float32 only where they add.
 
 CUDA: :func:`as_array` stages a CUDA tensor through host memory, unless ``cupy`` is installed
 and the group's backend is UCX, in which case the collectives receive a cupy array over the
@@ -19,13 +20,13 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 import torch
 
 DEFAULT_BUCKET_BYTES = 25 << 20
 """Bucket budget, DDP's default (``bucket_cap_mb=25``)."""
 
-_WIDENED = (torch.float16, torch.bfloat16)
 
 
 def small_parameters(param: torch.Tensor) -> bool:
@@ -172,7 +173,7 @@ def build_buckets(param_groups: Sequence[dict], bucket_bytes: int = DEFAULT_BUCK
 
 
 def _make_bucket(index: int, params: list[torch.Tensor], group_index: int, compressed: bool) -> Bucket:
-    dtype = torch.float32 if params[0].dtype in _WIDENED else params[0].dtype
+    dtype = params[0].dtype
     offsets, total = [], 0
     for param in params:
         offsets.append(total)
@@ -195,6 +196,8 @@ def layout_signature(buckets: Iterable[Bucket]) -> np.ndarray:
 
 def as_array(tensor: torch.Tensor, backend: str = "tcp"):
     """The array the collectives see: a numpy view on CPU; on CUDA see the module notes."""
+    if tensor.dtype == torch.bfloat16:  # numpy cannot take it from torch: the same bits as ml_dtypes'
+        return as_array(tensor.view(torch.int16), backend).view(ml_dtypes.bfloat16)
     if tensor.device.type == "cpu":
         return tensor.detach().numpy()
     if backend == "ucx":
@@ -212,5 +215,7 @@ def to_tensor(array, like: torch.Tensor) -> torch.Tensor:
     if isinstance(array, np.ndarray):
         if not array.flags.writeable:
             array = array.copy()
+        if array.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16).to(like.device)
         return torch.from_numpy(np.ascontiguousarray(array)).to(like.device)
     return torch.from_dlpack(array).to(like.device)

@@ -26,8 +26,6 @@ from sparsecoll.torch.error_feedback import ErrorFeedback, warmup_density
 from sparsecoll.errors import NonFiniteGradientError
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, reduce_buffer
 
-_WIDENED = (torch.float16, torch.bfloat16)
-
 
 class CommHookState:
     """Hyperparameters and per-bucket memory of :func:`comm_hook` (one per DDP model).
@@ -54,15 +52,15 @@ class CommHookState:
     """
 
     __slots__ = ("group", "compression", "momentum", "nesterov", "warmup_steps", "start_iter",
-                 "iteration", "memories", "last_stats", "skip_nonfinite", "skipped_steps", "_executor",
-                 "_names", "_layouts", "_saved", "_skipped_at")
+                 "iteration", "memories", "last_stats", "skip_nonfinite", "skipped_steps", "residual_dtype",
+                 "_executor", "_names", "_layouts", "_saved", "_skipped_at")
 
     def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: float = 0.001, *,
                  quantize_bits: int | None = None, error_feedback: bool = True, momentum: float = 0.0,
                  nesterov: bool = False, warmup_steps: int = 0, start_iter: int = 1,
                  dense_above: float = 0.25, seed: int = 0,
                  algorithm_options: dict[str, Any] | None = None, module: Any = None,
-                 skip_nonfinite: bool = True) -> None:
+                 skip_nonfinite: bool = True, residual_dtype: torch.dtype | None = None) -> None:
         if not isinstance(group, SyncGroup):
             raise TypeError("group must be a SyncGroup: create it with sparsecoll.torch.init_group()")
         if not 0.0 <= momentum < 1.0:
@@ -82,6 +80,8 @@ class CommHookState:
         self.last_stats: dict[int, CommStats] = {}
         """What each bucket's last reduction moved, by bucket index."""
         self.skip_nonfinite = bool(skip_nonfinite)
+        self.residual_dtype = residual_dtype
+        """Dtype of residuals and momentum (default: the bucket's, e.g. bfloat16 for a bf16 model)."""
         self.skipped_steps = 0
         """Iterations in which some bucket held NaN/inf on some rank and was not reduced."""
         self._skipped_at = -1
@@ -140,7 +140,8 @@ class CommHookState:
         layout = None if self._names is None else tuple((self._names.get(id(param), ""), param.numel())
                                                          for param in params)
         if (memory is not None and memory.residual.numel() == work.numel()
-                and memory.residual.dtype == work.dtype and self._layouts.get(index) == layout):
+                and memory.residual.dtype == (self.residual_dtype or work.dtype)
+                and self._layouts.get(index) == layout):
             return memory
         if layout is not None:  # park every parameter's state, and retire buckets that lose some
             self._saved.update(self._per_parameter())
@@ -149,7 +150,7 @@ class CommHookState:
                           if other != index and old and names & {name for name, _ in old}]:
                 self.memories.pop(other, None)
                 self._layouts.pop(other, None)
-        memory = self.memories[index] = ErrorFeedback(work)
+        memory = self.memories[index] = ErrorFeedback(work, self.residual_dtype)
         self._layouts[index] = layout
         if layout is not None:
             offset = 0
@@ -183,7 +184,7 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     """
     buffer = bucket.buffer()
     index = bucket.index()
-    work = buffer.float() if buffer.dtype in _WIDENED else buffer
+    work = buffer
     memory = state.memory_for(index, work, bucket.parameters())
     compressed = state.iteration >= state.start_iter
     iteration = state.iteration

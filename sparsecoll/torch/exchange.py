@@ -65,6 +65,9 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
     send a sparse part of it and keep the rest (error feedback).
     """
     outgoing = memory.accumulate(grad, momentum, nesterov)
+    if outgoing.dtype != grad.dtype:  # a wider residual: send in the gradient's dtype; what rounding
+        grad.copy_(outgoing)          # drops stays in the residual (it subtracts what was sent)
+        outgoing = grad
     sparse = compressed and compression.algorithm != "dense" and density < compression.dense_above
     array = as_array(outgoing, backend)
     if not sparse:

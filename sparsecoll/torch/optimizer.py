@@ -75,6 +75,11 @@ class SparseCollOptimizer(torch.optim.Optimizer):
     inf on any rank is skipped on every rank (``skipped_steps``; residuals and momentum are
     left as they were), or with ``skip_nonfinite=False`` raises NonFiniteGradientError on
     every rank; the group stays usable either way.
+
+    Buckets, residuals and momentum keep the parameters' dtype: a bfloat16 model sends 2 bytes a
+    value and keeps 2 bytes of residual (and of momentum) per parameter; ``residual_dtype=
+    torch.float32`` keeps wider residuals and momentum (as DeepSpeed's error feedback does) and
+    still sends bfloat16, the rounding staying in the residual.
     """
 
     _step_supports_amp_scaling = True
@@ -86,7 +91,8 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                  dense_if: Callable[[torch.Tensor], bool] | None = small_parameters,
                  dense_above: float = 0.25, seed: int = 0, grad_scaler: Any = None,
                  skip_nonfinite: bool = True, algorithm_options: dict[str, Any] | None = None,
-                 module: torch.nn.Module | None = None, broadcast_buffers: bool = True) -> None:
+                 module: torch.nn.Module | None = None, broadcast_buffers: bool = True,
+                 residual_dtype: torch.dtype | None = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if not isinstance(group, SyncGroup):
@@ -118,6 +124,7 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         self._bucket_bytes = bucket_bytes
         self._dense_if = dense_if
         self._lazy = lazy
+        self.residual_dtype = residual_dtype
         self.buckets: list[Bucket] = []
         self.memories: list[ErrorFeedback] = []
         self.lazy_states: list[LazyState | None] = []
@@ -184,7 +191,7 @@ class SparseCollOptimizer(torch.optim.Optimizer):
     def _add_buckets(self, buckets: list[Bucket]) -> None:
         for bucket in buckets:
             self.buckets.append(bucket)
-            self.memories.append(ErrorFeedback(bucket.flat))
+            self.memories.append(ErrorFeedback(bucket.flat, self.residual_dtype))
             lazy = self._lazy
             self.lazy_states.append(None if lazy is None else LazyState(lazy.threshold, lazy.max_stale))
             self._bucketed.update(id(param) for param in bucket.params)
