@@ -71,7 +71,9 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
     from sparsecoll.torch import SparseCollOptimizer
 
     train_x, train_y, test_x, test_y = (torch.from_numpy(array) for array in data)
-    model = make_model(train_x.shape[1], hidden, int(train_y.max()) + 1, seed)
+    dtype = getattr(torch, config.get("dtype", "float32"))  # e.g. "bfloat16": the model and its inputs
+    train_x, test_x = train_x.to(dtype), test_x.to(dtype)
+    model = make_model(train_x.shape[1], hidden, int(train_y.max()) + 1, seed).to(dtype)
     steps_per_epoch = len(train_y) // (batch * sync.size)
     inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     algorithm, density = config["algorithm"], config["density"]
@@ -88,7 +90,7 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
             first = (step * sync.size + sync.rank) * batch
             chosen = order[first:first + batch]
             optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(train_x[chosen]), train_y[chosen])
+            loss = torch.nn.functional.cross_entropy(model(train_x[chosen]).float(), train_y[chosen])
             loss.backward()
             optimizer.step()
             losses.append(loss.item())

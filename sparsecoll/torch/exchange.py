@@ -17,7 +17,7 @@ from sparsecoll import registry
 from sparsecoll.call import CommStats
 from sparsecoll.collectives.cost_model import QUANTIZE_BITS
 from sparsecoll.collectives.lazy import LazyState
-from sparsecoll.collectives.reduce import BUILTIN
+from sparsecoll.collectives.reduce import BUILTIN, check_algorithm_name
 from sparsecoll.errors import CollectiveMismatchError
 from sparsecoll.group import Group
 from sparsecoll.torch.buckets import as_array, to_tensor
@@ -39,6 +39,7 @@ class Compression:
 
     def validate(self) -> None:
         """Raise ValueError with the reason when a setting cannot work."""
+        check_algorithm_name(self.algorithm)
         builtin = self.algorithm in BUILTIN or self.algorithm == "auto"
         if not builtin and self.algorithm not in registry.collectives() and self.algorithm not in registry.compressors():
             raise ValueError(f"unknown algorithm {self.algorithm!r}: choose from {list(BUILTIN)}, 'auto', or "

@@ -47,7 +47,8 @@ LAZY_ALGORITHMS = (*(name for name in BUILTIN if name not in LAZY_REFUSED), "aut
 class SparseCollOptimizer(torch.optim.Optimizer):
     """A torch optimizer whose gradients are summed over a sparsecoll group, compressed.
 
-    ``algorithm`` is "dense", "allgather", "gtopk", "sketch", "cltk", a registered collective
+    ``algorithm`` is "dense", "allgather" (sparse top-k allgather: each rank's top-k pairs
+    allgathered and summed), "gtopk", "sketch", "cltk", a registered collective
     or a registered compressor (its payloads are allgathered; ``algorithm_options`` go to its
     factory, or to the collective, as keyword arguments); ``density`` the fraction of each
     bucket sent. With ``momentum_correction`` and a wrapped
