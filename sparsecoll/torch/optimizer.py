@@ -283,9 +283,7 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                 "would step on this rank's gradient alone: build the SparseCollOptimizer after unfreezing "
                 "(freezing later is fine: a bucketed parameter without a gradient counts as zero)", rank=self.sync.rank)
         if overflowed and self.grad_scaler is not None:
-            record = self.grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
-            for flag in record.values():
-                flag.fill_(1.0)
+            mark_overflow(self.grad_scaler, self)
         if nonfinite and not overflowed and not self.skip_nonfinite:
             raise NonFiniteGradientError(
                 f"a gradient held NaN or inf at step {self.steps} (on this rank or another); nothing was "
@@ -385,3 +383,16 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         self.skipped_steps = int(ours["skipped_steps"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
+
+
+def mark_overflow(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Tell ``scaler`` that this step overflowed, so that its ``update()`` backs off as on the rank
+    that did overflow. GradScaler has no public way to do this (torch 2.4-2.14): it reads the
+    flags it recorded for the optimizer, so those are set; README lists this private surface."""
+    try:
+        record = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    except (AttributeError, KeyError, TypeError) as error:
+        raise RuntimeError(f"grad_scaler: this torch's GradScaler keeps no per-optimizer overflow flags "
+                           f"({type(error).__name__}: {error}); sparsecoll supports torch >=2.4,<2.15") from error
+    for flag in record.values():
+        flag.fill_(1.0)
