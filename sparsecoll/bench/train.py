@@ -77,10 +77,11 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
     steps_per_epoch = len(train_y) // (batch * sync.size)
     inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     algorithm, density = config["algorithm"], config["density"]
+    residual_dtype = getattr(torch, config["residual_dtype"]) if "residual_dtype" in config else None
     optimizer = SparseCollOptimizer(inner, sync, algorithm, density if algorithm != "dense" else 1.0,
                                     error_feedback=config.get("error_feedback", True),
                                     warmup_steps=int(warmup_epochs * steps_per_epoch) if algorithm != "dense" else 0,
-                                    seed=seed)
+                                    seed=seed, residual_dtype=residual_dtype)
     losses, epoch_loss, epoch_accuracy = [], [], []
     bytes_sent, last_epoch_bytes, training_seconds = 0, 0, 0.0
     for epoch in range(epochs):
@@ -140,7 +141,8 @@ def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, flo
         link: str | None = None) -> list[dict[str, Any]]:
     """Rows of the report (every process gets them; under torchrun each runs one rank).
 
-    A configuration is ``(algorithm, density)`` or a dict that may also say ``error_feedback``.
+    A configuration is ``(algorithm, density)`` or a dict that may also say ``error_feedback``,
+    ``dtype`` (the model's, e.g. "bfloat16") and ``residual_dtype``.
     """
     options = {"epochs": epochs, "batch": batch, "lr": lr, "hidden": hidden, "seed": seed,
                "warmup_epochs": warmup_epochs}

@@ -9,9 +9,10 @@ view is restored. On CPU the buffer and ``.numpy()`` share memory. A bucket keep
 ``float16`` and ``bfloat16`` (numpy's view of it is ml_dtypes' ``bfloat16``) buckets send 2 bytes
 a value, and the collectives widen to float32 only where they add.
 
-CUDA: :func:`as_array` stages a CUDA tensor through host memory, unless ``cupy`` is installed
-and the group's backend is UCX, in which case the collectives receive a cupy array over the
-same device memory (DLPack) and GPU buffers go to the transport as they are.
+CUDA: :func:`as_array` stages a CUDA tensor through host memory, unless ``cupy`` is installed,
+the group's backend is UCX and the dtype is not bfloat16 (cupy has none), in which case the
+collectives receive a cupy array over the same device memory (DLPack) and GPU buffers go to the
+transport as they are.
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ def layout_signature(buckets: Iterable[Bucket]) -> np.ndarray:
 def as_array(tensor: torch.Tensor, backend: str = "tcp"):
     """The array the collectives see: a numpy view on CPU; on CUDA see the module notes."""
     if tensor.dtype == torch.bfloat16:  # numpy cannot take it from torch: the same bits as ml_dtypes'
-        return as_array(tensor.view(torch.int16), backend).view(ml_dtypes.bfloat16)
+        # (cupy has no bfloat16: a CUDA bucket is staged through host memory)
+        return tensor.detach().view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
     if tensor.device.type == "cpu":
         return tensor.detach().numpy()
     if backend == "ucx":

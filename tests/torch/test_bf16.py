@@ -38,22 +38,33 @@ def test_bf16_selection_keys_order_by_magnitude() -> None:
         kernels.topk(np.array([1.0, np.nan, 2.0], np.float32).astype(BF16), 1, method="exact")
 
 
-def algorithms_rank(rank: int, world: int) -> dict:
+def algorithms_rank(rank: int, sync) -> dict:
     outcome = {}
-    with init_group(timeout=60, kernel_threads=1) as sync:
-        gradient = np.random.default_rng(rank).standard_normal(SIZE).astype(BF16)
-        for algorithm in ALGORITHMS:
-            for dtype in (BF16, np.dtype(np.float32)):
-                result, stats = sync.run(sync.group.reduce_gradient(gradient.astype(dtype), algorithm,
-                                                                     density=DENSITY, step=1))
-                outcome[algorithm, dtype.name] = (np.asarray(result.dense(), np.float32), str(result.values.dtype),
-                                                  stats.bytes_sent, stats.frames_sent)
+    gradient = np.random.default_rng(rank).standard_normal(SIZE).astype(BF16)
+    for algorithm in ALGORITHMS:
+        for dtype in (BF16, np.dtype(np.float32)):
+            result, stats = sync.run(sync.group.reduce_gradient(gradient.astype(dtype), algorithm,
+                                                                 density=DENSITY, step=1))
+            outcome[algorithm, dtype.name] = (np.asarray(result.dense(), np.float32), str(result.values.dtype),
+                                              stats.bytes_sent, stats.frames_sent)
     return outcome
 
 
-def test_every_algorithm_reduces_bf16_as_float32_does_with_two_bytes_a_value() -> None:
+def both_rank(rank: int, world: int) -> tuple[dict, dict]:
+    torch.set_num_threads(1)
+    with init_group(timeout=60, kernel_threads=1) as sync:
+        return algorithms_rank(rank, sync), bf16_model_rank(rank, sync)
+
+
+@pytest.fixture(scope="module")
+def per_rank() -> list:
+    """One spawn of two ranks for both tests below."""
+    return run_ranks(2, both_rank, timeout=180, group_kwargs=None)
+
+
+def test_every_algorithm_reduces_bf16_as_float32_does_with_two_bytes_a_value(per_rank) -> None:
     world = 2
-    first = run_ranks(world, algorithms_rank, timeout=120, group_kwargs=None)[0]
+    first = per_rank[0][0]
     k = int(SIZE * DENSITY)
     for algorithm in ALGORITHMS:
         half, half_dtype, half_bytes, half_frames = first[algorithm, "bfloat16"]
@@ -74,36 +85,34 @@ def test_every_algorithm_reduces_bf16_as_float32_does_with_two_bytes_a_value() -
             assert 2 * (half_bytes - half_frames * HEADER_SIZE) == full_bytes - full_frames * HEADER_SIZE
 
 
-def bf16_model_rank(rank: int, world: int) -> dict:
-    torch.set_num_threads(1)
+def bf16_model_rank(rank: int, sync) -> dict:
     outcome = {}
-    with init_group(timeout=60, kernel_threads=1) as sync:
-        for name, dtype, residual_dtype in (("bf16", torch.bfloat16, None), ("fp32", torch.float32, None),
-                                            ("bf16+fp32 residual", torch.bfloat16, torch.float32)):
-            model = net(seed=rank, hidden=64).to(dtype)
-            optimizer = SparseCollOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sync,
-                                            "gtopk", 0.05, residual_dtype=residual_dtype)
-            losses, sent = [], 0
-            for step in range(12):
-                optimizer.zero_grad()
-                features, labels = batch(step % 3, rank)
-                loss = torch.nn.functional.cross_entropy(model(features.to(dtype)).float(), labels)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-                sent += optimizer.last_stats.bytes_sent
-            state_bytes = sum(bucket.flat.nbytes + memory.residual.nbytes + memory.momentum.nbytes
-                              for bucket, memory in zip(optimizer.buckets, optimizer.memories))
-            param_bytes = sum(p.nbytes for p in model.parameters())
-            outcome[name] = {"params": flat_params(model).float().tolist(), "losses": losses, "sent": sent,
-                             "bucket_dtypes": {str(bucket.flat.dtype) for bucket in optimizer.buckets},
-                             "residual_dtypes": {str(memory.residual.dtype) for memory in optimizer.memories},
-                             "state_per_param_byte": state_bytes / param_bytes}
+    for name, dtype, residual_dtype in (("bf16", torch.bfloat16, None), ("fp32", torch.float32, None),
+                                        ("bf16+fp32 residual", torch.bfloat16, torch.float32)):
+        model = net(seed=rank, hidden=64).to(dtype)
+        optimizer = SparseCollOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sync,
+                                        "gtopk", 0.05, residual_dtype=residual_dtype)
+        losses, sent = [], 0
+        for step in range(12):
+            optimizer.zero_grad()
+            features, labels = batch(step % 3, rank)
+            loss = torch.nn.functional.cross_entropy(model(features.to(dtype)).float(), labels)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            sent += optimizer.last_stats.bytes_sent
+        state_bytes = sum(bucket.flat.nbytes + memory.residual.nbytes + memory.momentum.nbytes
+                          for bucket, memory in zip(optimizer.buckets, optimizer.memories))
+        param_bytes = sum(p.nbytes for p in model.parameters())
+        outcome[name] = {"params": flat_params(model).float().tolist(), "losses": losses, "sent": sent,
+                         "bucket_dtypes": {str(bucket.flat.dtype) for bucket in optimizer.buckets},
+                         "residual_dtypes": {str(memory.residual.dtype) for memory in optimizer.memories},
+                         "state_per_param_byte": state_bytes / param_bytes}
     return outcome
 
 
-def test_a_bf16_model_keeps_bf16_state_sends_half_the_bytes_and_trains() -> None:
-    per_rank = run_ranks(2, bf16_model_rank, timeout=120, group_kwargs=None)
+def test_a_bf16_model_keeps_bf16_state_sends_half_the_bytes_and_trains(per_rank) -> None:
+    per_rank = [models for _, models in per_rank]
     for name in ("bf16", "fp32", "bf16+fp32 residual"):
         assert per_rank[0][name]["params"] == per_rank[1][name]["params"], name
         losses = per_rank[0][name]["losses"]
