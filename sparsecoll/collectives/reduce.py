@@ -3,8 +3,9 @@
 ``algorithm`` is "dense" (a dense ring allreduce), "allgather" (sparse top-k allgather: every
 rank's top-k (index, value) pairs allgathered and summed, Aji & Heafield; not the dense
 :meth:`Group.allgather`), "gtopk", "sketch", "cltk", the name of a collective registered with
-:func:`sparsecoll.register_collective` (it receives the same keyword options and may return a :class:`SparseResult` or a dense array), or the name of a compressor
-registered with :func:`sparsecoll.register_compressor` (built with ``density``/``k``/``seed``
+:func:`sparsecoll.register_collective` (it receives the same keyword options and may return a
+:class:`SparseResult` or a dense array), or the name of a compressor registered with
+:func:`sparsecoll.register_compressor` (built with ``density``/``k``/``seed``
 when its factory takes them, plus the keyword options; its payloads are allgathered, see
 :mod:`sparsecoll.collectives.compressed`). Collective names win over compressor names.
 ``"auto"`` picks the builtin that the calibrated cost model prices fastest for this (P, d, k,
