@@ -11,6 +11,7 @@ import functools
 from dataclasses import dataclass
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from sparsecoll.errors import InvalidArgumentError
@@ -18,7 +19,10 @@ from sparsecoll.errors import InvalidArgumentError
 CPU = "cpu"
 CUDA = "cuda"
 
-FLOAT_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+BFLOAT16 = np.dtype(ml_dtypes.bfloat16)
+"""numpy has no bfloat16: ml_dtypes' is a real numpy dtype (views, frombuffer, ufuncs that add in
+float32 and round), so bf16 gradients travel and reduce as they are."""
+FLOAT_DTYPES = (np.dtype(np.float16), BFLOAT16, np.dtype(np.float32), np.dtype(np.float64))
 
 
 @dataclass(frozen=True)
@@ -38,6 +42,7 @@ class KeyFormat:
 
 KEY_FORMATS = {
     np.dtype(np.float16): KeyFormat(np.dtype(np.uint16), np.uint16(0x7FFF), np.uint16(0x7C00), 15),
+    BFLOAT16: KeyFormat(np.dtype(np.uint16), np.uint16(0x7FFF), np.uint16(0x7F80), 15),
     np.dtype(np.float32): KeyFormat(
         np.dtype(np.uint32), np.uint32(0x7FFFFFFF), np.uint32(0x7F800000), 31
     ),
@@ -94,10 +99,10 @@ def as_device_vector(array: Any) -> Any:
 
 
 def float_dtype(dtype: Any, name: str = "array") -> np.dtype:
-    """Checks that ``dtype`` is float16/32/64 and returns it as a numpy dtype."""
+    """Checks that ``dtype`` is float16, bfloat16, float32 or float64; returns it as a numpy dtype."""
     resolved = np.dtype(dtype)
     if resolved not in FLOAT_DTYPES:
-        raise InvalidArgumentError(f"{name} must be float16, float32 or float64, not {resolved}")
+        raise InvalidArgumentError(f"{name} must be float16, bfloat16, float32 or float64, not {resolved}")
     return resolved
 
 

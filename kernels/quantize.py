@@ -125,7 +125,7 @@ def quantize(
         return wrap_like(array, packed), wrap_like(array, scales)
     host = as_host_vector(array)
     float_dtype(host.dtype)
-    if host.dtype == np.float16:  # Numba's CPU target has no float16 arithmetic
+    if host.dtype.itemsize == 2:  # Numba's CPU target has no float16 (or bfloat16) arithmetic
         host = host.astype(np.float32)
     scales = np.empty(-(-host.size // block_size), np.float32)
     packed = np.empty(packed_size(host.size, bits), np.uint8)
@@ -156,7 +156,7 @@ def dequantize(
         return wrap_like(packed, values)
     codes, block_scales = as_host_vector(packed), as_host_vector(scales)
     _check_sizes(codes.size, block_scales.size, bits, size, block_size)
-    work = np.float32 if out_dtype == np.float16 else out_dtype
+    work = np.float32 if np.dtype(out_dtype).itemsize == 2 else out_dtype
     out = np.empty(size, work)
     _dequantize_cpu(codes, block_scales, bits, block_size, out)
     return out.astype(out_dtype, copy=False)

@@ -197,7 +197,7 @@ def random_sparsify(array: Any, density: float | None = None, *, seed: int = 0,
         return wrap_like(array, idx), wrap_like(array, val)
     host = as_host_vector(array)
     dtype = float_dtype(host.dtype)
-    x = host.astype(np.float32) if dtype == np.float16 else host
+    x = host.astype(np.float32) if np.dtype(dtype).itemsize == 2 else host
     if variance_budget is not None:
         lam = budget_scale(lambda scale: budget_sums(x, scale), variance_budget)
     else:

@@ -1,6 +1,6 @@
 """Selection by magnitude: exact top-k, fast sampled-threshold top-k, and threshold compaction.
 
-Every function takes a float16/32/64 array (numpy, or any CUDA array), treats it as flat and
+Every function takes a float16/bfloat16/32/64 array (numpy, or any CUDA array), treats it as flat and
 returns ``(indices, values)``: indices are int64, sorted ascending (so they can be
 delta-encoded and merged without another sort); values are the signed input values at those
 indices, in the input dtype and array library. Ties at the k-th magnitude go to the lower

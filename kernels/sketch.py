@@ -122,7 +122,7 @@ def _check_table(table: Any, hashes: np.ndarray) -> None:
 
 def _widen(values: np.ndarray) -> np.ndarray:
     float_dtype(values.dtype, "values")
-    return values.astype(np.float32) if values.dtype == np.float16 else values
+    return values.astype(np.float32) if values.dtype.itemsize == 2 else values
 
 
 def sketch_insert_dense(table: Any, hashes: np.ndarray, array: Any) -> Any:

@@ -96,7 +96,7 @@ def scatter_add(dense: Any, indices: Any, values: Any) -> Any:
     idx = _check_indices(as_host_vector(indices), flat.size)
     val = as_host_vector(values)
     _check_pair(idx, val, "scatter_add")
-    if flat.dtype == np.float16:  # no float16 arithmetic in Numba's CPU target
+    if flat.dtype.itemsize == 2:  # no float16 or bfloat16 arithmetic in Numba's CPU target: add in float32
         wide = flat.astype(np.float32)
         _scatter_add(wide, idx, val.astype(np.float32))
         flat[:] = wide
@@ -114,7 +114,7 @@ def gather(dense: Any, indices: Any) -> Any:
     flat = as_host_vector(dense)
     idx = _check_indices(as_host_vector(indices), flat.size)
     out = np.empty(idx.size, flat.dtype)
-    if flat.dtype.kind == "f" and flat.dtype.itemsize == 2:
+    if flat.dtype.itemsize == 2:  # float16 or bfloat16: a copy moves bits
         _gather(flat.view(np.uint16), idx, out.view(np.uint16))
     else:
         _gather(flat, idx, out)
@@ -136,7 +136,7 @@ def merge_sorted(idx_a: Any, val_a: Any, idx_b: Any, val_b: Any) -> tuple[Any, A
     _check_sorted(ia, "first indices")
     _check_sorted(ib, "second indices")
     dtype = np.result_type(va.dtype, vb.dtype)
-    work = np.float32 if dtype == np.float16 else dtype
+    work = np.float32 if dtype.itemsize == 2 else dtype
     out_idx = np.empty(ia.size + ib.size, np.int64)
     out_val = np.empty(ia.size + ib.size, work)
     n = _merge(ia, va.astype(work, copy=False), ib, vb.astype(work, copy=False), out_idx, out_val)

@@ -65,6 +65,7 @@ class Call:
 
     async def send(self, peer: int, tag: int, *buffers: Buffer | np.ndarray) -> None:
         """Send one frame made of ``buffers`` to ``peer`` under this call's deadline."""
+        buffers = tuple(as_exportable(buffer) for buffer in buffers)
         length = sum(_nbytes(buffer) for buffer in buffers)
         header = FrameHeader(Kind.DATA, self.context, self.seq, tag, length, self.signature)
         peer = self.members[peer] if self.members else peer
@@ -84,7 +85,7 @@ class Call:
         it into a new buffer of at most ``limit`` bytes."""
         view = None
         if out is not None:
-            view = memoryview(out)
+            view = memoryview(as_exportable(out))
             if view.ndim != 1 or view.format != "B":
                 view = view.cast("B")
         if self.members and peer >= 0:
@@ -130,6 +131,14 @@ class Call:
         return CollectiveTimeoutError(
             f"collective #{self.seq} {self.signature.describe()} timed out after "
             f"{self.timeout:.3g} s {doing} with rank {peer}", rank=self.transport.rank, peer=peer)
+
+
+def as_exportable(buffer: Buffer | np.ndarray) -> Buffer | np.ndarray:
+    """The same bytes as a buffer Python can export: ml_dtypes' bfloat16 arrays (dtype kind 'V',
+    which ``memoryview`` refuses) as uint8; anything else as it is."""
+    if isinstance(buffer, np.ndarray) and buffer.dtype.kind == "V" and buffer.dtype.fields is None:
+        return buffer.reshape(-1).view(np.uint8)
+    return buffer
 
 
 def _nbytes(buffer: Buffer | np.ndarray) -> int:

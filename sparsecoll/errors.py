@@ -101,6 +101,12 @@ class LoopThreadError(SparseCollError, RuntimeError):
     code = 12
 
 
+class NonFiniteGradientError(SparseCollError, ArithmeticError):
+    """A rank's gradient held NaN or inf and the step was not to be skipped; raised on every rank."""
+
+    code = 13
+
+
 ERRORS_BY_CODE: dict[int, type[SparseCollError]] = {
     cls.code: cls
     for cls in (
@@ -116,6 +122,7 @@ ERRORS_BY_CODE: dict[int, type[SparseCollError]] = {
         GroupClosedError,
         GroupAbortedError,
         LoopThreadError,
+        NonFiniteGradientError,
     )
 }
 

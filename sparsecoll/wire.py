@@ -13,6 +13,7 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from sparsecoll.errors import ERRORS_BY_CODE, FrameError, FrameTooLargeError, SparseCollError
@@ -103,6 +104,7 @@ _DTYPES: tuple[np.dtype | None, ...] = (
     np.dtype(np.uint16),
     np.dtype(np.int16),
     np.dtype(np.uint64),
+    np.dtype(ml_dtypes.bfloat16),  # numpy has none: ml_dtypes' (2 bytes a value on the wire)
 )
 _DTYPE_CODES = {dt: code for code, dt in enumerate(_DTYPES) if dt is not None}
 

@@ -80,17 +80,20 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
     from sparsecoll.torch import SparseCollOptimizer
 
     train_x, train_y, test_x, test_y = (torch.from_numpy(array) for array in data)
-    model = make_model(train_x.shape[1], hidden, int(train_y.max()) + 1, seed)
+    dtype = getattr(torch, config.get("dtype", "float32"))  # e.g. "bfloat16": the model and its inputs
+    train_x, test_x = train_x.to(dtype), test_x.to(dtype)
+    model = make_model(train_x.shape[1], hidden, int(train_y.max()) + 1, seed).to(dtype)
     steps_per_epoch = len(train_y) // (batch * sync.size)
     inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     algorithm, density = config["algorithm"], config["density"]
+    residual_dtype = getattr(torch, config["residual_dtype"]) if "residual_dtype" in config else None
     optimizer = SparseCollOptimizer(inner, sync, algorithm, density if algorithm != "dense" else 1.0,
                                     error_feedback=config.get("error_feedback"),
                                     memory_beta=config.get("memory_beta"),
                                     momentum_correction=config.get("momentum_correction", True),
                                     algorithm_options=config.get("options"),
                                     warmup_steps=int(warmup_epochs * steps_per_epoch) if algorithm != "dense" else 0,
-                                    seed=seed)
+                                    seed=seed, residual_dtype=residual_dtype)
     losses, epoch_loss, epoch_accuracy = [], [], []
     bytes_sent, last_epoch_bytes, training_seconds = 0, 0, 0.0
     for epoch in range(epochs):
@@ -100,7 +103,7 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
             first = (step * sync.size + sync.rank) * batch
             chosen = order[first:first + batch]
             optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(train_x[chosen]), train_y[chosen])
+            loss = torch.nn.functional.cross_entropy(model(train_x[chosen]).float(), train_y[chosen])
             loss.backward()
             optimizer.step()
             losses.append(loss.item())
@@ -152,7 +155,8 @@ def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, flo
         link: str | None = None) -> list[dict[str, Any]]:
     """Rows of the report (every process gets them; under torchrun each runs one rank).
 
-    A configuration is ``(algorithm, density)`` or a dict that may also say ``error_feedback``.
+    A configuration is ``(algorithm, density)`` or a dict that may also say ``error_feedback``,
+    ``dtype`` (the model's, e.g. "bfloat16") and ``residual_dtype``.
     """
     options = {"epochs": epochs, "batch": batch, "lr": lr, "hidden": hidden, "seed": seed,
                "warmup_epochs": warmup_epochs}

@@ -1,9 +1,11 @@
 """One entry point that names the algorithm, so the optimizer and the bench switch by a string.
 
-``algorithm`` is "dense", "allgather", "gtopk", "sketch", "cltk", the name of a collective
-registered with :func:`sparsecoll.register_collective` (it receives the same keyword options
-and may return a :class:`SparseResult` or a dense array), or the name of a compressor
-registered with :func:`sparsecoll.register_compressor` (built with ``density``/``k``/``seed``
+``algorithm`` is "dense" (a dense ring allreduce), "allgather" (sparse top-k allgather: every
+rank's top-k (index, value) pairs allgathered and summed, Aji & Heafield; not the dense
+:meth:`Group.allgather`), "gtopk", "sketch", "cltk", the name of a collective registered with
+:func:`sparsecoll.register_collective` (it receives the same keyword options and may return a
+:class:`SparseResult` or a dense array), or the name of a compressor registered with
+:func:`sparsecoll.register_compressor` (built with ``density``/``k``/``seed``
 when its factory takes them, plus the keyword options; its payloads are allgathered, see
 :mod:`sparsecoll.collectives.compressed`). Collective names win over compressor names.
 ``"auto"`` picks the builtin that the calibrated cost model prices fastest for this (P, d, k,
@@ -59,6 +61,21 @@ LAZY_REFUSED = {
             "stale contribution holds values at the wrong indices",
 }
 """Why lazy aggregation does not compose with these algorithms."""
+NOT_ALGORITHMS = {
+    "lazy": "it is an option: pass lazy=LazyState(...) with 'dense' or 'allgather'",
+    "quantized-broadcast": "it broadcasts parameters: call Group.collective('quantized-broadcast', ...)",
+    "reduce": "it is reduce_gradient itself: name one of the algorithms",
+}
+"""Registry entries that are not gradient-reduction algorithms, refused as ``algorithm`` (each
+would run something else: "reduce" would silently run gTop-k)."""
+
+
+def check_algorithm_name(algorithm: str) -> None:
+    """InvalidArgumentError for a name that is not a gradient-reduction algorithm."""
+    if algorithm in NOT_ALGORITHMS:
+        raise InvalidArgumentError(f"{algorithm!r} is not a gradient-reduction algorithm "
+                                   f"({NOT_ALGORITHMS[algorithm]}); "
+                                   f"choose from {list(BUILTIN)}, 'auto', or a collective or compressor you registered")
 
 
 async def pick_algorithm(group: Group, grad: np.ndarray, *, density: float | None = None, k: int | None = None,
@@ -78,6 +95,7 @@ async def reduce_gradient(group: Group, grad: np.ndarray, algorithm: str = "gtop
                           step: int = 0, seed: int = 0, timeout: float | None = None,
                           **options: Any) -> CollectiveResult:
     """Sum ``grad`` over the ranks with the named algorithm; value is a :class:`SparseResult`."""
+    check_algorithm_name(algorithm)
     if algorithm == "auto":
         algorithm = await pick_algorithm(group, grad, density=density, k=k, quantize_bits=quantize_bits,
                                          lazy=lazy is not None, timeout=timeout)

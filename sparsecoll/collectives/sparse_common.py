@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import ml_dtypes
 import numpy as np
 
 from sparsecoll import kernels
@@ -73,7 +74,7 @@ def resolve_k(size: int, k: int | None, density: float | None) -> int:
 def float_vector(array: np.ndarray) -> np.ndarray:
     """The gradient as a flat contiguous float array (the sparse collectives need floats)."""
     flat = np.ascontiguousarray(array).reshape(-1)
-    if flat.dtype.kind != "f":
+    if flat.dtype.kind != "f" and flat.dtype != ml_dtypes.bfloat16:
         raise InvalidArgumentError(f"sparse collectives need a float gradient, not {flat.dtype}")
     return flat
 

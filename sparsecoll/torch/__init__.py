@@ -17,9 +17,10 @@ from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, small_parameters
 from sparsecoll.torch.ddp_hook import CommHookState, comm_hook
 from sparsecoll.torch.error_feedback import ErrorFeedback, warmup_density
 from sparsecoll.torch.optimizer import SparseCollOptimizer
+from sparsecoll.torch.replicas import BufferBroadcast, broadcast_tensors
 
-__all__ = ["CommHookState", "DEFAULT_BUCKET_BYTES", "ErrorFeedback", "SparseCollOptimizer", "comm_hook",
-           "init_group", "small_parameters", "warmup_density"]
+__all__ = ["BufferBroadcast", "CommHookState", "DEFAULT_BUCKET_BYTES", "ErrorFeedback", "SparseCollOptimizer",
+           "broadcast_tensors", "comm_hook", "init_group", "small_parameters", "warmup_density"]
 
 
 def init_group(**kwargs: Any) -> SyncGroup:

@@ -1,15 +1,18 @@
 """Flatten parameters' gradients into contiguous buckets that the collectives read as numpy arrays.
 
 A bucket holds parameters of one param group, dtype and device, in order, up to a byte budget.
-Its gradient buffer is one flat tensor; after the first step every parameter's ``.grad`` is a
-view into it, so backward accumulates straight into the buffer and a step copies nothing (a
-gradient that was replaced, e.g. by ``zero_grad(set_to_none=True)``, is copied in once and the
-view is restored). On CPU the buffer and ``.numpy()`` share memory. Half-precision parameters
-(``float16``, ``bfloat16``: numpy has no ``bfloat16``) get a ``float32`` buffer and are copied.
+Its gradient buffer is one flat tensor; every parameter's ``.grad`` is a view into it, so
+backward accumulates straight into the buffer and a step copies nothing. A gradient set to None
+(``zero_grad()``) is pointed at its zeroed region again just before backward accumulates into
+it (:meth:`Bucket.bind_on_backward`); one replaced by another tensor is copied in once and the
+view is restored. On CPU the buffer and ``.numpy()`` share memory. A bucket keeps its parameters' dtype:
+``float16`` and ``bfloat16`` (numpy's view of it is ml_dtypes' ``bfloat16``) buckets send 2 bytes
+a value, and the collectives widen to float32 only where they add.
 
-CUDA: :func:`as_array` stages a CUDA tensor through host memory, unless ``cupy`` is installed
-and the group's backend is UCX, in which case the collectives receive a cupy array over the
-same device memory (DLPack) and GPU buffers go to the transport as they are.
+CUDA: :func:`as_array` stages a CUDA tensor through host memory, unless ``cupy`` is installed,
+the group's backend is UCX and the dtype is not bfloat16 (cupy has none), in which case the
+collectives receive a cupy array over the same device memory (DLPack) and GPU buffers go to the
+transport as they are.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+import ml_dtypes
 import numpy as np
 import torch
 
 DEFAULT_BUCKET_BYTES = 25 << 20
 """Bucket budget, DDP's default (``bucket_cap_mb=25``)."""
 
-_WIDENED = (torch.float16, torch.bfloat16)
 
 
 def small_parameters(param: torch.Tensor) -> bool:
@@ -81,12 +84,38 @@ class Bucket:
             else:
                 param.grad.copy_(region)
 
-    def zero_grads(self) -> None:
-        """Zero the buffer in place (views stay attached)."""
+    def zero_grads(self, set_to_none: bool = True) -> None:
+        """As ``Optimizer.zero_grad``: gradients become None, or zero in place (views stay attached)."""
+        if set_to_none:
+            for param in self.params:
+                param.grad = None
+            return
         self.flat.zero_()
         for position, param in enumerate(self.params):
             if param.grad is not None and not _is_view_of(param.grad, self.slice(position)):
                 param.grad.zero_()
+
+    def bind_on_backward(self) -> list:
+        """Make backward accumulate into the buffer even after ``.grad`` was set to None
+        (``zero_grad()``, ``model.zero_grad()``): a hook on each parameter, run before autograd
+        accumulates its gradient, points a missing ``.grad`` at the zeroed buffer region, so
+        no step allocates or copies a gradient. Returns the hooks' handles."""
+        return [param.register_hook(_Rebind(param, self.slice(position)))
+                for position, param in enumerate(self.params) if param.dtype == self.flat.dtype]
+
+
+class _Rebind:
+    """The hook of :meth:`Bucket.bind_on_backward` for one parameter and its buffer region."""
+
+    __slots__ = ("param", "region")
+
+    def __init__(self, param: torch.Tensor, region: torch.Tensor) -> None:
+        self.param = param
+        self.region = region
+
+    def __call__(self, grad: torch.Tensor) -> None:
+        if self.param.grad is None and grad.layout == torch.strided:
+            self.param.grad = self.region.zero_()
 
 
 def _is_view_of(grad: torch.Tensor | None, region: torch.Tensor) -> bool:
@@ -145,7 +174,7 @@ def build_buckets(param_groups: Sequence[dict], bucket_bytes: int = DEFAULT_BUCK
 
 
 def _make_bucket(index: int, params: list[torch.Tensor], group_index: int, compressed: bool) -> Bucket:
-    dtype = torch.float32 if params[0].dtype in _WIDENED else params[0].dtype
+    dtype = params[0].dtype
     offsets, total = [], 0
     for param in params:
         offsets.append(total)
@@ -168,6 +197,9 @@ def layout_signature(buckets: Iterable[Bucket]) -> np.ndarray:
 
 def as_array(tensor: torch.Tensor, backend: str = "tcp"):
     """The array the collectives see: a numpy view on CPU; on CUDA see the module notes."""
+    if tensor.dtype == torch.bfloat16:  # numpy cannot take it from torch: the same bits as ml_dtypes'
+        # (cupy has no bfloat16: a CUDA bucket is staged through host memory)
+        return tensor.detach().view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
     if tensor.device.type == "cpu":
         return tensor.detach().numpy()
     if backend == "ucx":
@@ -185,5 +217,7 @@ def to_tensor(array, like: torch.Tensor) -> torch.Tensor:
     if isinstance(array, np.ndarray):
         if not array.flags.writeable:
             array = array.copy()
+        if array.dtype == ml_dtypes.bfloat16:
+            return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16).to(like.device)
         return torch.from_numpy(np.ascontiguousarray(array)).to(like.device)
     return torch.from_dlpack(array).to(like.device)

@@ -23,9 +23,8 @@ import torch.distributed as dist
 from sparsecoll.call import CommStats
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.error_feedback import ErrorFeedback, warmup_density
-from sparsecoll.torch.exchange import Compression, reduce_buffer
-
-_WIDENED = (torch.float16, torch.bfloat16)
+from sparsecoll.errors import NonFiniteGradientError
+from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, reduce_buffer
 
 
 class CommHookState:
@@ -41,17 +40,31 @@ class CommHookState:
 
     ``error_feedback`` and ``memory_beta`` (ScaleCom's filter) default and refuse as in
     :class:`~sparsecoll.torch.SparseCollOptimizer`: off, and refused, for unbiased random-k.
+
+    A bucket that holds NaN or inf on any rank is not reduced and leaves every rank's residual
+    and momentum as they were (the ranks agree by one small allreduce a bucket). A hook cannot
+    skip the optimizer's step, so with ``skip_nonfinite`` (the default) every rank gets the
+    bucket filled with NaN, as DDP's own allreduce would give it: ``torch.amp.GradScaler`` then
+    skips the step on every rank alike (without a scaler, check ``skipped_steps`` before
+    stepping). With ``skip_nonfinite=False`` the hook's future fails with
+    NonFiniteGradientError on every rank instead. The group stays usable either way.
+
+    DDP itself broadcasts rank 0's parameters and buffers when it wraps the module (and the
+    buffers before every forward with ``broadcast_buffers=True``) over torch's process group,
+    so the hook needs no broadcast of its own.
     """
 
     __slots__ = ("group", "compression", "momentum", "nesterov", "warmup_steps", "start_iter",
-                 "iteration", "memories", "last_stats", "_executor", "_names", "_layouts", "_saved")
+                 "iteration", "memories", "last_stats", "skip_nonfinite", "skipped_steps", "residual_dtype",
+                 "_executor", "_names", "_layouts", "_saved", "_skipped_at")
 
     def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: float = 0.001, *,
                  quantize_bits: int | None = None, error_feedback: bool | None = None, momentum: float = 0.0,
                  nesterov: bool = False, warmup_steps: int = 0, start_iter: int = 1,
                  dense_above: float = 0.25, seed: int = 0,
                  algorithm_options: dict[str, Any] | None = None, module: Any = None,
-                 memory_beta: float | None = None) -> None:
+                 memory_beta: float | None = None, skip_nonfinite: bool = True,
+                 residual_dtype: torch.dtype | None = None) -> None:
         if not isinstance(group, SyncGroup):
             raise TypeError("group must be a SyncGroup: create it with sparsecoll.torch.init_group()")
         if not 0.0 <= momentum < 1.0:
@@ -71,6 +84,12 @@ class CommHookState:
         self.memories: dict[int, ErrorFeedback] = {}
         self.last_stats: dict[int, CommStats] = {}
         """What each bucket's last reduction moved, by bucket index."""
+        self.skip_nonfinite = bool(skip_nonfinite)
+        self.residual_dtype = residual_dtype
+        """Dtype of residuals and momentum (default: the bucket's, e.g. bfloat16 for a bf16 model)."""
+        self.skipped_steps = 0
+        """Iterations in which some bucket held NaN/inf on some rank and was not reduced."""
+        self._skipped_at = -1
         self._executor: ThreadPoolExecutor | None = None
         self._names = None if module is None else {id(param): name for name, param in module.named_parameters()}
         self._layouts: dict[int, tuple] = {}
@@ -126,7 +145,8 @@ class CommHookState:
         layout = None if self._names is None else tuple((self._names.get(id(param), ""), param.numel())
                                                          for param in params)
         if (memory is not None and memory.residual.numel() == work.numel()
-                and memory.residual.dtype == work.dtype and self._layouts.get(index) == layout):
+                and memory.residual.dtype == (self.residual_dtype or work.dtype)
+                and self._layouts.get(index) == layout):
             return memory
         if layout is not None:  # park every parameter's state, and retire buckets that lose some
             self._saved.update(self._per_parameter())
@@ -135,7 +155,7 @@ class CommHookState:
                           if other != index and old and names & {name for name, _ in old}]:
                 self.memories.pop(other, None)
                 self._layouts.pop(other, None)
-        memory = self.memories[index] = ErrorFeedback(work)
+        memory = self.memories[index] = ErrorFeedback(work, self.residual_dtype)
         self._layouts[index] = layout
         if layout is not None:
             offset = 0
@@ -161,19 +181,33 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     """Average ``bucket`` over the ranks with error feedback; a future of the reduced buffer.
 
     1. take (or make) the bucket's memory (see :meth:`CommHookState.memory_for`);
-    2. before ``start_iter`` reduce dense, then compress at the warm-up's density;
-    3. run the collective on the group's loop, in bucket order, while backward goes on;
+    2. agree with the other ranks whether the bucket is finite everywhere; if not, skip 3 (see
+       :class:`CommHookState`);
+    3. before ``start_iter`` reduce dense, then compress at the warm-up's density, on the
+       group's loop, in bucket order, while backward goes on;
     4. write the mean into the bucket's buffer and complete the future with it.
     """
     buffer = bucket.buffer()
     index = bucket.index()
-    work = buffer.float() if buffer.dtype in _WIDENED else buffer
+    work = buffer
     memory = state.memory_for(index, work, bucket.parameters())
     compressed = state.iteration >= state.start_iter
-    coroutine = reduce_buffer(state.group.group, work, memory, state.compression,
+    iteration = state.iteration
+    local_nonfinite = not all_finite(work)
+    reduction = reduce_buffer(state.group.group, work, memory, state.compression,
                               density=state.density_now(), step=state.iteration,
                               seed=state.compression.seed + 1000003 * index, compressed=compressed,
                               momentum=state.momentum, nesterov=state.nesterov)
+
+    async def reduce_if_finite() -> CommStats | None:
+        if not await any_rank_flags(state.group.group, local_nonfinite):
+            return await reduction
+        reduction.close()  # never started: the residual and momentum stay as they were
+        if not state.skip_nonfinite:
+            raise NonFiniteGradientError(f"DDP bucket {index} held NaN or inf at iteration {iteration} (on "
+                                         "this rank or another); nothing was sent", rank=state.group.rank)
+        return None
+
     if bucket.is_last():
         state.iteration += 1
     future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
@@ -183,10 +217,17 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
         if error is not None:
             future.set_exception(error)
             return
-        state.last_stats[index] = done.result()
+        stats = done.result()
+        if stats is None:
+            work.fill_(float("nan"))
+            if state._skipped_at != iteration:
+                state._skipped_at = iteration
+                state.skipped_steps += 1
+        else:
+            state.last_stats[index] = stats
         if work is not buffer:
             buffer.copy_(work)
         future.set_result(buffer)
 
-    state.submit(coroutine).add_done_callback(complete)
+    state.submit(reduce_if_finite()).add_done_callback(complete)
     return future

@@ -33,12 +33,13 @@ from sparsecoll.torch.buckets import to_tensor
 
 
 class ErrorFeedback:
-    """Residual and momentum of one flat gradient buffer on this rank."""
+    """Residual and momentum of one flat gradient buffer on this rank, in the buffer's dtype unless
+    ``dtype`` asks for another (float32 residuals for a bfloat16 model, as DeepSpeed keeps)."""
 
     __slots__ = ("residual", "momentum", "previous")
 
-    def __init__(self, like: torch.Tensor) -> None:
-        self.residual = torch.zeros_like(like)
+    def __init__(self, like: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+        self.residual = torch.zeros_like(like, dtype=dtype)
         self.momentum: torch.Tensor | None = None
         self.previous: torch.Tensor | None = None
         """ScaleCom's filter: the memory before this step's gradient was added (β < 1 only)."""

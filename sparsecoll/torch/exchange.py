@@ -7,6 +7,7 @@ These are coroutines of a :class:`sparsecoll.Group`; torch code runs them throug
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -16,7 +17,7 @@ from sparsecoll import registry
 from sparsecoll.call import CommStats
 from sparsecoll.collectives.cost_model import QUANTIZE_BITS
 from sparsecoll.collectives.lazy import LazyState
-from sparsecoll.collectives.reduce import BUILTIN
+from sparsecoll.collectives.reduce import BUILTIN, check_algorithm_name
 from sparsecoll.errors import CollectiveMismatchError
 from sparsecoll.group import Group
 from sparsecoll.torch.buckets import as_array, to_tensor
@@ -58,6 +59,7 @@ class Compression:
 
     def validate(self) -> None:
         """Raise ValueError with the reason when a setting cannot work."""
+        check_algorithm_name(self.algorithm)
         builtin = self.algorithm in BUILTIN or self.algorithm == "auto"
         if not builtin and self.algorithm not in registry.collectives() and self.algorithm not in registry.compressors():
             raise ValueError(f"unknown algorithm {self.algorithm!r}: choose from {list(BUILTIN)}, 'auto', or "
@@ -93,6 +95,9 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
     """
     memory_beta = compression.filter_factor()
     outgoing = memory.accumulate(grad, momentum, nesterov, memory_beta=memory_beta)
+    if outgoing.dtype != grad.dtype:  # a wider residual: send in the gradient's dtype; what rounding
+        grad.copy_(outgoing)          # drops stays in the residual (it subtracts what was sent)
+        outgoing = grad
     sparse = compressed and compression.algorithm != "dense" and density < compression.dense_above
     array = as_array(outgoing, backend)
     if not sparse:
@@ -145,7 +150,17 @@ async def check_layout(group: Group, signature: np.ndarray, what: str = "paramet
         raise error
 
 
-async def any_rank_flags(group: Group, flag: bool) -> bool:
-    """True on every rank when ``flag`` is true on any rank (one tiny allreduce)."""
-    total, _ = await group.allreduce(np.array([1.0 if flag else 0.0], np.float32), op="max")
-    return bool(total[0] > 0)
+async def any_rank_flags(group: Group, *flags: bool) -> tuple[bool, ...] | bool:
+    """Each flag OR-ed over the ranks, the same on every rank (one tiny allreduce); a single flag
+    comes back as a bool, several as a tuple."""
+    total, _ = await group.allreduce(np.array([1.0 if flag else 0.0 for flag in flags], np.float32), op="max")
+    agreed = tuple(bool(value > 0) for value in total)
+    return agreed[0] if len(agreed) == 1 else agreed
+
+
+def all_finite(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` holds no NaN or inf; one pass and no tensor-sized allocation below
+    64 bits (a float64 sum of finite float32 values cannot overflow)."""
+    if tensor.dtype == torch.float64:
+        return bool(torch.isfinite(tensor).all())
+    return math.isfinite(float(tensor.sum(dtype=torch.float64)))

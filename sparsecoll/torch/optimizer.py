@@ -3,7 +3,9 @@
 On ``step()`` the wrapper
 
 1. brings every gradient into its bucket (a missing gradient counts as zero, as in DDP);
-2. under AMP, unscales, and skips the step on every rank if any rank saw inf/NaN;
+2. under AMP, unscales; if any rank's gradient holds inf/NaN, skips the step on every rank
+   (residuals and momentum untouched, counted in ``skipped_steps``), or with
+   ``skip_nonfinite=False`` raises NonFiniteGradientError on every rank;
 3. clips locally (DGC), folds SGD weight decay in and applies momentum correction;
 4. reduces every bucket with the chosen collective, keeping what was not sent (error feedback);
 5. writes the mean over ranks into ``.grad`` and calls the wrapped optimizer.
@@ -14,6 +16,7 @@ Its state is rank-local: save it per rank (see :meth:`SparseCollOptimizer.state_
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
@@ -24,12 +27,19 @@ from sparsecoll.call import CommStats
 from sparsecoll.collectives.auto import shared_cost_model
 from sparsecoll.collectives.lazy import LazyState
 from sparsecoll.collectives.reduce import BUILTIN, LAZY_REFUSED
+from sparsecoll.errors import InvalidArgumentError, NonFiniteGradientError
 from sparsecoll.sync import SyncGroup
-from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, build_buckets, layout_signature, small_parameters
+from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, Bucket, build_buckets, layout_signature, small_parameters
 from sparsecoll.torch.error_feedback import ErrorFeedback, clip_local, warmup_density
-from sparsecoll.torch.exchange import Compression, any_rank_flags, check_layout, reduce_buffer
+from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, check_layout, reduce_buffer
+from sparsecoll.torch.replicas import broadcast_tensors, replicated_tensors
 
 _TAKEN_OVER = ("momentum", "weight_decay", "nesterov")
+_HOOK_TABLES = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
+                "_optimizer_state_dict_post_hooks", "_optimizer_load_state_dict_pre_hooks",
+                "_optimizer_load_state_dict_post_hooks")
+"""The hook tables torch's ``Optimizer.register_*_hook`` methods fill (set up by its ``__init__``,
+which the wrapper cannot call: its param_groups, state and defaults are the wrapped optimizer's)."""
 LAZY_ALGORITHMS = (*(name for name in BUILTIN if name not in LAZY_REFUSED), "auto")
 """What ``lazy=`` works with: the builtins reduce_gradient does not refuse it for, and "auto"."""
 
@@ -37,7 +47,8 @@ LAZY_ALGORITHMS = (*(name for name in BUILTIN if name not in LAZY_REFUSED), "aut
 class SparseCollOptimizer(torch.optim.Optimizer):
     """A torch optimizer whose gradients are summed over a sparsecoll group, compressed.
 
-    ``algorithm`` is "dense", "allgather", "gtopk", "sketch", "cltk", a registered collective
+    ``algorithm`` is "dense", "allgather" (sparse top-k allgather: each rank's top-k pairs
+    allgathered and summed), "gtopk", "sketch", "cltk", a registered collective
     or a registered compressor (its payloads are allgathered; ``algorithm_options`` go to its
     factory, or to the collective, as keyword arguments); ``density`` the fraction of each
     bucket sent. With ``momentum_correction`` and a wrapped
@@ -63,6 +74,24 @@ class SparseCollOptimizer(torch.optim.Optimizer):
     Heafield's per-layer selection) gives every parameter its own bucket, so each layer sends its
     own ``density`` of values at its own threshold instead of competing with the other layers of
     a shared bucket for one cut (``bucket_bytes`` is then ignored).
+
+    Replicas start and stay identical, as under DDP: building the wrapper broadcasts rank 0's
+    parameters (those of ``module`` too, and its buffers, when ``module`` is given); with
+    ``module`` and ``broadcast_buffers`` (the default) every ``step()`` broadcasts rank 0's
+    buffers (BatchNorm's running statistics) again, so that after each step parameters and
+    buffers are the same on every rank, as a checkpoint or an evaluation should see them (DDP
+    broadcasts before each forward instead; for several forwards a step, add
+    :class:`~sparsecoll.torch.BufferBroadcast`, which does that). A parameter that gets a
+    gradient but was frozen when the wrapper was built is in no bucket: ``step()`` raises on
+    every rank rather than let it step on local gradients. A step whose gradient holds NaN or
+    inf on any rank is skipped on every rank (``skipped_steps``; residuals and momentum are
+    left as they were), or with ``skip_nonfinite=False`` raises NonFiniteGradientError on
+    every rank; the group stays usable either way.
+
+    Buckets, residuals and momentum keep the parameters' dtype: a bfloat16 model sends 2 bytes a
+    value and keeps 2 bytes of residual (and of momentum) per parameter; ``residual_dtype=
+    torch.float32`` keeps wider residuals and momentum (as DeepSpeed's error feedback does) and
+    still sends bfloat16, the rounding staying in the residual.
     """
 
     _step_supports_amp_scaling = True
@@ -73,8 +102,10 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                  clip_norm: float | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  dense_if: Callable[[torch.Tensor], bool] | None = small_parameters,
                  dense_above: float = 0.25, seed: int = 0, grad_scaler: Any = None,
-                 skip_nonfinite: bool = False, algorithm_options: dict[str, Any] | None = None,
-                 memory_beta: float | None = None, per_layer: bool = False) -> None:
+                 skip_nonfinite: bool = True, algorithm_options: dict[str, Any] | None = None,
+                 memory_beta: float | None = None, per_layer: bool = False,
+                 module: torch.nn.Module | None = None, broadcast_buffers: bool = True,
+                 residual_dtype: torch.dtype | None = None) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if not isinstance(group, SyncGroup):
@@ -102,10 +133,19 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                 if param_group.get("dampening", 0) != 0:
                     raise ValueError("momentum correction accumulates undampened momentum (DGC): "
                                      "use dampening=0 or momentum_correction=False")
+        for hooks in _HOOK_TABLES:  # what Optimizer.__init__ sets up for torch's register_*_hook methods
+            setattr(self, hooks, OrderedDict())
         self.per_layer = bool(per_layer)
-        self.buckets = build_buckets(optimizer.param_groups, 1 if per_layer else bucket_bytes, dense_if)
-        self.memories = [ErrorFeedback(bucket.flat) for bucket in self.buckets]
-        self.lazy_states = [None if lazy is None else lazy.fresh() for _ in self.buckets]
+        self._bucket_bytes = 1 if per_layer else bucket_bytes
+        self._dense_if = dense_if
+        self._lazy = lazy
+        self.residual_dtype = residual_dtype
+        self.buckets: list[Bucket] = []
+        self.memories: list[ErrorFeedback] = []
+        self.lazy_states: list[LazyState | None] = []
+        self._bucketed: set[int] = set()
+        self._view_hooks: list = []
+        self._add_buckets(build_buckets(optimizer.param_groups, self._bucket_bytes, dense_if))
         self.steps = 0
         """Steps taken (skipped AMP steps do not count); drives the warm-up and the seeds."""
         self.skipped_steps = 0
@@ -114,6 +154,10 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         self._layout = layout_signature(self.buckets)
         self._layout_checked = False
         self._backend = "ucx" if type(group.group.transport).__module__.endswith("ucx") else "tcp"
+        self._check_layout()
+        self.module = module
+        self.broadcast_buffers = broadcast_buffers
+        broadcast_tensors(group, replicated_tensors(optimizer.param_groups, module))
 
     # ------------------------------------------------------- the wrapped optimizer's face
     @property
@@ -138,18 +182,58 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                 f"density={c.density}, buckets={len(self.buckets)}, rank={self.sync.rank}/{self.sync.size})")
 
     def add_param_group(self, param_group: dict) -> None:
-        raise NotImplementedError("add parameter groups to the wrapped optimizer before wrapping it")
+        """Add a group to the wrapped optimizer and give its trainable parameters new buckets.
+
+        A collective, as building the wrapper is: every rank adds the same group (checked, with
+        CollectiveMismatchError on every rank otherwise) and gets rank 0's values of its
+        parameters.
+        """
+        if self.momentum_correction and param_group.get("dampening", 0) != 0:
+            raise ValueError("momentum correction accumulates undampened momentum (DGC): use dampening=0")
+        params = param_group["params"]
+        param_group = {**param_group, "params": [params] if isinstance(params, torch.Tensor) else list(params)}
+        added = build_buckets([param_group], self._bucket_bytes, self._dense_if)
+        for bucket in added:
+            bucket.index += len(self.buckets)
+            bucket.group_index = len(self.param_groups)
+        layout = layout_signature([*self.buckets, *added])
+        self.sync.run(check_layout(self.sync.group, layout))  # before anything changes, on every rank
+        self.optimizer.add_param_group(param_group)
+        self._add_buckets(added)
+        self._layout = layout
+        broadcast_tensors(self.sync, param_group["params"])
+
+    def _add_buckets(self, buckets: list[Bucket]) -> None:
+        for bucket in buckets:
+            self.buckets.append(bucket)
+            self.memories.append(ErrorFeedback(bucket.flat, self.residual_dtype))
+            lazy = self._lazy
+            self.lazy_states.append(None if lazy is None else lazy.fresh())
+            self._bucketed.update(id(param) for param in bucket.params)
+            self._view_hooks.extend(bucket.bind_on_backward())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero the gradient buckets in place (``set_to_none`` is ignored: gradients stay views)."""
+        """As torch's optimizers: every gradient becomes None (or zero, with ``set_to_none=False``).
+
+        Either way the next backward accumulates straight into the buckets (see
+        :meth:`~sparsecoll.torch.buckets.Bucket.bind_on_backward`).
+        """
         for bucket in self.buckets:
-            bucket.zero_grads()
+            bucket.zero_grads(set_to_none)
+        for param_group in self.param_groups:
+            for param in param_group["params"]:
+                if id(param) not in self._bucketed and param.grad is not None:
+                    if set_to_none:
+                        param.grad = None
+                    else:
+                        param.grad.zero_()
 
     def density_now(self) -> float:
         """The density of the next step (the warm-up schedule)."""
         return warmup_density(self.steps, self.compression.density, self.warmup_steps)
 
     # ------------------------------------------------------------------------ the step
+    @torch.optim.Optimizer.profile_hook_step  # runs the register_step_pre_hook / _post_hook hooks
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
         """Exchange the gradients compressed, then step the wrapped optimizer."""
@@ -157,12 +241,13 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        if not self._layout_checked:
-            self.sync.run(check_layout(self.sync.group, self._layout))
-            self._layout_checked = True
+        self._check_layout()
+        if self.module is not None and self.broadcast_buffers:
+            broadcast_tensors(self.sync, self.module.buffers())
+        stray = self._stray_parameter()
         for bucket in self.buckets:
             bucket.gather_grads()
-        if self._skip_for_overflow():
+        if self._skip_this_step(stray):
             self.skipped_steps += 1
             return loss
         if self.clip_norm is not None:
@@ -192,25 +277,50 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                           for param, copy in zip(bucket.params, old))
             lazy.record_parameter_step(squared, lr / self.sync.size)
 
-    def _skip_for_overflow(self) -> bool:
-        """Unscale under AMP; True (on every rank alike) when any rank has inf/NaN gradients."""
+    def _check_layout(self) -> None:
+        """CollectiveMismatchError on every rank unless all ranks bucket the same parameters."""
+        if not self._layout_checked:
+            self.sync.run(check_layout(self.sync.group, self._layout))
+            self._layout_checked = True
+
+    def _stray_parameter(self) -> str:
+        """A parameter of the wrapped optimizer that has a gradient but no bucket ('' if none)."""
+        for group_index, param_group in enumerate(self.param_groups):
+            for position, param in enumerate(param_group["params"]):
+                if param.grad is not None and id(param) not in self._bucketed:
+                    return f"parameter {position} of param group {group_index} (shape {tuple(param.shape)})"
+        return ""
+
+    def _skip_this_step(self, stray: str = "") -> bool:
+        """Unscale under AMP, then agree with the other ranks (one allreduce of three flags) whether
+        to step: True on every rank alike when any rank overflowed (AMP) or, with ``skip_nonfinite``,
+        holds a NaN/inf gradient; NonFiniteGradientError on every rank when one does and the step
+        is not to be skipped; InvalidArgumentError on every rank when a rank has a gradient of a
+        parameter in no bucket (``stray``). Nothing has touched the residuals or momentum yet."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if grad_scale is not None:
             inverse = 1.0 / float(grad_scale)
             for bucket in self.buckets:
                 bucket.flat.mul_(inverse)
-        if found_inf is None and not self.skip_nonfinite:
-            return False
-        local = bool(found_inf is not None and float(found_inf) > 0)
-        if self.skip_nonfinite and not local:
-            local = not all(bool(torch.isfinite(bucket.flat).all()) for bucket in self.buckets)
-        overflow = self.sync.run(any_rank_flags(self.sync.group, local))
-        if overflow and self.grad_scaler is not None:
-            record = self.grad_scaler._per_optimizer_states[id(self)]["found_inf_per_device"]
-            for flag in record.values():
-                flag.fill_(1.0)
-        return overflow
+        overflowed = bool(found_inf is not None and float(found_inf) > 0)
+        nonfinite = not overflowed and not all(all_finite(bucket.flat) for bucket in self.buckets)
+        overflowed, nonfinite, strayed = self.sync.run(any_rank_flags(self.sync.group, overflowed, nonfinite,
+                                                                      bool(stray)))
+        if strayed:
+            raise InvalidArgumentError(
+                f"{stray or 'a parameter on another rank'} has a gradient but was not trainable "
+                "(requires_grad=False) when the SparseCollOptimizer was built, so it is in no bucket and "
+                "would step on this rank's gradient alone: build the SparseCollOptimizer after unfreezing "
+                "(freezing later is fine: a bucketed parameter without a gradient counts as zero)", rank=self.sync.rank)
+        if overflowed and self.grad_scaler is not None:
+            mark_overflow(self.grad_scaler, self)
+        if nonfinite and not overflowed and not self.skip_nonfinite:
+            raise NonFiniteGradientError(
+                f"a gradient held NaN or inf at step {self.steps} (on this rank or another); nothing was "
+                "sent and the residuals are as they were, so the group and optimizer stay usable "
+                "(skip_nonfinite=True skips such steps instead)", rank=self.sync.rank)
+        return overflowed or nonfinite
 
     def _momentum_of(self, bucket) -> tuple[float, bool]:
         """Momentum and Nesterov flag the wrapper applies to ``bucket``; folds weight decay in."""
@@ -267,15 +377,27 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         ``torch.save(opt.state_dict(), f"opt-rank{group.rank}.pt")`` (no collective is
         involved, so saving from one rank only loses the others' residuals).
         """
-        return {"optimizer": self.optimizer.state_dict(),
-                "sparsecoll": {"rank": self.sync.rank, "world_size": self.sync.size, "steps": self.steps,
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
+        state = {"optimizer": self.optimizer.state_dict(),
+                 "sparsecoll": {"rank": self.sync.rank, "world_size": self.sync.size, "steps": self.steps,
                                "skipped_steps": self.skipped_steps,
                                "layout": self._layout.tolist(),
                                "memories": [memory.state_dict() for memory in self.memories],
                                "lazy": [None if lazy is None else lazy.state_dict() for lazy in self.lazy_states]}}
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            returned = post_hook(self, state)
+            if returned is not None:
+                state = returned
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore this rank's state saved by :meth:`state_dict` on the same rank of the same world."""
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            returned = pre_hook(self, state_dict)
+            if returned is not None:
+                state_dict = returned
         ours = state_dict["sparsecoll"]
         if (ours["rank"], ours["world_size"]) != (self.sync.rank, self.sync.size):
             raise ValueError(f"this state was saved by rank {ours['rank']} of {ours['world_size']}; "
@@ -290,3 +412,18 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                 lazy.load_state_dict(saved)
         self.steps = int(ours["steps"])
         self.skipped_steps = int(ours["skipped_steps"])
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+
+def mark_overflow(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
+    """Tell ``scaler`` that this step overflowed, so that its ``update()`` backs off as on the rank
+    that did overflow. GradScaler has no public way to do this (torch 2.4-2.14): it reads the
+    flags it recorded for the optimizer, so those are set; README lists this private surface."""
+    try:
+        record = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
+    except (AttributeError, KeyError, TypeError) as error:
+        raise RuntimeError(f"grad_scaler: this torch's GradScaler keeps no per-optimizer overflow flags "
+                           f"({type(error).__name__}: {error}); sparsecoll supports torch >=2.4,<2.15") from error
+    for flag in record.values():
+        flag.fill_(1.0)

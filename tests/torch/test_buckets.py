@@ -66,15 +66,16 @@ def test_missing_gradient_counts_as_zero() -> None:
     assert all(p.grad is not None and not p.grad.any() for p in net.parameters())
 
 
-def test_half_precision_parameters_use_a_float32_buffer() -> None:
+def test_half_precision_parameters_keep_their_dtype_in_the_buffer() -> None:
     param = torch.nn.Parameter(torch.ones(4, 4, dtype=torch.bfloat16))
     param.grad = torch.full((4, 4), 0.5, dtype=torch.bfloat16)
     (bucket,) = build_buckets([{"params": [param]}])
-    assert bucket.flat.dtype == torch.float32
+    assert bucket.flat.dtype == torch.bfloat16
     bucket.gather_grads()
     bucket.flat.mul_(2)
     bucket.scatter_grads()
     assert param.grad.dtype == torch.bfloat16 and torch.all(param.grad == 1)
+    assert param.grad.data_ptr() == bucket.flat.data_ptr()  # a view: no copy per step
 
 
 def test_sparse_and_complex_gradients_are_type_errors() -> None:
