@@ -9,12 +9,13 @@ within the deadline is killed, so a hang becomes an error instead of blocking th
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import queue
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import sparsecoll
@@ -50,6 +51,26 @@ def _rank_main(rank: int, world_size: int, env: dict[str, str], target: Callable
         results.put((rank, "crash", f"{type(error).__name__}: {error}\n{traceback.format_exc()}"))
 
 
+@contextlib.contextmanager
+def _environment(variables: dict[str, str]) -> Iterator[None]:
+    """``os.environ`` with ``variables`` set, restored afterwards.
+
+    A spawned rank inherits the parent's environment when it starts, and it imports modules
+    (unpickling ``target`` imports its module, numba among them) before ``_rank_main`` runs;
+    settings read at import, such as ``NUMBA_NUM_THREADS``, must be there from the start.
+    """
+    saved = {key: os.environ.get(key) for key in variables}
+    os.environ.update(variables)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
 def spawn(world_size: int, target: Callable, *args: Any, timeout: float = 600.0,
           group_kwargs: dict | None = None, env: dict[str, str] | None = None,
           per_rank_env: dict[int, dict[str, str]] | None = None, expect_dead: Iterable[int] = (),
@@ -77,7 +98,8 @@ def spawn(world_size: int, target: Callable, *args: Any, timeout: float = 600.0,
         rank_env = dict(base_env, **(per_rank_env or {}).get(rank, {}))
         process = _CONTEXT.Process(target=_rank_main, daemon=True, args=(
             rank, world_size, rank_env, target, args, group_kwargs, results))
-        process.start()
+        with _environment(rank_env):  # the child starts with it: read before it imports anything
+            process.start()
         processes.append(process)
     if on_started is not None:
         on_started(processes, store)
