@@ -68,13 +68,8 @@ class Call:
         length = sum(_nbytes(buffer) for buffer in buffers)
         header = FrameHeader(Kind.DATA, self.context, self.seq, tag, length, self.signature)
         peer = self.members[peer] if self.members else peer
-        try:
-            async with asyncio.timeout_at(self.deadline):
-                await self.transport.send(peer, header, buffers)
-        except SparseCollError:
-            raise
-        except TimeoutError:
-            raise self._timeout(peer, f"sending {length} bytes (tag {tag})") from None
+        await self.transport.send(peer, header, buffers, deadline=self.deadline,
+                                  timeout_error=lambda: self._timeout(peer, f"sending {length} bytes (tag {tag})"))
         self.stats.bytes_sent += HEADER_SIZE + length
         self.stats.frames_sent += 1
 
@@ -93,17 +88,19 @@ class Call:
                                            limit)
 
     async def wait(self, posted: PostedRecv) -> memoryview:
-        """Wait for a posted receive; returns the payload bytes."""
+        """Wait for a posted receive; returns the payload bytes. However the wait ends
+        (failure, deadline, cancellation), ``out`` is the caller's again when this returns."""
         try:
             async with asyncio.timeout_at(self.deadline):
                 _header, payload = await posted.future
         except SparseCollError:
+            await self.transport.mailbox.release(posted)
             raise
         except TimeoutError:
-            self.transport.mailbox.cancel(posted)
+            await self.transport.mailbox.release(posted)
             raise self._timeout(posted.peer, f"waiting for frame tag {posted.key[2]}") from None
         except asyncio.CancelledError:
-            self.transport.mailbox.cancel(posted)
+            await self.transport.mailbox.release(posted)
             raise
         self.stats.bytes_received += HEADER_SIZE + len(payload)
         self.stats.frames_received += 1
@@ -122,7 +119,7 @@ class Call:
         try:
             await self.send(send_peer, tag, *buffers)
         except BaseException:
-            self.transport.mailbox.cancel(posted)
+            await self.transport.mailbox.release(posted)
             raise
         return await self.wait(posted)
 

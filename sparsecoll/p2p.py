@@ -68,14 +68,11 @@ async def send(group: Group, array: Any, dst: int, tag: int = 0, *,
     seconds = group.timeout if timeout is None else timeout
     loop = asyncio.get_running_loop()
     started = loop.time()
-    try:
-        async with asyncio.timeout(seconds):
-            await group.transport.send(group.members[dst], header, [data])
-    except SparseCollError:
-        raise
-    except TimeoutError:
-        raise CollectiveTimeoutError(f"send of {data.nbytes} bytes (tag {tag}) to rank {dst} took "
-                                     f"more than {seconds:.3g} s", rank=group.rank, peer=dst) from None
+    await group.transport.send(
+        group.members[dst], header, [data], deadline=started + seconds,
+        timeout_error=lambda: CollectiveTimeoutError(
+            f"send of {data.nbytes} bytes (tag {tag}) to rank {dst} took more than {seconds:.3g} s",
+            rank=group.rank, peer=dst))
     return CommStats(bytes_sent=HEADER_SIZE + data.nbytes, frames_sent=1, rounds=1,
                      seconds=loop.time() - started)
 
@@ -101,15 +98,16 @@ async def _wait(group: Group, posted, tag: int, out: np.ndarray | None,
         async with asyncio.timeout(seconds):
             header, payload = await posted.future
     except SparseCollError:
+        await group.transport.mailbox.release(posted)
         raise
     except TimeoutError:
-        group.transport.mailbox.cancel(posted)
+        await group.transport.mailbox.release(posted)
         who = "any rank" if posted.peer == ANY_SOURCE else f"rank {group.members.index(posted.peer)}"
         raise CollectiveTimeoutError(f"no message with tag {tag} from {who} within {seconds:.3g} s",
                                      rank=group.rank,
                                      peer=None if posted.peer == ANY_SOURCE else posted.peer) from None
     except asyncio.CancelledError:
-        group.transport.mailbox.cancel(posted)
+        await group.transport.mailbox.release(posted)
         raise
     source = group.members.index(posted.source)
     dtype = dtype_from_code(header.signature.dtype) or np.dtype(np.uint8)

@@ -9,6 +9,19 @@ which the layer above uses to post receives. Lifecycle::
     await transport.connect(addresses, timeout)     # every pair authenticated, mesh complete
     ... send / mailbox.post ...
     await transport.close()
+
+Buffer ownership (Gloo's rule, which every transport keeps):
+
+* a **receive** buffer (``out`` of a posted receive) belongs to the transport from the
+  moment a frame's header claims the receive until the receive returns, fails or is
+  withdrawn (cancelled, timed out, or failed by a poisoned group). After a withdrawal the
+  transport writes the rest of that payload into private memory (the prefix already
+  received is copied there), never into the caller's buffer; see
+  :meth:`~sparsecoll.transport.mailbox.Mailbox.release`. A claimed receive leaves the match
+  queue at once, so a second frame for the same key never lands in the same buffer.
+* a **send** buffer belongs to the transport until :meth:`Transport.send` returns or
+  raises (a cancellation included): once it has, the caller may overwrite it at once, and
+  nothing of it is read again.
 """
 
 from __future__ import annotations
@@ -16,8 +29,9 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import Callable, Sequence
+from typing import Any
 
-from sparsecoll.errors import CollectiveTimeoutError, PeerLostError, SparseCollError
+from sparsecoll.errors import CollectiveTimeoutError, GroupAbortedError, PeerLostError, SparseCollError
 from sparsecoll.transport.mailbox import Mailbox, copy_error, lost_peer_error
 from sparsecoll.wire import DEFAULT_MAX_PAYLOAD, FrameHeader
 
@@ -59,14 +73,46 @@ class Transport(abc.ABC):
         CollectiveTimeoutError (the mesh was not complete within ``timeout``).
         """
 
-    @abc.abstractmethod
-    async def send(self, peer: int, header: FrameHeader, payload: Sequence[Buffer] = ()) -> None:
-        """Send one frame to ``peer``; returns when the buffers may be reused.
+    async def send(self, peer: int, header: FrameHeader, payload: Sequence[Buffer] = (), *,
+                   deadline: float | None = None,
+                   timeout_error: Callable[[], SparseCollError] | None = None) -> None:
+        """Send one frame to ``peer``; returns (or raises) when the buffers may be reused.
 
-        Raises PeerLostError if the connection is gone. Cancelling a send that has put part
-        of a frame on the wire leaves that connection unusable for data (the peer sees
-        the failure when the group aborts or closes).
+        Raises PeerLostError if the connection is gone, and ``timeout_error()`` (by default a
+        CollectiveTimeoutError naming ``peer``) once the loop time passes ``deadline``. A
+        send cut off after part of its frame reached the wire leaves the connection unusable
+        for data, so the group is poisoned with the cause: the timeout error for a deadline,
+        GroupAbortedError for a cancellation.
         """
+        connection = self._connections.get(peer)
+        if connection is None or connection.closed and not connection.bye_received:
+            raise lost_peer_error(self.rank, peer, "no open connection")
+        try:
+            async with asyncio.timeout_at(deadline):
+                await self._send_frame(connection, header, payload)
+        except SparseCollError:
+            raise
+        except TimeoutError:
+            error = timeout_error() if timeout_error is not None else CollectiveTimeoutError(
+                f"sending {header.length} bytes passed the deadline", rank=self.rank, peer=peer)
+            if connection.tx_broken:
+                self.on_failure(copy_error(error))
+            raise error from None
+        except asyncio.CancelledError:
+            if connection.tx_broken:
+                self.on_failure(GroupAbortedError(
+                    f"a send to rank {peer} was cancelled mid-frame; the connection cannot be "
+                    "resynchronized", rank=self.rank, peer=peer))
+            raise
+
+    @abc.abstractmethod
+    async def _send_frame(self, connection: Any, header: FrameHeader, payload: Sequence[Buffer]) -> None:
+        """Put one frame on ``connection``; set ``connection.tx_broken`` if it is cut off
+        mid-frame. Returns (or raises) only when the payload buffers are no longer read."""
+
+    def on_abort(self, error: SparseCollError, header: FrameHeader) -> None:
+        """A peer reported that the group failed with ``error`` (an ABORT frame)."""
+        self.on_failure(error)
 
     @abc.abstractmethod
     def send_abort(self, error: SparseCollError) -> None:

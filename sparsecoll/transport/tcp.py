@@ -17,13 +17,11 @@ from collections.abc import Sequence
 
 from sparsecoll.errors import (
     FrameError,
-    GroupAbortedError,
     RendezvousError,
     SparseCollError,
 )
 from sparsecoll.transport.base import Buffer, Transport
 from sparsecoll.transport.handshake import accept_handshake, connect_handshake
-from sparsecoll.transport.mailbox import lost_peer_error
 from sparsecoll.transport.tcp_connection import TcpConnection
 from sparsecoll.wire import (
     FrameHeader,
@@ -159,18 +157,9 @@ class TcpTransport(Transport):
             self._listener = None
 
     # ----------------------------------------------------------------- data
-    async def send(self, peer: int, header: FrameHeader, payload: Sequence[Buffer] = ()) -> None:
-        connection = self._connections.get(peer)
-        if connection is None or connection.closed and not connection.bye_received:
-            raise lost_peer_error(self.rank, peer, "no open connection")
-        try:
-            await connection.send([encode_header(header), *payload])
-        except asyncio.CancelledError:
-            if connection.tx_broken:
-                self.on_failure(GroupAbortedError(
-                    f"a send to rank {peer} was cancelled mid-frame; the connection cannot be "
-                    "resynchronized", rank=self.rank, peer=peer))
-            raise
+    async def _send_frame(self, connection: TcpConnection, header: FrameHeader,
+                          payload: Sequence[Buffer]) -> None:
+        await connection.send([encode_header(header), *payload])
 
     def send_abort(self, error: SparseCollError) -> None:
         payload = encode_abort(self.rank, error)

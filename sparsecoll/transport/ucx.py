@@ -52,7 +52,6 @@ from typing import Any
 from sparsecoll.errors import (
     AuthenticationError,
     FrameError,
-    GroupAbortedError,
     InvalidArgumentError,
     RendezvousError,
     SparseCollError,
@@ -60,7 +59,6 @@ from sparsecoll.errors import (
 from sparsecoll.transport import ucx_runtime
 from sparsecoll.transport.base import Buffer, Transport
 from sparsecoll.transport.handshake import accept_handshake, connect_handshake
-from sparsecoll.transport.mailbox import lost_peer_error
 from sparsecoll.transport.ucx_connection import UcxConnection
 from sparsecoll.transport.ucx_runtime import UCX_ERRORS, PayloadEndpoint, UcxChannel
 from sparsecoll.wire import FrameHeader, Kind, encode_abort
@@ -286,17 +284,9 @@ class UcxTransport(Transport):
         await ucx_runtime.close_listener(listener)
 
     # ----------------------------------------------------------------- data
-    async def send(self, peer: int, header: FrameHeader, payload: Sequence[Buffer] = ()) -> None:
-        connection = self._connections.get(peer)
-        if connection is None or connection.closed and not connection.bye_received:
-            raise lost_peer_error(self.rank, peer, "no open connection")
-        try:
-            await connection.send_frame(header, payload)
-        except asyncio.CancelledError:
-            if connection.tx_broken:
-                self.on_failure(GroupAbortedError(
-                    f"a send to rank {peer} was cancelled on a failed endpoint", rank=self.rank, peer=peer))
-            raise
+    async def _send_frame(self, connection: UcxConnection, header: FrameHeader,
+                          payload: Sequence[Buffer]) -> None:
+        await connection.send_frame(header, payload)
 
     def send_abort(self, error: SparseCollError) -> None:
         payload = encode_abort(self.rank, error)
