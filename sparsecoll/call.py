@@ -125,8 +125,9 @@ class Call:
 
     def _timeout(self, peer: int, doing: str) -> SparseCollError:
         return CollectiveTimeoutError(
-            f"collective #{self.seq} {self.signature.describe()} timed out after "
-            f"{self.timeout:.3g} s {doing} with rank {peer}", rank=self.transport.rank, peer=peer)
+            f"collective #{self.seq} {self.signature.describe()}: rank {self.transport.rank}'s "
+            f"deadline of {self.timeout:.3g} s passed {doing} with rank {peer}",
+            rank=self.transport.rank, peer=peer)
 
 
 def _nbytes(buffer: Buffer | np.ndarray) -> int:

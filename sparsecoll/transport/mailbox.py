@@ -42,7 +42,9 @@ RELEASE_GRACE = 5.0
 
 def copy_error(error: SparseCollError) -> SparseCollError:
     """A fresh instance of ``error`` so that each waiter raises its own exception object."""
-    return type(error)(error.message, rank=error.rank, peer=error.peer)
+    copy = type(error)(error.message, rank=error.rank, peer=error.peer)
+    copy.origin = error.origin
+    return copy
 
 
 def _fail_future(future: asyncio.Future, error: BaseException) -> None:
@@ -204,6 +206,16 @@ class Mailbox:
         except asyncio.TimeoutError:
             self._on_failure(GroupAbortedError(
                 f"a withdrawn receive's transfer did not end within {grace:.3g} s", rank=self.rank))
+
+    def waiting_on(self) -> int | None:
+        """The peer of the oldest receive still waiting for a named peer's frame, if any."""
+        for posted in self._streaming.values():
+            if posted is not None and not posted.future.done():
+                return posted.source
+        for (peer, _key), queue in self._posted.items():
+            if peer != ANY_SOURCE and any(not posted.future.done() for posted in queue):
+                return peer
+        return None
 
     def begin(self, context: int, seq: int, signature: Signature) -> None:
         """Declare the collective this rank runs as (context, seq), and check early arrivals."""

@@ -156,7 +156,7 @@ class UcxConnection:
             if sink is not None:
                 self._transport.mailbox.on_payload(self.peer, header, sink)
         elif header.kind == Kind.ABORT:
-            self._transport.on_abort(decode_abort(bytes(sink.view), self._transport.rank), header)
+            self._transport.on_abort(self.peer, decode_abort(bytes(sink.view), self._transport.rank), header)
         else:
             self.bye_received = True
             self._transport.mailbox.peer_closed(self.peer, PeerLostError(
