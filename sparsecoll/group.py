@@ -40,6 +40,9 @@ DEFAULT_TIMEOUT = 300.0
 BLAME_WINDOW = 1.0
 """Seconds a timed-out rank listens for the other ranks' waits before it names the rank that
 stopped (see :meth:`Group._blame_stalled`)."""
+BLAME_MIN_WAIT = 0.25
+"""Seconds a receive must have waited for its rank to count as waiting on that peer: a rank
+that stalled, then posts its receives and reads the abort at once, waits on nobody."""
 
 T = TypeVar("T")
 
@@ -130,7 +133,7 @@ class Group:
         if isinstance(error, CollectiveTimeoutError) and error.origin is None and error.peer is not None:
             transport.waits[transport.rank] = error.peer  # our own deadline, waiting on error.peer
         else:
-            transport.waits[transport.rank] = transport.mailbox.waiting_on()
+            transport.waits[transport.rank] = transport.mailbox.waiting_on(BLAME_MIN_WAIT)
         self.transport.mailbox.fail(error)
         self.transport.fail_pending_sends(error)
         self.transport.send_abort(error)

@@ -52,6 +52,8 @@ log = logging.getLogger(__name__)
 
 MAX_REJECTED = 64
 """Dropped connections whose errors a transport keeps in ``rejected`` (a flood keeps counting)."""
+LOST_PEER_GRACE = 0.1
+"""Seconds between a connection's loss and the failure it causes (see ``peer_lost``)."""
 LOG_INTERVAL = 10.0
 """Seconds between two warnings about dropped connections or failed accepts."""
 
@@ -233,8 +235,15 @@ class Transport(abc.ABC):
         self.strays.warn("rank %d dropped a connection that did not prove the secret: %s", self.rank, error)
 
     def peer_lost(self, peer: int, detail: str) -> None:
-        """``peer``'s connection is gone: fail what waits for it and poison the group."""
+        """``peer``'s connection is gone: fail what waits for it and poison the group.
+
+        This happens ``LOST_PEER_GRACE`` seconds later: a connection is often cut because of
+        a failure that another rank already reported (a deadline that passed mid-frame), and
+        that report, in flight on another connection, names the cause."""
         error = lost_peer_error(self.rank, peer, detail)
+        asyncio.get_running_loop().call_later(LOST_PEER_GRACE, self._report_lost, peer, error)
+
+    def _report_lost(self, peer: int, error: PeerLostError) -> None:
         self.mailbox.peer_closed(peer, error)
         self.on_failure(error)
         if self._mesh_changed is not None:

@@ -99,6 +99,8 @@ class PostedRecv:
     """Largest payload a receive without ``out`` accepts (what the collective can need)."""
     landing: Landing | None = None
     """Set while a claimed frame's payload streams into this receive."""
+    posted_at: float = 0.0
+    """Loop time at which the receive was posted."""
 
     @property
     def done(self) -> bool:
@@ -137,7 +139,8 @@ class Mailbox:
              signature: Signature | None = None, limit: int | None = None) -> PostedRecv:
         """Ask for the next frame from ``peer`` (or ANY_SOURCE) matching ``key``; returns at once."""
         loop = asyncio.get_running_loop()
-        posted = PostedRecv(peer, key, signature, out, loop.create_future(), limit=limit)
+        posted = PostedRecv(peer, key, signature, out, loop.create_future(), limit=limit,
+                            posted_at=loop.time())
         if self.error is not None:
             _fail_future(posted.future, copy_error(self.error))
             return posted
@@ -207,13 +210,17 @@ class Mailbox:
             self._on_failure(GroupAbortedError(
                 f"a withdrawn receive's transfer did not end within {grace:.3g} s", rank=self.rank))
 
-    def waiting_on(self) -> int | None:
-        """The peer of the oldest receive still waiting for a named peer's frame, if any."""
+    def waiting_on(self, min_age: float) -> int | None:
+        """The peer of a receive that has waited at least ``min_age`` seconds for a named
+        peer's frame, if any. A rank that only just posted its receives (it was itself
+        late, or stalled) is waiting on nobody as far as blame goes."""
+        oldest = asyncio.get_running_loop().time() - min_age
         for posted in self._streaming.values():
-            if posted is not None and not posted.future.done():
+            if posted is not None and not posted.future.done() and posted.posted_at <= oldest:
                 return posted.source
         for (peer, _key), queue in self._posted.items():
-            if peer != ANY_SOURCE and any(not posted.future.done() for posted in queue):
+            if peer != ANY_SOURCE and any(not posted.future.done() and posted.posted_at <= oldest
+                                          for posted in queue):
                 return peer
         return None
 

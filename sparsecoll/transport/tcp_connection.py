@@ -199,6 +199,12 @@ class TcpConnection:
                     views = _advance(views, sent)
                     if views:
                         await self._wait_writable()
+            except SparseCollError:
+                # the group failed meanwhile (fail_writer); CollectiveTimeoutError is an
+                # OSError too, so this must come before the socket's own errors
+                if started:
+                    self.tx_broken = True
+                raise
             except OSError as error:
                 self.tx_broken = True
                 self._lose(f"{type(error).__name__}: {error}")
