@@ -40,7 +40,7 @@ DEFAULT_TIMEOUT = 300.0
 BLAME_WINDOW = 1.0
 """Seconds a timed-out rank listens for the other ranks' waits before it names the rank that
 stopped (see :meth:`Group._blame_stalled`)."""
-BLAME_MIN_WAIT = 0.25
+BLAME_MIN_WAIT = 0.1
 """Seconds a receive must have waited for its rank to count as waiting on that peer: a rank
 that stalled, then posts its receives and reads the abort at once, waits on nobody."""
 

@@ -66,11 +66,13 @@ async def any_source_into_out(group, examples: list) -> list[str]:
 @settings(max_examples=1, deadline=None, suppress_health_check=list(HealthCheck))
 @given(examples=schedules)
 def test_any_source_receives_into_out_never_mix_senders(backend: str, examples: list) -> None:
-    for problems in run_ranks(1 + SENDERS, any_source_into_out, examples, timeout=120):
-        assert problems == []
+    for outcome in _scenarios(backend, examples):
+        assert outcome["any source"] == []
 
 
 BIG = 32 << 20
+STALL = 4.0
+SHORT, LONG = 1.5, 4.0
 
 
 def _caught_mid_payload(posted) -> bool:
@@ -79,12 +81,16 @@ def _caught_mid_payload(posted) -> bool:
 
 
 async def cancels_mid_payload(group) -> dict:
-    """Rank 1 sends two large messages and then a small one; rank 0 withdraws its receive of
-    the first mid-payload and scribbles on ``out``. Then rank 1 cancels a large send
-    mid-payload and scribbles on its buffer; whatever rank 0 then receives is the original."""
+    """Rank 1 sends two large messages; rank 0 withdraws its receive of the first mid-payload
+    and scribbles on ``out``. Then rank 1 cancels a large send mid-payload and scribbles on
+    its buffer; whatever rank 0 receives then is the original."""
     mailbox, outcome = group.transport.mailbox, {}
     first = np.arange(BIG // 4, dtype=np.int32)
     second = first[::-1].copy()
+    if group.rank > 1:
+        await group.barrier()
+        await group.barrier()
+        return outcome
     if group.rank == 1:
         await group.barrier()  # rank 0 has posted its receive
         await group.send(first, 0, tag=1)
@@ -105,8 +111,7 @@ async def cancels_mid_payload(group) -> dict:
         buffer[:] = -1  # the caller owns its buffer again
         return outcome
     out = np.zeros(BIG // 4, np.int32)
-    view = memoryview(out).cast("B")
-    posted = mailbox.post(1, (group.context, P2P_SEQ, 1), view)
+    posted = mailbox.post(1, (group.context, P2P_SEQ, 1), memoryview(out).cast("B"))
     await group.barrier()
     while not posted.future.done() and not _caught_mid_payload(posted):
         await asyncio.sleep(0)
@@ -127,8 +132,52 @@ async def cancels_mid_payload(group) -> dict:
     return outcome
 
 
+async def stalled(group, short_deadline_rank: int) -> tuple:
+    """Rank 2 stops serving its connections (a blocked event loop) while the others run a
+    large ring allreduce: rank 1's send to rank 2 stalls mid-frame, rank 3 waits on rank 2,
+    rank 0 on rank 3. ``short_deadline_rank``'s deadline fires first."""
+    await group.barrier()
+    if group.rank == 2:
+        time.sleep(STALL)
+    timeout = SHORT if group.rank == short_deadline_rank else LONG
+    try:
+        await group.allreduce(np.ones(16 << 20, np.float32), timeout=timeout)
+        return "no error", None, "", {}
+    except SparseCollError as error:
+        if group.rank != 2:
+            await asyncio.sleep(STALL)  # stay connected until rank 2 reads the abort
+        return type(error).__name__, error.peer, str(error), dict(group.transport.waits)
+
+
+async def scenarios(rank: int, world: int, examples: list) -> dict:
+    """Each scenario on a fresh group of the same ranks: one spawn for all of them."""
+    import sparsecoll
+
+    outcome = {}
+    for name, body, args in (("any source", any_source_into_out, (examples,)),
+                             ("cancels", cancels_mid_payload, ()),
+                             ("deadline mid-frame", stalled, (1,)),
+                             ("blame chain", stalled, (0,))):
+        async with await sparsecoll.init_group(name=name.replace(" ", "-"), timeout=30) as group:
+            outcome[name] = await body(group, *args)
+    return outcome
+
+
+_OUTCOMES: dict[str, list] = {}
+FIXED_EXAMPLES = [([(0, SIZES[2]), (1, SIZES[1]), (0, SIZES[2])], 1), ([(1, SIZES[0]), (1, SIZES[2])], 2)]
+"""The ANY_SOURCE examples when a test below runs without the hypothesis test before it."""
+
+
+def _scenarios(backend: str, examples: list | None = None) -> list[dict]:
+    """Every rank's outcomes, run once per backend (anew for the hypothesis test's examples)."""
+    if examples is not None or backend not in _OUTCOMES:
+        _OUTCOMES[backend] = run_ranks(1 + SENDERS, scenarios, examples or FIXED_EXAMPLES,
+                                       timeout=200, group_kwargs=None)
+    return _OUTCOMES[backend]
+
+
 def test_withdrawn_buffers_are_the_callers_again(backend: str) -> None:
-    receiver, sender = run_ranks(2, cancels_mid_payload, timeout=90)
+    receiver, sender = (outcome["cancels"] for outcome in _scenarios(backend)[:2])
     assert receiver["caught mid-payload"], receiver
     assert receiver["first intact"] and receiver["second intact"] and receiver["out untouched"], receiver
     # the frame either went out whole (UCX finishes it) or the group was aborted (TCP)
@@ -136,44 +185,11 @@ def test_withdrawn_buffers_are_the_callers_again(backend: str) -> None:
     assert sender["cancelled mid-send"] and sender["send"] == "cancelled", sender
 
 
-STALL = 5.0
-
-
-async def stalled_mid_frame(group) -> tuple:
-    """Rank 2 stops serving its connections (a blocked event loop); ranks 0 and 1 run a large
-    allreduce with a short deadline, so rank 1's send to rank 2 is cut off mid-frame."""
-    await group.barrier()
-    if group.rank == 2:
-        time.sleep(STALL)
-    try:  # rank 1's deadline fires first, in its send to rank 2
-        await group.allreduce(np.ones(16 << 20, np.float32), timeout=1.0 if group.rank == 1 else 3.0)
-        return "no error", None
-    except SparseCollError as error:
-        if group.rank != 2:
-            await asyncio.sleep(STALL)  # stay connected until rank 2 reads the abort
-        return type(error).__name__, error.peer
-
-
 def test_a_deadline_mid_frame_reaches_every_rank_as_a_timeout(backend: str) -> None:
-    results = run_ranks(3, stalled_mid_frame, timeout=90)
-    assert results == [("CollectiveTimeoutError", 2)] * 3, results
-
-
-async def stalled_far_away(group) -> tuple:
-    """Rank 2 stalls; rank 1, whose deadline fires first, waits on another victim."""
-    await group.barrier()
-    if group.rank == 2:
-        time.sleep(STALL)
-        return "stalled", None
-    try:
-        await group.allreduce(np.ones(1 << 16, np.float32), timeout=1.0 if group.rank == 1 else 30.0)
-    except CollectiveTimeoutError as error:
-        return "CollectiveTimeoutError", error.peer
-    except SparseCollError as error:
-        return type(error).__name__, error.peer
-    return "no error", None
+    results = [outcome["deadline mid-frame"] for outcome in _scenarios(backend)]
+    assert [result[:2] for result in results] == [("CollectiveTimeoutError", 2)] * 4, results
 
 
 def test_every_survivor_names_the_stalled_rank(backend: str) -> None:
-    results = run_ranks(4, stalled_far_away, timeout=90)
-    assert [results[rank] for rank in (0, 1, 3)] == [("CollectiveTimeoutError", 2)] * 3, results
+    results = [outcome["blame chain"] for outcome in _scenarios(backend)]
+    assert [result[:2] for result in results] == [("CollectiveTimeoutError", 2)] * 4, results
