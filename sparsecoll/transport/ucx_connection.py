@@ -307,15 +307,17 @@ class UcxConnection:
         """A send that is cancelled or failed returns only once UCX no longer reads its
         buffers: its messages complete within ``SEND_RELEASE_GRACE`` seconds (the frame
         went out whole, the connection stays in step), or the endpoint is closed, which
-        cancels them (the connection is then broken for data)."""
-        if sends.done():
+        cancels them (the connection is then broken for data). When the peer is lost (or
+        said goodbye) it returns at once: no rank will ever deliver what UCX still reads."""
+        if sends.done() or self.eof.done():
             return
         try:
-            await asyncio.wait([sends], timeout=SEND_RELEASE_GRACE)
+            await asyncio.wait([sends, self.eof], timeout=SEND_RELEASE_GRACE,
+                               return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:
             pass  # cancelled again: stop waiting and cut the transfer off below
-        if sends.done():
-            return
+        if sends.done() or self.eof.done():
+            return  # a peer that is gone, or said goodbye, delivers nothing read late
         self.tx_broken = True
         self._abandoned = True
         await close_endpoint(self.endpoint)
