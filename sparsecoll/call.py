@@ -69,13 +69,8 @@ class Call:
         length = sum(_nbytes(buffer) for buffer in buffers)
         header = FrameHeader(Kind.DATA, self.context, self.seq, tag, length, self.signature)
         peer = self.members[peer] if self.members else peer
-        try:
-            async with asyncio.timeout_at(self.deadline):
-                await self.transport.send(peer, header, buffers)
-        except SparseCollError:
-            raise
-        except TimeoutError:
-            raise self._timeout(peer, f"sending {length} bytes (tag {tag})") from None
+        await self.transport.send(peer, header, buffers, deadline=self.deadline,
+                                  timeout_error=lambda: self._timeout(peer, f"sending {length} bytes (tag {tag})"))
         self.stats.bytes_sent += HEADER_SIZE + length
         self.stats.frames_sent += 1
 
@@ -94,17 +89,19 @@ class Call:
                                            limit)
 
     async def wait(self, posted: PostedRecv) -> memoryview:
-        """Wait for a posted receive; returns the payload bytes."""
+        """Wait for a posted receive; returns the payload bytes. However the wait ends
+        (failure, deadline, cancellation), ``out`` is the caller's again when this returns."""
         try:
             async with asyncio.timeout_at(self.deadline):
                 _header, payload = await posted.future
         except SparseCollError:
+            await self.transport.mailbox.release(posted)
             raise
         except TimeoutError:
-            self.transport.mailbox.cancel(posted)
+            await self.transport.mailbox.release(posted)
             raise self._timeout(posted.peer, f"waiting for frame tag {posted.key[2]}") from None
         except asyncio.CancelledError:
-            self.transport.mailbox.cancel(posted)
+            await self.transport.mailbox.release(posted)
             raise
         self.stats.bytes_received += HEADER_SIZE + len(payload)
         self.stats.frames_received += 1
@@ -123,14 +120,15 @@ class Call:
         try:
             await self.send(send_peer, tag, *buffers)
         except BaseException:
-            self.transport.mailbox.cancel(posted)
+            await self.transport.mailbox.release(posted)
             raise
         return await self.wait(posted)
 
     def _timeout(self, peer: int, doing: str) -> SparseCollError:
         return CollectiveTimeoutError(
-            f"collective #{self.seq} {self.signature.describe()} timed out after "
-            f"{self.timeout:.3g} s {doing} with rank {peer}", rank=self.transport.rank, peer=peer)
+            f"collective #{self.seq} {self.signature.describe()}: rank {self.transport.rank}'s "
+            f"deadline of {self.timeout:.3g} s passed {doing} with rank {peer}",
+            rank=self.transport.rank, peer=peer)
 
 
 def as_exportable(buffer: Buffer | np.ndarray) -> Buffer | np.ndarray:

@@ -12,6 +12,8 @@ class SparseCollError(Exception):
     """Root of every sparsecoll error."""
 
     code = 1
+    origin: int | None = None
+    """The rank that reported this error in an abort frame (None: seen on this rank)."""
 
     def __init__(self, message: str, *, rank: int | None = None, peer: int | None = None) -> None:
         self.message = message

@@ -22,6 +22,7 @@ from sparsecoll.call import Call, CollectiveResult, CommStats
 from sparsecoll.collectives import dense
 from sparsecoll.cores import share_cores
 from sparsecoll.errors import (
+    CollectiveTimeoutError,
     GroupAbortedError,
     GroupClosedError,
     InvalidArgumentError,
@@ -36,6 +37,12 @@ from sparsecoll.wire import DEFAULT_MAX_PAYLOAD, Signature
 
 DEFAULT_TIMEOUT = 300.0
 """Seconds a collective may wait on the network before CollectiveTimeoutError (per call)."""
+BLAME_WINDOW = 1.0
+"""Seconds a timed-out rank listens for the other ranks' waits before it names the rank that
+stopped (see :meth:`Group._blame_stalled`)."""
+BLAME_MIN_WAIT = 0.1
+"""Seconds a receive must have waited for its rank to count as waiting on that peer: a rank
+that stalled, then posts its receives and reads the abort at once, waits on nobody."""
 
 T = TypeVar("T")
 
@@ -122,9 +129,41 @@ class Group:
         if root._error is not None or root._closed:
             return
         root._error = error
+        transport = self.transport
+        if isinstance(error, CollectiveTimeoutError) and error.origin is None and error.peer is not None:
+            transport.waits[transport.rank] = error.peer  # our own deadline, waiting on error.peer
+        else:
+            transport.waits[transport.rank] = transport.mailbox.waiting_on(BLAME_MIN_WAIT)
         self.transport.mailbox.fail(error)
         self.transport.fail_pending_sends(error)
         self.transport.send_abort(error)
+
+    async def _blame_stalled(self, error: CollectiveTimeoutError, timeout: float) -> CollectiveTimeoutError:
+        """The timeout, naming the rank that stopped rather than the one this rank (or the
+        rank whose deadline fired) happened to wait on.
+
+        Every rank that fails sends, in its ABORT frame, whom it was waiting on; a rank
+        that stalled sends nothing. Following those waits from the peer ``error`` blames
+        ends at a rank that waits on nobody, or that never reported: the one that stopped.
+        The waits are collected for at most ``BLAME_WINDOW`` seconds (less once every rank
+        but one has reported).
+        """
+        transport = self.transport
+        waits = await transport.learn_waits(min(BLAME_WINDOW, timeout))
+        chain = [error.peer] if error.peer is not None else []
+        while chain and chain[-1] in waits and waits[chain[-1]] is not None and waits[chain[-1]] not in chain:
+            chain.append(waits[chain[-1]])
+        stalled = chain[-1] if chain else None
+        blamed = error
+        if stalled is not None and stalled != error.peer:
+            blamed = CollectiveTimeoutError(
+                f"rank {stalled} stopped responding: {error.message} (ranks waiting on each other: "
+                f"{' -> '.join(str(rank) for rank in chain)})", rank=error.rank, peer=stalled)
+            blamed.origin = error.origin
+        root = self._root
+        if root._error is not None and isinstance(root._error, CollectiveTimeoutError):
+            root._error = blamed
+        return copy_error(blamed)
 
     def check_usable(self) -> None:
         """Raise GroupClosedError, or the error that poisoned the group, if it cannot be used."""
@@ -140,6 +179,11 @@ class Group:
 
         This is the extension point for collectives: ``body`` receives a :class:`Call` whose
         frames carry ``signature``; its return value becomes ``CollectiveResult.value``.
+
+        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
+        finish it. For a deadline pass ``timeout=``, which fails every rank with
+        CollectiveTimeoutError instead.
         """
         self.check_usable()
         timeout = self.timeout if timeout is None else float(timeout)
@@ -157,6 +201,8 @@ class Group:
             value = await body(call)
         except SparseCollError as error:
             self.poison(error)
+            if isinstance(error, CollectiveTimeoutError):
+                raise await self._blame_stalled(error, timeout) from None
             raise
         except asyncio.CancelledError:
             self.poison(GroupAbortedError(f"collective #{seq} was cancelled on rank {self.rank}",
@@ -174,50 +220,95 @@ class Group:
     async def allreduce(self, array: np.ndarray, op: str = "sum", *, out: np.ndarray | None = None,
                         timeout: float | None = None) -> CollectiveResult:
         """Element-wise reduction over all ranks (sum, mean, max, min, prod); ``out=array``
-        reduces in place."""
+        reduces in place.
+
+        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
+        finish it. For a deadline pass ``timeout=``, which fails every rank with
+        CollectiveTimeoutError instead.
+        """
         return await dense.allreduce(self, array, op, out=out, timeout=timeout)
 
     async def allgather(self, array: np.ndarray, *, out: np.ndarray | None = None,
                         timeout: float | None = None) -> CollectiveResult:
-        """Every rank's equally shaped array, stacked: result shape ``(size, *array.shape)``."""
+        """Every rank's equally shaped array, stacked: result shape ``(size, *array.shape)``.
+
+        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
+        finish it. For a deadline pass ``timeout=``, which fails every rank with
+        CollectiveTimeoutError instead.
+        """
         return await dense.allgather(self, array, out=out, timeout=timeout)
 
     async def allgatherv(self, array: np.ndarray, *, counts: list[int] | None = None,
                          timeout: float | None = None) -> CollectiveResult:
         """Every rank's 1-D array of its own length; value is a list of ``size`` arrays
-        (views into one contiguous buffer)."""
+        (views into one contiguous buffer).
+
+        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
+        finish it. For a deadline pass ``timeout=``, which fails every rank with
+        CollectiveTimeoutError instead.
+        """
         return await dense.allgatherv(self, array, counts=counts, timeout=timeout)
 
     async def broadcast(self, array: np.ndarray, root: int = 0, *, out: np.ndarray | None = None,
                         timeout: float | None = None) -> CollectiveResult:
         """Root's array on every rank; other ranks pass an array of the same shape and dtype
-        (``out=array`` receives in place)."""
+        (``out=array`` receives in place).
+
+        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
+        finish it. For a deadline pass ``timeout=``, which fails every rank with
+        CollectiveTimeoutError instead.
+        """
         return await dense.broadcast(self, array, root, out=out, timeout=timeout)
 
     async def barrier(self, *, timeout: float | None = None) -> CollectiveResult:
-        """Return once every rank has entered the barrier."""
+        """Return once every rank has entered the barrier.
+
+        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
+        finish it. For a deadline pass ``timeout=``, which fails every rank with
+        CollectiveTimeoutError instead.
+        """
         return await dense.barrier(self, timeout=timeout)
 
 
     # ----------------------------------------------------------------- point to point
     async def send(self, array: np.ndarray, dst: int, tag: int = 0, *,
                    timeout: float | None = None) -> CommStats:
-        """Send ``array`` to rank ``dst`` with ``tag`` (see :mod:`sparsecoll.p2p`)."""
+        """Send ``array`` to rank ``dst`` with ``tag`` (see :mod:`sparsecoll.p2p`).
+
+        Cancelling it before its frame started leaves the group usable; once part of the frame
+        is on the wire, a cancellation aborts the group (the stream cannot be resynchronized).
+        """
         return await p2p.send(self, array, dst, tag, timeout=timeout)
 
     async def recv(self, src: int = ANY_SOURCE, tag: int = 0, *, out: np.ndarray | None = None,
                    timeout: float | None = None) -> p2p.Message:
-        """Receive the next message with ``tag`` from ``src`` (default: any rank)."""
+        """Receive the next message with ``tag`` from ``src`` (default: any rank).
+
+        Cancelling it (or its deadline passing) withdraws the receive and leaves the group
+        usable; ``out`` is the caller's again, and a message that arrives later waits for the
+        next matching receive.
+        """
         return await p2p.recv(self, src, tag, out=out, timeout=timeout)
 
     def isend(self, array: np.ndarray, dst: int, tag: int = 0, *,
               timeout: float | None = None) -> asyncio.Task:
-        """Start a send; returns a task (await it, or pass it to ``sparsecoll.wait_all``)."""
+        """Start a send; returns a task (await it, or pass it to ``sparsecoll.wait_all``).
+
+        Cancelling the task follows :meth:`send`'s rule.
+        """
         return p2p.isend(self, array, dst, tag, timeout=timeout)
 
     def irecv(self, src: int = ANY_SOURCE, tag: int = 0, *, out: np.ndarray | None = None,
               timeout: float | None = None) -> asyncio.Task:
-        """Post a receive now; returns a task resolving to a :class:`~sparsecoll.p2p.Message`."""
+        """Post a receive now; returns a task resolving to a :class:`~sparsecoll.p2p.Message`.
+
+        Cancelling the task follows :meth:`recv`'s rule.
+        """
         return p2p.irecv(self, src, tag, out=out, timeout=timeout)
 
     # ----------------------------------------------------------------- sub-groups
@@ -244,6 +335,11 @@ class Group:
         """Split into one sub-group per ``color`` (None: join none), ranked by (key, rank).
 
         A collective over this group, like ``MPI_Comm_split``.
+
+        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
+        finish it. For a deadline pass ``timeout=``, which fails every rank with
+        CollectiveTimeoutError instead.
         """
         mine = np.array([-1 if color is None else int(color), int(key)], np.int64)
         if color is not None and color < 0:
@@ -263,28 +359,64 @@ class Group:
 
     # ----------------------------------------------------------------- sparse and compressed
     async def collective(self, name: str, array: np.ndarray, **options: Any) -> CollectiveResult:
-        """Run the collective registered as ``name`` (see :mod:`sparsecoll.registry`)."""
+        """Run the collective registered as ``name`` (see :mod:`sparsecoll.registry`).
+
+        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
+        finish it. For a deadline pass ``timeout=``, which fails every rank with
+        CollectiveTimeoutError instead.
+        """
         return await registry.collective(name)(self, array, **options)
 
     async def reduce_gradient(self, grad: np.ndarray, algorithm: str = "gtopk", **options: Any) -> CollectiveResult:
         """Sum a gradient with the algorithm named by a string (dense, allgather, gtopk, sketch,
-        cltk, or a registered one); see :mod:`sparsecoll.collectives.reduce`."""
+        cltk, or a registered one); see :mod:`sparsecoll.collectives.reduce`.
+
+        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
+        finish it. For a deadline pass ``timeout=``, which fails every rank with
+        CollectiveTimeoutError instead.
+        """
         return await self.collective("reduce", grad, algorithm=algorithm, **options)
 
     async def sparse_allgather(self, grad: np.ndarray, **options: Any) -> CollectiveResult:
-        """Every rank's top-k / threshold / random-k selection, summed (Aji & Heafield)."""
+        """Every rank's top-k / threshold / random-k selection, summed (Aji & Heafield).
+
+        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
+        finish it. For a deadline pass ``timeout=``, which fails every rank with
+        CollectiveTimeoutError instead.
+        """
         return await self.collective("allgather", grad, **options)
 
     async def gtopk(self, grad: np.ndarray, **options: Any) -> CollectiveResult:
-        """Global top-k by recursive doubling, O(k log P) per rank (Shi et al.)."""
+        """Global top-k by recursive doubling, O(k log P) per rank (Shi et al.).
+
+        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
+        finish it. For a deadline pass ``timeout=``, which fails every rank with
+        CollectiveTimeoutError instead.
+        """
         return await self.collective("gtopk", grad, **options)
 
     async def sketch_allreduce(self, grad: np.ndarray, **options: Any) -> CollectiveResult:
-        """Top-k through summed count sketches, traffic independent of d (Ivkin et al.)."""
+        """Top-k through summed count sketches, traffic independent of d (Ivkin et al.).
+
+        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
+        finish it. For a deadline pass ``timeout=``, which fails every rank with
+        CollectiveTimeoutError instead.
+        """
         return await self.collective("sketch", grad, **options)
 
     async def cltk(self, grad: np.ndarray, **options: Any) -> CollectiveResult:
-        """The rotating leader's top-k indices, then a k-sized allreduce (ScaleCom)."""
+        """The rotating leader's top-k indices, then a k-sized allreduce (ScaleCom).
+
+        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
+        finish it. For a deadline pass ``timeout=``, which fails every rank with
+        CollectiveTimeoutError instead.
+        """
         return await self.collective("cltk", grad, **options)
 
 

@@ -5,12 +5,19 @@ A receive may name its source or take ``ANY_SOURCE``. Point-to-point frames carr
 group's context and a reserved sequence number, so they never mix with collectives or with
 another group's messages.
 
-Failure rules: a receive or send that times out or is cancelled before its frame started
-leaves the group usable (the receive is withdrawn; a message that arrives later waits for
-the next matching receive). A send cancelled after part of its frame reached the socket
-cannot be resynchronized: the group is aborted with ``GroupAbortedError`` (a peer whose only
-path to the sender was that connection sees ``PeerLostError`` when the sender closes it).
-A lost peer poisons the group, as for collectives.
+Cancellation and failure rules:
+
+* a receive that is cancelled or times out is withdrawn and the group stays usable; its
+  ``out`` is the caller's again the moment the call raises (a payload that was streaming
+  into it is finished in private memory), and the message waits for the next matching
+  receive;
+* a send that is cancelled or times out before its frame started leaves the group usable;
+  one cut off after part of its frame reached the wire cannot be resynchronized, so the
+  group is poisoned: with ``GroupAbortedError`` for a cancellation, with the
+  ``CollectiveTimeoutError`` itself for a deadline. Either way the send buffer is the
+  caller's again when the call raises (UCX: once UCX has finished the frame, or after
+  ``SEND_RELEASE_GRACE`` seconds by closing the connection);
+* a lost peer poisons the group, as for collectives.
 """
 
 from __future__ import annotations
@@ -58,7 +65,8 @@ def _check_peer(group: Group, peer: int, role: str, allow_any: bool = False) -> 
 
 async def send(group: Group, array: Any, dst: int, tag: int = 0, *,
                timeout: float | None = None) -> CommStats:
-    """Send ``array`` to rank ``dst``; returns once the buffer may be reused."""
+    """Send ``array`` to rank ``dst``; returns (or raises, a cancellation included) once the
+    buffer may be reused. Cancelling it follows the rules of this module's docstring."""
     group.check_usable()
     _check_peer(group, dst, "destination")
     _check_tag(group, tag)
@@ -68,14 +76,11 @@ async def send(group: Group, array: Any, dst: int, tag: int = 0, *,
     seconds = group.timeout if timeout is None else timeout
     loop = asyncio.get_running_loop()
     started = loop.time()
-    try:
-        async with asyncio.timeout(seconds):
-            await group.transport.send(group.members[dst], header, [data])
-    except SparseCollError:
-        raise
-    except TimeoutError:
-        raise CollectiveTimeoutError(f"send of {data.nbytes} bytes (tag {tag}) to rank {dst} took "
-                                     f"more than {seconds:.3g} s", rank=group.rank, peer=dst) from None
+    await group.transport.send(
+        group.members[dst], header, [data], deadline=started + seconds,
+        timeout_error=lambda: CollectiveTimeoutError(
+            f"send of {data.nbytes} bytes (tag {tag}) to rank {dst} took more than {seconds:.3g} s",
+            rank=group.rank, peer=dst))
     return CommStats(bytes_sent=HEADER_SIZE + data.nbytes, frames_sent=1, rounds=1,
                      seconds=loop.time() - started)
 
@@ -101,15 +106,16 @@ async def _wait(group: Group, posted, tag: int, out: np.ndarray | None,
         async with asyncio.timeout(seconds):
             header, payload = await posted.future
     except SparseCollError:
+        await group.transport.mailbox.release(posted)
         raise
     except TimeoutError:
-        group.transport.mailbox.cancel(posted)
+        await group.transport.mailbox.release(posted)
         who = "any rank" if posted.peer == ANY_SOURCE else f"rank {group.members.index(posted.peer)}"
         raise CollectiveTimeoutError(f"no message with tag {tag} from {who} within {seconds:.3g} s",
                                      rank=group.rank,
                                      peer=None if posted.peer == ANY_SOURCE else posted.peer) from None
     except asyncio.CancelledError:
-        group.transport.mailbox.cancel(posted)
+        await group.transport.mailbox.release(posted)
         raise
     source = group.members.index(posted.source)
     dtype = dtype_from_code(header.signature.dtype) or np.dtype(np.uint8)
@@ -128,20 +134,23 @@ async def recv(group: Group, src: int = ANY_SOURCE, tag: int = 0, *, out: np.nda
 
     With ``out`` the payload lands in it directly (it may be larger than the message; the
     value is then the filled prefix); without it a new 1-D array of the sent dtype is returned.
+    Cancelling it, or its deadline passing, withdraws the receive and leaves the group usable.
     """
     return await _wait(group, _post(group, src, tag, out), tag, out, timeout)
 
 
 def irecv(group: Group, src: int = ANY_SOURCE, tag: int = 0, *, out: np.ndarray | None = None,
           timeout: float | None = None) -> asyncio.Task:
-    """Post a receive now (so matching follows call order) and return its task."""
+    """Post a receive now (so matching follows call order) and return its task; cancelling
+    the task withdraws the receive (the group stays usable)."""
     posted = _post(group, src, tag, out)
     return asyncio.ensure_future(_wait(group, posted, tag, out, timeout))
 
 
 def isend(group: Group, array: Any, dst: int, tag: int = 0, *,
           timeout: float | None = None) -> asyncio.Task:
-    """Start a send and return its task; sends to one peer leave in call order."""
+    """Start a send and return its task; sends to one peer leave in call order. Cancelling
+    the task follows :func:`send`'s rule."""
     return asyncio.ensure_future(send(group, array, dst, tag, timeout=timeout))
 
 

@@ -11,19 +11,16 @@ array in user space.
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections.abc import Sequence
 
 from sparsecoll.errors import (
     FrameError,
-    GroupAbortedError,
     RendezvousError,
     SparseCollError,
 )
-from sparsecoll.transport.base import Buffer, Transport
+from sparsecoll.transport.base import Buffer, Throttled, Transport, port_range
 from sparsecoll.transport.handshake import accept_handshake, connect_handshake
-from sparsecoll.transport.mailbox import lost_peer_error
 from sparsecoll.transport.tcp_connection import TcpConnection
 from sparsecoll.wire import (
     FrameHeader,
@@ -32,9 +29,11 @@ from sparsecoll.wire import (
     encode_header,
 )
 
-log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 30.0
+ACCEPT_BACKOFF_FIRST = 0.01
+ACCEPT_BACKOFF_MAX = 1.0
+"""Seconds between retries of a failing ``accept()``: from the first, doubling, to the second."""
 
 
 class TcpTransport(Transport):
@@ -46,21 +45,28 @@ class TcpTransport(Transport):
         self._connections: dict[int, TcpConnection] = {}
         self._listener: socket.socket | None = None
         self._accept_task: asyncio.Task | None = None
+        self._accept_failures = Throttled()
         self._background: set[asyncio.Task] = set()
         self._mesh_changed: asyncio.Event | None = None
-        self._fatal: SparseCollError | None = None
 
     # ----------------------------------------------------------------- set-up
     async def listen(self, host: str) -> str:
         self._mesh_changed = asyncio.Event()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
-        try:
-            listener.bind((host, 0))
-            listener.listen(max(16, self.size))
-        except OSError as error:
-            listener.close()
-            raise RendezvousError(f"cannot listen on {host}: {error}", rank=self.rank) from error
+        ports = port_range()
+        failure: OSError | None = None
+        for port in ports or (0,):
+            listener = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                listener.bind((host, port))
+                listener.listen(max(16, self.size))
+                break
+            except OSError as error:
+                listener.close()
+                failure = error
+        else:
+            where = f"any port of {ports.start}-{ports.stop - 1} (SPARSECOLL_PORT_RANGE)" if ports else "a port"
+            raise RendezvousError(f"cannot listen on {host} at {where}: {failure}", rank=self.rank) from failure
         listener.setblocking(False)
         self._listener = listener
         self._accept_task = asyncio.ensure_future(self._accept_loop())
@@ -111,17 +117,31 @@ class TcpTransport(Transport):
         self._add_connection(peer, sock)
 
     async def _accept_loop(self) -> None:
+        """Accept peers until set-up ends. A failed ``accept()`` (too many open files, a
+        connection reset while queued, no buffers) is retried after a pause that doubles up
+        to ``ACCEPT_BACKOFF_MAX``, as servers do: the peers waiting in the backlog still get in."""
         loop = asyncio.get_running_loop()
-        while True:
+        pause = ACCEPT_BACKOFF_FIRST
+        while self._listener is not None:
             try:
                 sock, _ = await loop.sock_accept(self._listener)
-            except (OSError, asyncio.CancelledError):
+            except asyncio.CancelledError:
                 return
+            except OSError as error:
+                if self._listener is None or self._listener.fileno() < 0:
+                    return
+                self._accept_failures.warn("rank %d: accept failed (%s); retrying", self.rank, error)
+                await asyncio.sleep(pause)
+                pause = min(2 * pause, ACCEPT_BACKOFF_MAX)
+                continue
+            pause = ACCEPT_BACKOFF_FIRST
             task = asyncio.ensure_future(self._accept_one(sock))
             self._background.add(task)
             task.add_done_callback(self._background.discard)
 
     async def _accept_one(self, sock: socket.socket) -> None:
+        """Authenticate one incoming connection; anything that fails before the peer has
+        proved the secret is dropped as a stray (see :meth:`Transport.drop_stray`)."""
         sock.setblocking(False)
         try:
             _tune(sock)
@@ -135,13 +155,8 @@ class TcpTransport(Transport):
             raise
         except (SparseCollError, OSError, asyncio.TimeoutError) as error:
             sock.close()
-            if isinstance(error, SparseCollError) and error.peer is not None:
-                self._fatal = self._fatal or error
-            else:
-                stray = error if isinstance(error, SparseCollError) else FrameError(
-                    f"stray connection dropped: {error!r}", rank=self.rank)
-                self.rejected.append(stray)
-                log.warning("rank %d dropped a connection: %s", self.rank, stray)
+            self.drop_stray(error if isinstance(error, SparseCollError) else FrameError(
+                f"stray connection dropped: {error!r}", rank=self.rank))
             self._mesh_changed.set()
             return
         self._add_connection(peer, sock)
@@ -159,22 +174,13 @@ class TcpTransport(Transport):
             self._listener = None
 
     # ----------------------------------------------------------------- data
-    async def send(self, peer: int, header: FrameHeader, payload: Sequence[Buffer] = ()) -> None:
-        connection = self._connections.get(peer)
-        if connection is None or connection.closed and not connection.bye_received:
-            raise lost_peer_error(self.rank, peer, "no open connection")
-        try:
-            await connection.send([encode_header(header), *payload])
-        except asyncio.CancelledError:
-            if connection.tx_broken:
-                self.on_failure(GroupAbortedError(
-                    f"a send to rank {peer} was cancelled mid-frame; the connection cannot be "
-                    "resynchronized", rank=self.rank, peer=peer))
-            raise
+    async def _send_frame(self, connection: TcpConnection, header: FrameHeader,
+                          payload: Sequence[Buffer]) -> None:
+        await connection.send([encode_header(header), *payload])
 
     def send_abort(self, error: SparseCollError) -> None:
         payload = encode_abort(self.rank, error)
-        header = FrameHeader(kind=Kind.ABORT, context=0, seq=0, tag=0, length=len(payload))
+        header = self.abort_header(len(payload))
         for peer, connection in self._connections.items():
             if connection.closed or connection.tx_broken:
                 continue

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from sparsecoll.errors import FrameError, PeerLostError, SparseCollError
 from sparsecoll.transport.base import Buffer
-from sparsecoll.transport.mailbox import copy_error, lost_peer_error
+from sparsecoll.transport.mailbox import Landing, copy_error, lost_peer_error
 from sparsecoll.wire import (
     HEADER_SIZE,
     MAX_ABORT_MESSAGE,
@@ -68,7 +68,7 @@ class TcpConnection:
         self._start = 0
         self._end = 0
         self._header: FrameHeader | None = None
-        self._sink: memoryview | None = None
+        self._sink: Landing | None = None
         self._filled = 0
         self._send_lock = asyncio.Lock()
         self._writable: asyncio.Future | None = None
@@ -84,11 +84,12 @@ class TcpConnection:
             header = self._header
             if (header is not None and self._sink is not None
                     and header.length - self._filled >= DIRECT_READ_MIN):
-                received = self.sock.recv_into(self._sink[self._filled:])
+                received = self.sock.recv_into(self._sink.view[self._filled:])
                 if received == 0:
                     self._on_eof()
                     return
                 self._filled += received
+                self._sink.filled = self._filled
                 if self._filled == header.length:
                     self._complete()
                 return
@@ -123,7 +124,8 @@ class TcpConnection:
                 break
             take = min(available, header.length - self._filled)
             if self._sink is not None:
-                self._sink[self._filled:self._filled + take] = self._view[self._start:self._start + take]
+                self._sink.view[self._filled:self._filled + take] = self._view[self._start:self._start + take]
+                self._sink.filled = self._filled + take
             self._start += take
             self._filled += take
             if self._filled < header.length:
@@ -140,7 +142,7 @@ class TcpConnection:
         if header.kind == Kind.DATA:
             self._sink = self._transport.mailbox.on_header(self.peer, header)
         elif header.kind == Kind.ABORT and header.length <= MAX_ABORT_MESSAGE + 16:
-            self._sink = memoryview(bytearray(header.length))
+            self._sink = Landing(memoryview(bytearray(header.length)), private=True)
         elif header.kind == Kind.BYE and header.length == 0:
             self._sink = None
         else:
@@ -155,7 +157,7 @@ class TcpConnection:
             if sink is not None:
                 self._transport.mailbox.on_payload(self.peer, header, sink)
         elif header.kind == Kind.ABORT:
-            self._transport.on_failure(decode_abort(bytes(sink), self._transport.rank))
+            self._transport.on_abort(self.peer, decode_abort(bytes(sink.view), self._transport.rank), header)
         elif header.kind == Kind.BYE:
             self.bye_received = True
             self._transport.mailbox.peer_closed(self.peer, PeerLostError(
@@ -197,6 +199,12 @@ class TcpConnection:
                     views = _advance(views, sent)
                     if views:
                         await self._wait_writable()
+            except SparseCollError:
+                # the group failed meanwhile (fail_writer); CollectiveTimeoutError is an
+                # OSError too, so this must come before the socket's own errors
+                if started:
+                    self.tx_broken = True
+                raise
             except OSError as error:
                 self.tx_broken = True
                 self._lose(f"{type(error).__name__}: {error}")

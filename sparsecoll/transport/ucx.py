@@ -43,7 +43,6 @@ process exits cleanly.
 from __future__ import annotations
 
 import asyncio
-import logging
 import os
 import struct
 from collections.abc import Sequence
@@ -52,20 +51,17 @@ from typing import Any
 from sparsecoll.errors import (
     AuthenticationError,
     FrameError,
-    GroupAbortedError,
     InvalidArgumentError,
     RendezvousError,
     SparseCollError,
 )
 from sparsecoll.transport import ucx_runtime
-from sparsecoll.transport.base import Buffer, Transport
+from sparsecoll.transport.base import Buffer, Transport, port_range
 from sparsecoll.transport.handshake import accept_handshake, connect_handshake
-from sparsecoll.transport.mailbox import lost_peer_error
 from sparsecoll.transport.ucx_connection import UcxConnection
 from sparsecoll.transport.ucx_runtime import UCX_ERRORS, PayloadEndpoint, UcxChannel
 from sparsecoll.wire import FrameHeader, Kind, encode_abort
 
-log = logging.getLogger(__name__)
 
 HANDSHAKE_TIMEOUT = 30.0
 CONNECT_ATTEMPTS = 3
@@ -96,7 +92,6 @@ class UcxTransport(Transport):
         self._endpoints: set[Any] = set()
         self._background: set[asyncio.Task] = set()
         self._mesh_changed: asyncio.Event | None = None
-        self._fatal: SparseCollError | None = None
         self._runtime_held = False
 
     @property
@@ -115,12 +110,16 @@ class UcxTransport(Transport):
         ucx_runtime.acquire(self.rank)
         self._runtime_held = True
         failure = ""
-        try:
-            self._listener = ucx_runtime.create_listener(self._on_endpoint)
-        except UCX_ERRORS as error:
-            failure = ucx_runtime.describe(error)
-        if failure:
-            raise RendezvousError(f"cannot listen with UCX: {failure}", rank=self.rank)
+        ports = port_range()
+        for port in ports or (0,):
+            try:
+                self._listener = ucx_runtime.create_listener(self._on_endpoint, port)
+                break
+            except UCX_ERRORS as error:
+                failure = ucx_runtime.describe(error)
+        else:
+            where = f" on any port of {ports.start}-{ports.stop - 1} (SPARSECOLL_PORT_RANGE)" if ports else ""
+            raise RendezvousError(f"cannot listen with UCX{where}: {failure}", rank=self.rank)
         port = self._listener.port
         return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
@@ -220,14 +219,10 @@ class UcxTransport(Transport):
             await self._discard_endpoint(endpoint)
             return
         except (SparseCollError, OSError, asyncio.TimeoutError) as error:
+            # nothing before a proven secret touches the group (see Transport.drop_stray)
             await self._discard_endpoint(endpoint, rejected=isinstance(error, AuthenticationError))
-            if isinstance(error, SparseCollError) and error.peer is not None:
-                self._fatal = self._fatal or error
-            else:
-                stray = error if isinstance(error, SparseCollError) else FrameError(
-                    f"stray connection dropped: {error!r}", rank=self.rank)
-                self.rejected.append(stray)
-                log.warning("rank %d dropped a connection: %s", self.rank, stray)
+            self.drop_stray(error if isinstance(error, SparseCollError) else FrameError(
+                f"stray connection dropped: {error!r}", rank=self.rank))
             self._mesh_changed.set()
             return
         finally:
@@ -286,21 +281,13 @@ class UcxTransport(Transport):
         await ucx_runtime.close_listener(listener)
 
     # ----------------------------------------------------------------- data
-    async def send(self, peer: int, header: FrameHeader, payload: Sequence[Buffer] = ()) -> None:
-        connection = self._connections.get(peer)
-        if connection is None or connection.closed and not connection.bye_received:
-            raise lost_peer_error(self.rank, peer, "no open connection")
-        try:
-            await connection.send_frame(header, payload)
-        except asyncio.CancelledError:
-            if connection.tx_broken:
-                self.on_failure(GroupAbortedError(
-                    f"a send to rank {peer} was cancelled on a failed endpoint", rank=self.rank, peer=peer))
-            raise
+    async def _send_frame(self, connection: UcxConnection, header: FrameHeader,
+                          payload: Sequence[Buffer]) -> None:
+        await connection.send_frame(header, payload)
 
     def send_abort(self, error: SparseCollError) -> None:
         payload = encode_abort(self.rank, error)
-        header = FrameHeader(kind=Kind.ABORT, context=0, seq=0, tag=0, length=len(payload))
+        header = self.abort_header(len(payload))
         for connection in self._connections.values():
             if not (connection.closed or connection.tx_broken):
                 self._in_background(self._send_quietly(connection, header, payload, 1.0))

@@ -23,7 +23,7 @@ from typing import Any
 
 from sparsecoll.errors import FrameError, InvalidArgumentError, PeerLostError, SparseCollError
 from sparsecoll.transport.base import Buffer
-from sparsecoll.transport.mailbox import copy_error, lost_peer_error
+from sparsecoll.transport.mailbox import Landing, copy_error, lost_peer_error
 from sparsecoll.transport.ucx_runtime import (
     UCX_ERRORS,
     PayloadEndpoint,
@@ -50,6 +50,9 @@ PAYLOAD_ENDPOINT = 0x2000
 INLINE_MAX = 8192 - HEADER_SIZE
 """Largest host payload sent inside the header message (stays below UCX's eager limit)."""
 MAX_SEGMENTS = 64
+SEND_RELEASE_GRACE = 2.0
+"""Seconds a cancelled or failed send waits for UCX to finish with its buffers before it
+closes the endpoint to cancel them."""
 _COUNT = struct.Struct("<I")
 
 
@@ -108,6 +111,8 @@ class UcxConnection:
         self._next_header: asyncio.Future | None = None
         self._waiters: set[asyncio.Future] = set()
         self.tx_broken = False
+        self._abandoned = False
+        """Set when a cut-off send closed the endpoint: the sender reports that failure."""
         self.bye_received = False
         self.closed = False
         self.eof = self._loop.create_future()
@@ -141,7 +146,7 @@ class UcxConnection:
         if header.kind == Kind.DATA:
             sink = self._transport.mailbox.on_header(self.peer, header)
         elif header.kind == Kind.ABORT and header.length <= MAX_ABORT_MESSAGE + 16:
-            sink = memoryview(bytearray(header.length))
+            sink = Landing(memoryview(bytearray(header.length)), private=True)
         elif header.kind == Kind.BYE and header.length == 0:
             sink = None
         else:
@@ -151,7 +156,7 @@ class UcxConnection:
             if sink is not None:
                 self._transport.mailbox.on_payload(self.peer, header, sink)
         elif header.kind == Kind.ABORT:
-            self._transport.on_failure(decode_abort(bytes(sink), self._transport.rank))
+            self._transport.on_abort(self.peer, decode_abort(bytes(sink.view), self._transport.rank), header)
         else:
             self.bye_received = True
             self._transport.mailbox.peer_closed(self.peer, PeerLostError(
@@ -159,7 +164,7 @@ class UcxConnection:
             return False
         return True
 
-    async def _receive_payload(self, header: FrameHeader, sink: Any) -> None:
+    async def _receive_payload(self, header: FrameHeader, sink: Landing | None) -> None:
         """The payload of ``header`` into ``sink`` (None: received and dropped)."""
         if header.length == 0:
             return
@@ -167,17 +172,42 @@ class UcxConnection:
             if header.length > INLINE_MAX:
                 raise FrameError(f"inline payload of {header.length} bytes exceeds {INLINE_MAX}")
             if sink is not None:
-                copy_into(sink, self._slot_view[HEADER_SIZE:HEADER_SIZE + header.length])
+                copy_into(sink.view, self._slot_view[HEADER_SIZE:HEADER_SIZE + header.length])
+                sink.filled = header.length
             return
         sizes = self._segment_sizes(header) if header.flags & SEGMENTED_PAYLOAD else [header.length]
         receive = self._payload_receiver(header)
-        offset = 0
         for size in sizes:
             if sink is None:
                 await self._drop_message(receive)
             elif size:
-                await receive(sink[offset:offset + size])
-            offset += size
+                await self._receive_segment(receive, sink, size)
+
+    async def _receive_segment(self, receive: Callable[[Any], Awaitable[None]], sink: Landing,
+                               size: int) -> None:
+        """One payload message into ``sink`` at ``sink.filled``.
+
+        UCX writes into the caller's buffer until the message completes, and cannot be
+        redirected meanwhile; so while it does, ``sink.in_flight`` tells a withdrawing
+        receiver to wait, and a segment that landed after the withdrawal is copied into the
+        private buffer before that wait ends.
+        """
+        offset = sink.filled
+        target = sink.view
+        if sink.private:
+            await receive(target[offset:offset + size])
+            sink.filled = offset + size
+            return
+        in_flight = self._loop.create_future()
+        sink.in_flight = in_flight
+        try:
+            await receive(target[offset:offset + size])
+            if sink.view is not target:  # withdrawn meanwhile: the caller is still waiting
+                sink.view[offset:offset + size] = target[offset:offset + size]
+            sink.filled = offset + size
+        finally:
+            sink.in_flight = None
+            in_flight.set_result(None)
 
     def _payload_receiver(self, header: FrameHeader) -> Callable[[Any], Awaitable[None]]:
         """How this frame's payload messages are received.
@@ -226,7 +256,7 @@ class UcxConnection:
     def _lose(self, detail: str) -> None:
         self._stop_reading()
         self.tx_broken = True
-        if not self._transport.closing:
+        if not self._transport.closing and not self._abandoned:
             self._transport.peer_lost(self.peer, detail)
 
     def _stop_reading(self) -> None:
@@ -248,8 +278,8 @@ class UcxConnection:
 
         All messages are submitted before this coroutine first yields, so frames of
         concurrent senders never interleave; when UCX completes them on submission (small
-        eager messages) it returns without yielding at all. A cancelled send still completes
-        in the background (UCX owns the buffers until then), so the connection stays in step.
+        eager messages) it returns without yielding at all. A cancelled or failed send
+        returns only once UCX no longer reads its buffers (see :meth:`_stop_reading_buffers`).
         """
         if self.tx_broken:
             if self._transport.mailbox.error is not None:
@@ -261,13 +291,37 @@ class UcxConnection:
             return  # eager messages UCX completed on submission: no loop round trip
         waiter = self._loop.create_future()
         self._waiters.add(waiter)
-        asyncio.gather(*sends).add_done_callback(lambda done: self._sent(done, waiter))
+        gathered = asyncio.gather(*sends)
+        gathered.add_done_callback(lambda done: self._sent(done, waiter))
         try:
             await waiter
+        except BaseException:
+            await self._stop_reading_buffers(gathered)
+            raise
         finally:
             self._waiters.discard(waiter)
             if waiter.done() and not waiter.cancelled():
                 waiter.exception()  # failed by fail_writer while our caller was being cancelled
+
+    async def _stop_reading_buffers(self, sends: asyncio.Future) -> None:
+        """A send that is cancelled or failed returns only once UCX no longer reads its
+        buffers: its messages complete within ``SEND_RELEASE_GRACE`` seconds (the frame
+        went out whole, the connection stays in step), or the endpoint is closed, which
+        cancels them (the connection is then broken for data). When the peer is lost (or
+        said goodbye) it returns at once: no rank will ever deliver what UCX still reads."""
+        if sends.done() or self.eof.done():
+            return
+        try:
+            await asyncio.wait([sends, self.eof], timeout=SEND_RELEASE_GRACE,
+                               return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            pass  # cancelled again: stop waiting and cut the transfer off below
+        if sends.done() or self.eof.done():
+            return  # a peer that is gone, or said goodbye, delivers nothing read late
+        self.tx_broken = True
+        self._abandoned = True
+        await close_endpoint(self.endpoint)
+        await self.close_payload_endpoint()
 
     def _sent(self, done: asyncio.Future, waiter: asyncio.Future) -> None:
         error = None if done.cancelled() else done.exception()

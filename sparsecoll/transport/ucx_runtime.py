@@ -465,9 +465,10 @@ def cuda_support() -> bool:
     return bool(ucxx.core._get_ctx().context.cuda_support)
 
 
-def create_listener(callback: Callable[[Any], Any]) -> Any:
-    """A UCX listener on a free port of every interface; ``callback(endpoint)`` per peer."""
-    return ucxx.create_listener(callback, port=0, endpoint_error_handling=True)
+def create_listener(callback: Callable[[Any], Any], port: int = 0) -> Any:
+    """A UCX listener on ``port`` (0: a free one) of every interface; ``callback(endpoint)``
+    per peer. Raises UCX's error when the port is taken."""
+    return ucxx.create_listener(callback, port=port, endpoint_error_handling=True)
 
 
 async def create_endpoint(host: str, port: int, timeout: float) -> Any:
