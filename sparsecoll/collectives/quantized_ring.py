@@ -101,7 +101,7 @@ async def _hop(call: Call, outgoing: Iterable[Piece], incoming: list[tuple[int, 
             sender.cancel()
         for received in posted:
             if not received.done:
-                call.transport.mailbox.cancel(received)
+                await call.transport.mailbox.release(received)  # out is ours again only once nothing writes it
 
 
 async def quantized_ring_allreduce(call: Call, flat: np.ndarray, bits: int, seed: int = 0,
