@@ -62,9 +62,45 @@ async def sharded_sessions(group) -> dict:
     return results
 
 
+def train_torch_linear(sync) -> list:
+    """serve_model / ModelWorker with 2 servers: each server loads the whole model, a worker's model holds x̂."""
+    import torch
+
+    from sparsecoll.ps.torch_model import ModelWorker, serve_model
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Linear(DIM, 1)
+    config = AsyLPGConfig(lr=0.3, param_bits=8, grad_bits=8, num_servers=SERVERS)
+    if sync.rank < SERVERS:
+        serve_model(sync, model, config, timeout=60)
+        return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).tolist()
+    features, targets = (torch.from_numpy(a).float() for a in least_squares_rows(sync.rank))
+    worker = ModelWorker(sync, model, config, timeout=60)
+    for _ in range(10):
+        model.zero_grad()
+        torch.nn.functional.mse_loss(model(features).squeeze(1), targets).backward()
+        worker.step()
+    held = torch.cat([p.detach().reshape(-1) for p in model.parameters()]).double().numpy()
+    np.testing.assert_allclose(held, worker.worker.params, rtol=1e-6, atol=1e-6)  # the model holds x̂
+    worker.close()
+    return [worker.stats.pushes, len(worker.worker.shards)]
+
+
 @pytest.fixture(scope="module")
 def job() -> list[dict]:
-    return run_ranks(RANKS, sharded_sessions, timeout=300)
+    """One job of 4 real ranks (2 servers, 2 workers) runs the numpy sessions, then the torch one."""
+    return run_ranks(RANKS, every_part, timeout=300, group_kwargs=None)
+
+
+def every_part(rank: int, world_size: int) -> dict:
+    import sparsecoll
+
+    with sparsecoll.init_sync_group() as group:
+        results = group.run(sharded_sessions(group.group))
+        group.barrier()
+        results["torch"] = train_torch_linear(group)
+    return results
 
 
 def test_two_servers_converge_and_every_shard_message_has_its_formula_size(job) -> None:
@@ -131,3 +167,9 @@ def test_a_dead_server_fails_every_other_rank_with_a_named_error() -> None:
     outcomes = run_ranks(RANKS, die_mid_training, victim, timeout=60, expect_dead=[victim])
     survivors = [outcome for rank, outcome in enumerate(outcomes) if rank != victim]
     assert all(outcome in ("PeerLostError", "GroupAbortedError") for outcome in survivors), survivors
+
+
+def test_serve_model_and_model_worker_take_the_servers_from_the_config(job) -> None:
+    first, second = job[0]["torch"], job[1]["torch"]
+    assert first == second and len(first) == DIM + 1 and any(first)  # both servers hold the whole model
+    assert [job[rank]["torch"] for rank in range(SERVERS, RANKS)] == [[10, SERVERS]] * (RANKS - SERVERS)
