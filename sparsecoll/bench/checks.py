@@ -49,6 +49,18 @@ def densities(option: str, text: str) -> list[float]:
     return values
 
 
+def memory_betas(option: str, text: str | None) -> list[float | None]:
+    """ScaleCom's memory filter factors in (0, 1]: '1,0.1'; None (not given) is the algorithm's default."""
+    if text is None:
+        return [None]
+    values = listed(option, text, _float)
+    for value in values:
+        if not 0 < value <= 1:
+            raise InvalidArgumentError(f"{option} takes factors in (0, 1] (1 is plain error feedback, 0.1 "
+                                       f"ScaleCom's default for cltk); not {value:g}")
+    return values
+
+
 def quantize_bits(option: str, text: str) -> list[int | None]:
     """Bits per value from QUANTIZE_BITS, 0 meaning not quantized."""
     values = listed(option, text, _int)

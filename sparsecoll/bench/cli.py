@@ -280,6 +280,12 @@ def train_command(
     lr: Annotated[float, typer.Option(metavar="RATE", help="SGD learning rate (momentum 0.9)")] = 0.1,
     hidden: Annotated[int, typer.Option(metavar="N", help="hidden units of the MLP")] = 128,
     seed: Annotated[int, typer.Option(metavar="N", help="seed of the weights and the data order")] = 0,
+    memory_beta: Annotated[str | None, typer.Option(
+        "--memory-beta", metavar="LIST", help="ScaleCom's filter on the error-feedback memory, in (0, 1]; "
+                                              "1,0.1 runs each compressed row at both (default: 0.1 for "
+                                              "cltk, 1 for the others)")] = None,
+    no_momentum_correction: Annotated[bool, typer.Option(
+        "--no-momentum-correction", help="error feedback on the plain gradient, not DGC's momentum")] = False,
     backend: Backend = "tcp",
     link: Link = None,
     json_file: JsonFile = None,
@@ -301,11 +307,12 @@ def train_command(
             raise ValueError(f"--lr must be positive, not {lr}")
         checks.algorithms("--algorithms", algorithms, ())
         checks.densities("--densities", densities)
+        betas = checks.memory_betas("--memory-beta", memory_beta)
         checks.backend(backend)
         checks.link(link)
         from sparsecoll.bench import train  # after the checks: it loads torch
 
-        configs = train.parse_configs(algorithms, densities)
+        configs = train.parse_configs(algorithms, densities, betas, momentum_correction=not no_momentum_correction)
         starting(world_size(ranks))
         with status(f"training {len(configs)} configurations for {epochs} epochs each..."):
             rows = train.run(dataset, ranks, configs, epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed,

@@ -34,6 +34,8 @@ TABLE = [
                                                                    default=False),
     Column("compression", "compression", lambda value: f"{value:.3g}x"),
     Column("seconds_per_step", "time/step", seconds),
+    Column("memory_beta_used", "beta", number, constant=True),
+    Column("momentum_correction_used", "mom. corr.", constant=True),
 ]
 _AVERAGED = ("bytes_per_step", "steady_bytes_per_step", "final_loss", "seconds_per_step")
 """Per-rank figures that the rows average over ranks (with the per-epoch losses)."""
@@ -119,7 +121,8 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
             "steady_bytes_per_step": last_epoch_bytes / steps_per_epoch, "seconds_per_step": training_seconds / steps,
             "parameters": sum(p.numel() for p in model.parameters()),
             "error_feedback_used": bool(optimizer.compression.error_feedback),
-            "memory_beta_used": optimizer.compression.filter_factor()}
+            "memory_beta_used": optimizer.compression.filter_factor(),
+            "momentum_correction_used": bool(optimizer.momentum_correction)}
 
 
 def _accuracy(model: Any, test_x: Any, test_y: Any) -> float:
@@ -156,7 +159,8 @@ def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, flo
     """Rows of the report (every process gets them; under torchrun each runs one rank).
 
     A configuration is ``(algorithm, density)`` or a dict that may also say ``error_feedback``,
-    ``dtype`` (the model's, e.g. "bfloat16") and ``residual_dtype``.
+    ``memory_beta``, ``momentum_correction``, ``dtype`` (the model's, e.g. "bfloat16") and
+    ``residual_dtype``.
     """
     options = {"epochs": epochs, "batch": batch, "lr": lr, "hidden": hidden, "seed": seed,
                "warmup_epochs": warmup_epochs}
@@ -170,11 +174,23 @@ def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, flo
     return rows
 
 
-def parse_configs(algorithms: str, densities: str) -> list[tuple[str, float]]:
-    """'dense,gtopk,cltk' x '0.01,0.001' to configurations; dense runs once, at density 1."""
+def parse_configs(algorithms: str, densities: str, memory_betas: Sequence[float | None] = (None,),
+                  momentum_correction: bool = True) -> list[dict[str, Any]]:
+    """'dense,gtopk,cltk' x '0.01,0.001' (x each memory_beta) to configurations; dense runs once,
+    at density 1. A ``None`` beta is the algorithm's default (ScaleCom's 0.1 for cltk, else 1);
+    ``momentum_correction=False`` feeds error feedback the plain gradient (every configuration)."""
     names, values = parse_list(algorithms), parse_list(densities, float)
-    return [(name, 1.0) for name in names if name == "dense"] + [
-        (name, density) for density in values for name in names if name != "dense"]
+    pairs = [(name, 1.0, None) for name in names if name == "dense"] + [
+        (name, density, beta) for density in values for name in names if name != "dense" for beta in memory_betas]
+    configs = []
+    for name, density, beta in pairs:
+        config: dict[str, Any] = {"algorithm": name, "density": density}
+        if beta is not None:
+            config["memory_beta"] = beta
+        if not momentum_correction:
+            config["momentum_correction"] = False
+        configs.append(config)
+    return configs
 
 
 def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -28,6 +28,10 @@ full-gradient snapshot each epoch) and Sparse-AsyLPG drops coordinates at random
 here the inner step is plain asynchronous SGD and sparsity is top-k with error feedback. Quantizer grids are per block of ``block_size`` values with a
 max-abs scale (the paper's per-vector ∞-norm grid is block_size = d).
 
+Several servers (``num_servers`` = n > 1): ranks 0 .. n-1 each run the server steps above on
+one contiguous shard of x (own version t, own τ), and a worker runs the worker steps on every
+shard at once, its gradient cut at the shard bounds; at step 5 the servers exchange their shards.
+
 Failure: every wait has a deadline. A worker that dies fails the group on every rank, as any
 lost peer does: the server and the other workers raise ``PeerLostError`` (or
 ``GroupAbortedError`` relayed from the rank that saw it first), never hang; a stalled peer
@@ -36,6 +40,7 @@ raises ``CollectiveTimeoutError``. Restart the job from a checkpoint of the serv
 
 from .config import FULL_PRECISION, AsyLPGConfig
 from .server import ParameterServer, ServerStats, serve
-from .worker import Worker, WorkerStats
+from .worker import ShardClient, Worker, WorkerStats
 
-__all__ = ["FULL_PRECISION", "AsyLPGConfig", "ParameterServer", "ServerStats", "Worker", "WorkerStats", "serve"]
+__all__ = ["FULL_PRECISION", "AsyLPGConfig", "ParameterServer", "ServerStats", "ShardClient", "Worker",
+           "WorkerStats", "serve"]

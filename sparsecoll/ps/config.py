@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from sparsecoll.compress import k_for_density
 from sparsecoll.errors import InvalidArgumentError
 from sparsecoll.kernels.quantize import check_layout, packed_size
@@ -18,6 +20,8 @@ FULL_PRECISION = 32
 PARAMETER_ENCODINGS = ("delta", "direct")
 MESSAGE_HEADER_BYTES = 16
 """Every ps message starts with two int64: its kind and a parameter version."""
+SHARD_SEED_STRIDE = 104_729
+"""Seed offset between shards, so two shards' roundings are independent (shard 0 keeps the unsharded seeds)."""
 
 
 @dataclass(frozen=True)
@@ -32,6 +36,9 @@ class AsyLPGConfig:
     updates old (the paper's delay bound τ). ``param_encoding``: ``"delta"`` quantizes the
     change since the worker's last pull (its copy's error shrinks with the step), ``"direct"``
     quantizes the parameters themselves (the paper's Q(x) on a per-block grid).
+    ``num_servers`` > 1 shards the parameters: ranks 0 .. num_servers - 1 each serve one
+    contiguous shard (:func:`shard_bounds`) as a server of its own (own version, own staleness
+    bound), and every worker pulls and pushes every shard concurrently.
     """
 
     lr: float
@@ -43,6 +50,7 @@ class AsyLPGConfig:
     param_encoding: str = "delta"
     block_size: int = 256
     seed: int = 0
+    num_servers: int = 1
 
     def __post_init__(self) -> None:
         if not self.lr > 0:
@@ -56,6 +64,8 @@ class AsyLPGConfig:
             raise InvalidArgumentError(f"momentum must be in [0, 1), not {self.momentum}")
         if self.staleness < 0:
             raise InvalidArgumentError(f"staleness must be >= 0, not {self.staleness}")
+        if isinstance(self.num_servers, bool) or not isinstance(self.num_servers, int) or self.num_servers < 1:
+            raise InvalidArgumentError(f"num_servers must be an int >= 1, not {self.num_servers!r}")
         if self.param_encoding not in PARAMETER_ENCODINGS:
             raise InvalidArgumentError(f"param_encoding must be one of {PARAMETER_ENCODINGS}, "
                                        f"not {self.param_encoding!r}")
@@ -84,3 +94,16 @@ class AsyLPGConfig:
         count = self.pushed_count(size)
         indices = 4 * count if self.sparse else 0
         return MESSAGE_HEADER_BYTES + indices + self.values_bytes(count, self.grad_bits)
+
+
+def shard_bounds(size: int, num_servers: int) -> list[tuple[int, int]]:
+    """[start, stop) of each server's contiguous shard of ``size`` parameters (sizes differ by at most 1).
+
+    Every shard is quantized, sparsified and counted on its own: a message for a shard of ``n``
+    parameters has ``pull_bytes(n)`` / ``push_bytes(n)`` bytes.
+    """
+    if size < num_servers:
+        raise InvalidArgumentError(f"{num_servers} servers cannot each hold a shard of a {size}-parameter model")
+    base, extra = divmod(size, num_servers)
+    stops = np.cumsum([base + (shard < extra) for shard in range(num_servers)])
+    return [(int(stop - base - (shard < extra)), int(stop)) for shard, stop in enumerate(stops)]

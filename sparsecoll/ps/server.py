@@ -5,6 +5,7 @@ See :mod:`sparsecoll.ps` for the algorithm; the step numbers below are its serve
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -12,13 +13,17 @@ import numpy as np
 
 from sparsecoll.compress import ParameterQuantizer, QuantizedPayload, QuantizeCodec
 from sparsecoll.errors import FrameError, InvalidArgumentError
+from sparsecoll.p2p import wait_all
 from sparsecoll.transport.mailbox import ANY_SOURCE
 
-from .config import FULL_PRECISION, AsyLPGConfig
+from .config import FULL_PRECISION, SHARD_SEED_STRIDE, AsyLPGConfig, shard_bounds
 from .messages import REPLY_TAG, REQUEST_TAG, Kind, decode_values, encode_values, frame, parse, split_indices
 
 if TYPE_CHECKING:
     from sparsecoll.group import Group
+
+SHARD_TAG = 0x50530003
+"""p2p tag of a server's final shard, sent to the other server ranks when the session ends."""
 
 
 @dataclass
@@ -37,9 +42,9 @@ class ServerStats:
 class ParameterEncoder:
     """The server's end of one worker's parameter stream (steps 1 and 4: Q(x) at ``param_bits``)."""
 
-    def __init__(self, config: AsyLPGConfig, size: int, worker: int) -> None:
+    def __init__(self, config: AsyLPGConfig, size: int, worker: int, shard: int = 0) -> None:
         self.config = config
-        seed = config.seed * 1009 + worker
+        seed = config.seed * 1009 + worker + SHARD_SEED_STRIDE * shard
         quantized = config.param_bits != FULL_PRECISION
         self.delta = ParameterQuantizer(np.zeros(size), config.param_bits, block_size=config.block_size,
                                         seed=seed) if quantized and config.param_encoding == "delta" else None
@@ -61,6 +66,10 @@ class ParameterEncoder:
 class ParameterServer:
     """Serves ``initial`` parameters to every other rank of ``group`` until each has left.
 
+    With ``config.num_servers`` > 1 this rank (one of ranks 0 .. num_servers - 1) serves only
+    its shard of ``initial`` (``shard_bounds``), to the worker ranks (num_servers ..): a shard
+    is a parameter server of its own, with its own version and staleness bound.
+
     Each message is handled as it arrives from any worker (no barrier between workers); every
     wait has the group's deadline (or ``timeout``), so a stalled worker raises
     ``CollectiveTimeoutError`` and a dead one ``PeerLostError`` here and, through the group's
@@ -69,12 +78,22 @@ class ParameterServer:
 
     def __init__(self, group: Group, initial: np.ndarray, config: AsyLPGConfig, *,
                  timeout: float | None = None) -> None:
-        if group.size < 2:
-            raise InvalidArgumentError("a parameter server needs at least one worker rank", rank=group.rank)
+        servers = config.num_servers
+        if group.size <= servers:
+            raise InvalidArgumentError(f"{servers} server rank(s) in a group of {group.size} leave no worker",
+                                       rank=group.rank)
+        if servers > 1 and group.rank >= servers:
+            raise InvalidArgumentError(f"rank {group.rank} is a worker: the {servers} servers are ranks "
+                                       f"0..{servers - 1}", rank=group.rank)
         self.group = group
         self.config = config
         self.timeout = timeout
-        self.params = np.array(initial, np.float64).reshape(-1)
+        flat = np.array(initial, np.float64).reshape(-1)
+        self.full_size = flat.size
+        self.shard = group.rank if servers > 1 else 0
+        start, stop = shard_bounds(flat.size, servers)[self.shard]
+        self.params = flat[start:stop].copy()
+        self.workers = set(range(servers, group.size)) if servers > 1 else set(range(group.size)) - {group.rank}
         self.lookahead = self.params.copy()  # y_t of the accelerated update
         self.version = 0
         self.stats = ServerStats()
@@ -95,12 +114,15 @@ class ParameterServer:
             raise
 
     async def _serve(self) -> np.ndarray:
-        active = set(range(self.group.size)) - {self.group.rank}
+        active = set(self.workers)
         while active:
             message = await self.group.recv(ANY_SOURCE, REQUEST_TAG, timeout=self.timeout)
             worker = message.source
             self.stats.bytes_received += message.value.nbytes
             kind, version, body = parse(message.value, worker, self.group.rank)
+            if worker not in self.workers:
+                raise FrameError(f"{kind.name} from rank {worker}, which is not a worker of this server",
+                                 rank=self.group.rank, peer=worker)
             if worker not in active:
                 raise FrameError(f"{kind.name} from a worker that already left (start the next session "
                                  "after a barrier)", rank=self.group.rank, peer=worker)
@@ -154,15 +176,42 @@ class ParameterServer:
         """Steps 1 and 4: the parameters, quantized for this worker, with the version they are at."""
         encoder = self.encoders.get(worker)
         if encoder is None:
-            encoder = self.encoders[worker] = ParameterEncoder(self.config, self.params.size, worker)
+            encoder = self.encoders[worker] = ParameterEncoder(self.config, self.params.size, worker, self.shard)
         message = frame(kind, self.version, encoder.encode(self.params))
         await self.group.send(message, worker, REPLY_TAG, timeout=self.timeout)
         self.stats.bytes_sent += message.nbytes
 
 
+    async def assemble(self, shard: np.ndarray) -> np.ndarray:
+        """The whole final vector on every server rank: each sends its shard to the others (step 5)."""
+        servers = range(self.config.num_servers)
+        bounds = shard_bounds(self.full_size, self.config.num_servers)
+        whole = np.empty(self.full_size)
+        whole[slice(*bounds[self.shard])] = shard
+        others = [rank for rank in servers if rank != self.group.rank]
+        sends = [asyncio.ensure_future(self.group.send(shard, rank, SHARD_TAG, timeout=self.timeout))
+                 for rank in others]
+        receives = [asyncio.ensure_future(self.group.recv(rank, SHARD_TAG, timeout=self.timeout))
+                    for rank in others]
+        for rank, message in zip(others, (await wait_all(sends + receives))[len(sends):]):
+            part = np.asarray(message.value)
+            start, stop = bounds[rank]
+            if part.dtype != np.float64 or part.size != stop - start:
+                raise FrameError(f"server {rank}'s final shard has {part.size} {part.dtype} values, "
+                                 f"expected {stop - start} float64", rank=self.group.rank, peer=rank)
+            whole[start:stop] = part
+        return whole
+
+
 async def serve(group: Group, initial: np.ndarray, config: AsyLPGConfig, *,
                 timeout: float | None = None) -> tuple[np.ndarray, ServerStats]:
-    """Run a :class:`ParameterServer` on this rank; returns (final parameters, stats)."""
+    """Run a :class:`ParameterServer` on this rank; returns (final parameters, stats).
+
+    Sharded (``config.num_servers`` > 1): every server rank returns the whole final vector
+    (the servers exchange their shards at the end) and the stats of its own shard.
+    """
     server = ParameterServer(group, initial, config, timeout=timeout)
     params = await server.serve()
+    if config.num_servers > 1:
+        params = await server.assemble(params)
     return params, server.stats

@@ -30,7 +30,11 @@ def _parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
 
 def serve_model(group: SyncGroup, model: torch.nn.Module, config: AsyLPGConfig, *,
                 timeout: float | None = None) -> ServerStats:
-    """Serve ``model``'s parameters to every other rank; loads the final ones into ``model``."""
+    """Serve ``model``'s parameters to every other rank; loads the final ones into ``model``.
+
+    With ``config.num_servers`` > 1 call it on every server rank (0 .. n-1): each serves its
+    shard, and each loads the whole final model.
+    """
     params = _parameters(model)
     initial = parameters_to_vector(params).detach().cpu().double().numpy()
     final, stats = group.run(serve(group.group, initial, config, timeout=timeout))

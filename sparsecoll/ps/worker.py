@@ -5,6 +5,8 @@ See :mod:`sparsecoll.ps` for the algorithm; the step numbers below are its worke
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -12,9 +14,10 @@ import numpy as np
 
 from sparsecoll.compress import ParameterQuantizer, QuantizedPayload, QuantizeCodec
 from sparsecoll.errors import FrameError, InvalidArgumentError
+from sparsecoll.p2p import wait_all
 from sparsecoll.kernels import topk
 
-from .config import FULL_PRECISION, AsyLPGConfig
+from .config import FULL_PRECISION, SHARD_SEED_STRIDE, AsyLPGConfig, shard_bounds
 from .messages import REPLY_TAG, REQUEST_TAG, Kind, decode_values, encode_values, frame, parse
 
 if TYPE_CHECKING:
@@ -32,16 +35,17 @@ class WorkerStats:
     bytes_pulled: int = 0
 
 
-class Worker:
-    """One worker's connection to the server rank; holds the quantized parameters it computes at.
+class ShardClient:
+    """One worker's connection to one server rank (one shard); holds the quantized parameters it computes at.
 
-    ``params`` is this worker's copy, x̂ = Q(x) as last received (float64, flat). Call
+    ``params`` is this shard's copy, x̂ = Q(x) as last received (float64, flat). Call
     :meth:`pull` once, then :meth:`push` with the gradient at ``params`` each step; each push
     returns the server's next parameters. :meth:`close` tells the server this worker left.
+    ``shard`` only offsets the rounding seeds (shard 0 has the unsharded ones).
     """
 
     def __init__(self, group: Group, size: int, config: AsyLPGConfig, *, server: int = 0,
-                 timeout: float | None = None) -> None:
+                 shard: int = 0, timeout: float | None = None) -> None:
         if server == group.rank or not 0 <= server < group.size:
             raise InvalidArgumentError(f"server {server} is not another rank of a group of {group.size}",
                                        rank=group.rank)
@@ -54,7 +58,7 @@ class Worker:
         self.params = np.zeros(size)
         self.stats = WorkerStats()
         self.residual = np.zeros(size) if config.sparse else None
-        seed = config.seed * 1009 + 7919 * (group.rank + 1)
+        seed = config.seed * 1009 + 7919 * (group.rank + 1) + SHARD_SEED_STRIDE * shard
         self.grad_codec = QuantizeCodec(config.grad_bits, block_size=config.block_size, seed=seed) \
             if config.grad_bits != FULL_PRECISION else None
         quantized = config.param_bits != FULL_PRECISION
@@ -142,3 +146,93 @@ class Worker:
         payload = QuantizedPayload(body[:packed_bytes], body[packed_bytes:].view(np.float32), config.param_bits,
                                    config.block_size, self.size, np.dtype(np.float64))
         return self.delta.decode(payload)
+
+
+class Worker:
+    """One worker rank of AsyLPG: a :class:`ShardClient` per server rank, driven together.
+
+    ``params`` is this worker's whole copy, x̂ = Q(x) as last received (float64, flat). Call
+    :meth:`pull` once, then :meth:`push` with the gradient at ``params`` each step; each push
+    returns the server's next parameters. :meth:`close` tells the server(s) this worker left.
+
+    With ``config.num_servers`` = n > 1 the servers are ranks 0 .. n - 1 and this worker (a
+    rank >= n) pulls and pushes every shard concurrently: the gradient is cut at
+    ``shard_bounds`` and each piece goes to its shard's server, which may refuse it (staleness
+    is per shard). ``shards`` holds each shard's client and stats; ``stats`` counts this
+    worker's pulls and pushes once each, the refusals and bytes of all shards together.
+    """
+
+    def __init__(self, group: Group, size: int, config: AsyLPGConfig, *, server: int = 0,
+                 timeout: float | None = None) -> None:
+        servers = config.num_servers
+        if servers > 1 and server != 0:
+            raise InvalidArgumentError(f"with num_servers={servers} the servers are ranks 0..{servers - 1}; "
+                                       f"server={server} cannot move them", rank=group.rank)
+        if servers > 1 and group.rank < servers:
+            raise InvalidArgumentError(f"rank {group.rank} is one of the {servers} server ranks, not a worker",
+                                       rank=group.rank)
+        self.group = group
+        self.size = size
+        self.bounds = shard_bounds(size, servers)
+        ranks = range(servers) if servers > 1 else [server]
+        self.shards = [ShardClient(group, stop - start, config, server=rank, shard=index, timeout=timeout)
+                       for index, (rank, (start, stop)) in enumerate(zip(ranks, self.bounds))]
+        self._calls = WorkerStats()
+
+    @property
+    def params(self) -> np.ndarray:
+        """This worker's copy of the whole parameter vector."""
+        if len(self.shards) == 1:
+            return self.shards[0].params
+        return np.concatenate([shard.params for shard in self.shards])
+
+    @property
+    def version(self) -> int:
+        """The oldest shard version this worker holds (-1 before the first pull)."""
+        return min(shard.version for shard in self.shards)
+
+    @property
+    def residual(self) -> np.ndarray | None:
+        """The error-feedback residual of a sparse worker (whole vector), else None."""
+        if self.shards[0].residual is None:
+            return None
+        if len(self.shards) == 1:
+            return self.shards[0].residual
+        return np.concatenate([shard.residual for shard in self.shards])
+
+    @property
+    def stats(self) -> WorkerStats:
+        """Pulls and pushes as this worker's calls; refusals and bytes summed over the shards."""
+        if len(self.shards) == 1:
+            return self.shards[0].stats
+        total = WorkerStats(pulls=self._calls.pulls, pushes=self._calls.pushes)
+        for name in ("refused", "bytes_pushed", "bytes_pulled"):
+            setattr(total, name, sum(getattr(shard.stats, name) for shard in self.shards))
+        return total
+
+    async def pull(self) -> np.ndarray:
+        """Step 1 on every shard; returns this worker's (quantized) copy."""
+        await self._each(lambda shard, _: shard.pull())
+        self._calls.pulls += 1
+        return self.params
+
+    async def push(self, gradient: np.ndarray) -> np.ndarray:
+        """Steps 2 and 4 on every shard (concurrently); returns the next parameters."""
+        flat = np.asarray(gradient, np.float64).reshape(-1)
+        if flat.size != self.size:
+            raise InvalidArgumentError(f"gradient of {flat.size} values for a model of {self.size}",
+                                       rank=self.group.rank)
+        await self._each(lambda shard, bounds: shard.push(flat[slice(*bounds)]))
+        self._calls.pushes += 1
+        return self.params
+
+    async def close(self) -> None:
+        """Step 5 on every shard (idempotent)."""
+        await self._each(lambda shard, _: shard.close())
+
+    async def _each(self, call: Callable[[ShardClient, tuple[int, int]], Coroutine]) -> None:
+        """Run ``call`` on every shard at once; the first error cancels the rest and is raised."""
+        if len(self.shards) == 1:
+            await call(self.shards[0], self.bounds[0])
+            return
+        await wait_all(asyncio.ensure_future(call(shard, bounds)) for shard, bounds in zip(self.shards, self.bounds))
