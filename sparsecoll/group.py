@@ -9,6 +9,7 @@ poisoned group raises that error again on every later call, and ``close()`` rele
 from __future__ import annotations
 
 import asyncio
+import inspect
 import os
 import time
 import zlib
@@ -45,6 +46,17 @@ BLAME_MIN_WAIT = 0.1
 that stalled, then posts its receives and reads the abort at once, waits on nobody."""
 
 T = TypeVar("T")
+
+CANCELLATION_RULE = """Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
+group on every rank, as in NCCL: the other ranks are inside the same call and cannot finish it.
+For a deadline pass ``timeout=``, which fails every rank with CollectiveTimeoutError instead."""
+
+
+def _poisons_when_cancelled(method: Callable) -> Callable:
+    """Append :data:`CANCELLATION_RULE` to a collective's docstring: one text, in every
+    docstring a user reads (``help``, the API reference)."""
+    method.__doc__ = f"{inspect.cleandoc(method.__doc__ or '')}\n\n{CANCELLATION_RULE}"
+    return method
 
 
 class Group:
@@ -173,17 +185,13 @@ class Group:
             raise copy_error(self.error)
 
     # ----------------------------------------------------------------- calls
+    @_poisons_when_cancelled
     async def run(self, signature: Signature, body: Callable[[Call], Awaitable[T]],
                   timeout: float | None = None) -> CollectiveResult:
         """Run ``body`` as the next collective call of this group.
 
         This is the extension point for collectives: ``body`` receives a :class:`Call` whose
         frames carry ``signature``; its return value becomes ``CollectiveResult.value``.
-
-        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
-        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
-        finish it. For a deadline pass ``timeout=``, which fails every rank with
-        CollectiveTimeoutError instead.
         """
         self.check_usable()
         timeout = self.timeout if timeout is None else float(timeout)
@@ -217,61 +225,39 @@ class Group:
         return CollectiveResult(value, call.stats)
 
     # ----------------------------------------------------------------- dense collectives
+    @_poisons_when_cancelled
     async def allreduce(self, array: np.ndarray, op: str = "sum", *, out: np.ndarray | None = None,
                         timeout: float | None = None) -> CollectiveResult:
         """Element-wise reduction over all ranks (sum, mean, max, min, prod); ``out=array``
         reduces in place.
-
-        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
-        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
-        finish it. For a deadline pass ``timeout=``, which fails every rank with
-        CollectiveTimeoutError instead.
         """
         return await dense.allreduce(self, array, op, out=out, timeout=timeout)
 
+    @_poisons_when_cancelled
     async def allgather(self, array: np.ndarray, *, out: np.ndarray | None = None,
                         timeout: float | None = None) -> CollectiveResult:
-        """Every rank's equally shaped array, stacked: result shape ``(size, *array.shape)``.
-
-        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
-        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
-        finish it. For a deadline pass ``timeout=``, which fails every rank with
-        CollectiveTimeoutError instead.
-        """
+        """Every rank's equally shaped array, stacked: result shape ``(size, *array.shape)``."""
         return await dense.allgather(self, array, out=out, timeout=timeout)
 
+    @_poisons_when_cancelled
     async def allgatherv(self, array: np.ndarray, *, counts: list[int] | None = None,
                          timeout: float | None = None) -> CollectiveResult:
         """Every rank's 1-D array of its own length; value is a list of ``size`` arrays
         (views into one contiguous buffer).
-
-        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
-        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
-        finish it. For a deadline pass ``timeout=``, which fails every rank with
-        CollectiveTimeoutError instead.
         """
         return await dense.allgatherv(self, array, counts=counts, timeout=timeout)
 
+    @_poisons_when_cancelled
     async def broadcast(self, array: np.ndarray, root: int = 0, *, out: np.ndarray | None = None,
                         timeout: float | None = None) -> CollectiveResult:
         """Root's array on every rank; other ranks pass an array of the same shape and dtype
         (``out=array`` receives in place).
-
-        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
-        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
-        finish it. For a deadline pass ``timeout=``, which fails every rank with
-        CollectiveTimeoutError instead.
         """
         return await dense.broadcast(self, array, root, out=out, timeout=timeout)
 
+    @_poisons_when_cancelled
     async def barrier(self, *, timeout: float | None = None) -> CollectiveResult:
-        """Return once every rank has entered the barrier.
-
-        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
-        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
-        finish it. For a deadline pass ``timeout=``, which fails every rank with
-        CollectiveTimeoutError instead.
-        """
+        """Return once every rank has entered the barrier."""
         return await dense.barrier(self, timeout=timeout)
 
 
@@ -331,15 +317,11 @@ class Group:
             return None
         return self._child(ranks, _child_context(self.context, index, ranks), name)
 
+    @_poisons_when_cancelled
     async def split(self, color: int | None, key: int = 0, *, timeout: float | None = None) -> Group | None:
         """Split into one sub-group per ``color`` (None: join none), ranked by (key, rank).
 
         A collective over this group, like ``MPI_Comm_split``.
-
-        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
-        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
-        finish it. For a deadline pass ``timeout=``, which fails every rank with
-        CollectiveTimeoutError instead.
         """
         mine = np.array([-1 if color is None else int(color), int(key)], np.int64)
         if color is not None and color < 0:
@@ -358,65 +340,36 @@ class Group:
                      context=context, members=[self.members[r] for r in ranks], parent=self)
 
     # ----------------------------------------------------------------- sparse and compressed
+    @_poisons_when_cancelled
     async def collective(self, name: str, array: np.ndarray, **options: Any) -> CollectiveResult:
-        """Run the collective registered as ``name`` (see :mod:`sparsecoll.registry`).
-
-        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
-        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
-        finish it. For a deadline pass ``timeout=``, which fails every rank with
-        CollectiveTimeoutError instead.
-        """
+        """Run the collective registered as ``name`` (see :mod:`sparsecoll.registry`)."""
         return await registry.collective(name)(self, array, **options)
 
+    @_poisons_when_cancelled
     async def reduce_gradient(self, grad: np.ndarray, algorithm: str = "gtopk", **options: Any) -> CollectiveResult:
         """Sum a gradient with the algorithm named by a string (dense, allgather, gtopk, sketch,
         cltk, or a registered one); see :mod:`sparsecoll.collectives.reduce`.
-
-        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
-        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
-        finish it. For a deadline pass ``timeout=``, which fails every rank with
-        CollectiveTimeoutError instead.
         """
         return await self.collective("reduce", grad, algorithm=algorithm, **options)
 
+    @_poisons_when_cancelled
     async def sparse_allgather(self, grad: np.ndarray, **options: Any) -> CollectiveResult:
-        """Every rank's top-k / threshold / random-k selection, summed (Aji & Heafield).
-
-        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
-        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
-        finish it. For a deadline pass ``timeout=``, which fails every rank with
-        CollectiveTimeoutError instead.
-        """
+        """Every rank's top-k / threshold / random-k selection, summed (Aji & Heafield)."""
         return await self.collective("allgather", grad, **options)
 
+    @_poisons_when_cancelled
     async def gtopk(self, grad: np.ndarray, **options: Any) -> CollectiveResult:
-        """Global top-k by recursive doubling, O(k log P) per rank (Shi et al.).
-
-        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
-        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
-        finish it. For a deadline pass ``timeout=``, which fails every rank with
-        CollectiveTimeoutError instead.
-        """
+        """Global top-k by recursive doubling, O(k log P) per rank (Shi et al.)."""
         return await self.collective("gtopk", grad, **options)
 
+    @_poisons_when_cancelled
     async def sketch_allreduce(self, grad: np.ndarray, **options: Any) -> CollectiveResult:
-        """Top-k through summed count sketches, traffic independent of d (Ivkin et al.).
-
-        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
-        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
-        finish it. For a deadline pass ``timeout=``, which fails every rank with
-        CollectiveTimeoutError instead.
-        """
+        """Top-k through summed count sketches, traffic independent of d (Ivkin et al.)."""
         return await self.collective("sketch", grad, **options)
 
+    @_poisons_when_cancelled
     async def cltk(self, grad: np.ndarray, **options: Any) -> CollectiveResult:
-        """The rotating leader's top-k indices, then a k-sized allreduce (ScaleCom).
-
-        Cancelling this call (``task.cancel()``, or ``asyncio.wait_for`` around it) poisons the
-        group on every rank, as in NCCL: the other ranks are inside the same call and cannot
-        finish it. For a deadline pass ``timeout=``, which fails every rank with
-        CollectiveTimeoutError instead.
-        """
+        """The rotating leader's top-k indices, then a k-sized allreduce (ScaleCom)."""
         return await self.collective("cltk", grad, **options)
 
 
