@@ -60,8 +60,11 @@ EXPECTED_OUTPUT = [
     r"^(\d) (\d+) bytes sent, 4194304 in the dense array$",          # the blocking calls
     r"^(\d) (\d+) bytes sent instead of 4194304$",                   # sparse and compressed
     r"^rank (\d): loss ([0-9.]+), (\d+) bytes sent last step, a dense allreduce sends ([0-9,]+)$",  # training
+    (r"^server: (\d+) updates, (\d+) refused as too stale$",                                          # AsyLPG:
+     r"^worker (\d): loss ([0-9.]+), (\d+) bytes pushed instead of (\d+)$"),                          # by role
 ]
 TRAINING = 3
+PARAMETER_SERVER = 4
 
 
 def test_the_readme_has_the_blocks_this_test_knows() -> None:
@@ -77,7 +80,7 @@ def _matches(pattern: str, stdout: str) -> list[re.Match]:
 
 def test_readme_api_blocks_run_verbatim_on_two_ranks(tmp_path: Path) -> None:
     scripts = []
-    for index in range(TRAINING):
+    for index in (*range(TRAINING), PARAMETER_SERVER):
         scripts.append(tmp_path / f"block{index}.py")
         scripts[-1].write_text(BLOCKS[index])
     run, stdout = _torchrun(scripts)
@@ -85,6 +88,10 @@ def test_readme_api_blocks_run_verbatim_on_two_ranks(tmp_path: Path) -> None:
     _matches(EXPECTED_OUTPUT[0], stdout)
     for index in (1, 2):  # sparse: a small fraction of what the dense allreduce would send
         assert all(0 < int(match.group(2)) < 4194304 / 20 for match in _matches(EXPECTED_OUTPUT[index], stdout))
+    server, worker = (re.search(pattern, stdout, re.M) for pattern in EXPECTED_OUTPUT[PARAMETER_SERVER])
+    assert server and int(server.group(1)) == 200, stdout  # one worker's 200 pushes, all applied
+    assert worker and float(worker.group(2)) < 1.0, stdout  # it learned through 8-bit parameters
+    assert 0 < int(worker.group(3)) < int(worker.group(4)) / 6, stdout  # 4-bit pushes: ~1/8 of fp32
 
 
 def test_readme_training_example_runs_verbatim_and_reports_dense_bytes(tmp_path: Path) -> None:

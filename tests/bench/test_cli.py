@@ -202,23 +202,19 @@ def test_kernels_write_json_and_plot(tmp_path: Path) -> None:
     assert_png(plot)
 
 
-def table_rows(output: str) -> list[dict[str, str]]:
-    """The rows of a rich table in ``output``, as {header: cell} (box-drawing separators)."""
-    header = next(line for line in output.splitlines() if line.startswith("┃"))
-    names = [cell.strip() for cell in header.strip("┃").split("┃")]
-    return [dict(zip(names, (cell.strip() for cell in line.strip("│").split("│"))))
-            for line in output.splitlines() if line.startswith("│")]
-
-
-def test_demo_runs_dense_and_sparse_against_gloo(monkeypatch) -> None:
-    monkeypatch.setenv("COLUMNS", "250")  # every column on one line, so the table can be read back
-    result = runner.invoke(app, ["demo", "--ranks", "2"])
+def test_demo_runs_dense_and_sparse_against_gloo(tmp_path: Path) -> None:
+    out = tmp_path / "demo.json"
+    result = runner.invoke(app, ["demo", "--ranks", "2", "--json", str(out)])
     assert result.exit_code == 0, result.output
-    rows = table_rows(result.output)
-    assert {row["algorithm"] for row in rows} == {"dense", "allgather", "gtopk", "cltk"}, result.output
-    assert len(rows) == 12, result.output  # 4 algorithms x 3 sizes
-    assert all(row["#wrong"] == "0" for row in rows), result.output
-    assert all(float(row["Gloo (us)"]) > 0 and int(row["wire B/rank"]) > 0 for row in rows), result.output
+    assert "wrong" in result.output and "vs Gloo" in result.output, result.output  # the table shows both
+    rows = json.loads(out.read_text())["rows"]
+    assert {row["algorithm"] for row in rows} == {"dense", "allgather", "gtopk", "cltk"}, rows
+    assert len(rows) == 12, rows  # 4 algorithms x 3 sizes
+    assert all(row["wrong"] == 0 for row in rows), rows
+    assert all(row["gloo_time_us"] > 0 and row["bytes_sent"] > 0 for row in rows), rows
+    sparse_bytes = {row["size"]: row["bytes_sent"] for row in rows if row["algorithm"] == "gtopk"}
+    dense_bytes = {row["size"]: row["bytes_sent"] for row in rows if row["algorithm"] == "dense"}
+    assert sparse_bytes[max(sparse_bytes)] < dense_bytes[max(dense_bytes)] / 20, rows  # 1%: far fewer bytes
 
 
 def test_a_compressor_registered_by_an_imported_module_runs_by_name(tmp_path: Path, monkeypatch) -> None:
