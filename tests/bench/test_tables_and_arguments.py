@@ -196,7 +196,6 @@ def test_a_rank_error_is_printed_with_its_rank_not_eaten_as_markup(capsys: pytes
     from sparsecoll.bench import cli_support
     from sparsecoll.errors import PeerLostError
 
-    cli_support.errors.file = sys.stderr  # the console writes where pytest captures
     with pytest.raises(typer.Exit) as stopped:
         with cli_support.clean_errors():
             raise PeerLostError("connection reset", rank=0, peer=1)

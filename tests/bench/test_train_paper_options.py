@@ -12,17 +12,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from sparsecoll.bench import cli_support, train
+from sparsecoll.bench import train
 from sparsecoll.bench.cli import app
 
 runner = CliRunner()
-
-
-@pytest.fixture(autouse=True)
-def errors_to_the_current_stderr() -> None:
-    """The error console writes to whatever sys.stderr is (CliRunner's), not to a stream an
-    earlier test pinned it to (test_tables_and_arguments pins pytest's, closed by now)."""
-    cli_support.errors.file = None
 
 
 @pytest.mark.parametrize("value", ["0", "1.5", "-0.1", "abc", ""])
