@@ -139,29 +139,41 @@ def test_close_while_a_transfer_is_in_flight(backend: str, tls: str) -> None:
     assert results[0]["outcome"] in ("GroupClosedError", "PeerLostError", "arrived whole"), results
 
 
-async def groups_whose_peer_moves_on(rank: int, world: int) -> float:
-    """Groups in turn over shared memory; after each close rank 1 blocks its loop (as a blocking
-    store wait does), so it no longer progresses UCX while rank 0, which closes second, closes."""
-    slowest = 0.0
+PEER_AWAY = 1.5
+"""Seconds rank 1 blocks its loop after each close (as a blocking store wait would)."""
+
+
+async def groups_whose_peer_moves_on(rank: int, world: int) -> list[float]:
+    """Groups in turn over shared memory; rank 0 closes each once rank 1's BYE says it is
+    closing, and rank 1 blocks its loop for PEER_AWAY after its close, so it no longer
+    progresses UCX while rank 0 closes. Returns, per group, when rank 0's close returned
+    (rank 0) or when rank 1 woke up (rank 1), on the host's monotonic clock (CLOCK_MONOTONIC,
+    one clock for every process)."""
+    moments = []
     for index in range(6):
         group = await sparsecoll.init_group(name=f"moves-on{index}", timeout=20)
         await group.allreduce(np.ones(1 << 18, np.float32))
         if rank == 0:
-            await asyncio.sleep(0.1)
-        started = time.monotonic()
+            peer = group.transport._connections[1]
+            while not peer.bye_received:
+                await asyncio.sleep(0.001)
         await group.close()
-        slowest = max(slowest, time.monotonic() - started)
         if rank == 1:
-            time.sleep(1.5)
-    return slowest
+            time.sleep(PEER_AWAY)
+        moments.append(time.monotonic())
+    return moments
 
 
 def test_a_close_does_not_wait_for_a_peer_that_has_moved_on(backend: str) -> None:
-    """A payload endpoint's flush needs the peer: it is closed while the peer is still closing."""
-    slowest, other = run_ranks(2, groups_whose_peer_moves_on, timeout=120, group_kwargs=None,
-                               env={"UCX_TLS": "sm,tcp"})
-    assert isinstance(other, float), other  # a rank's returned error fails the test
-    assert slowest < 1.2, slowest
+    """A payload endpoint's flush needs the peer: it is closed while the peer is still closing.
+    A close that waited for the flush after the peer moved on would return only once the peer
+    progresses again, after it wakes: so each of rank 0's closes must return before rank 1 wakes."""
+    closed, woke = run_ranks(2, groups_whose_peer_moves_on, timeout=120, group_kwargs=None,
+                             env={"UCX_TLS": "sm,tcp"})
+    assert isinstance(closed, list) and isinstance(woke, list), (closed, woke)  # a returned error fails
+    late = [(index, round(closed_at - woke_at, 3)) for index, (closed_at, woke_at) in enumerate(zip(closed, woke))
+            if closed_at >= woke_at]
+    assert not late, f"rank 0's close returned after rank 1 woke (group, seconds after): {late}"
 
 
 async def groups_one_after_another(rank: int, world: int) -> list:
