@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 
 import sparsecoll
 from sparsecoll.errors import CollectiveTimeoutError, GroupAbortedError, SparseCollError
-from sparsecoll.p2p import P2P_SEQ
 from tests.ranks import run_ranks
-from tests.transport.test_conformance import _caught_mid_payload
+from tests.transport.test_conformance import posted_receive, until_streaming
 
 
 WORLD = 4
@@ -39,7 +38,7 @@ async def interleaved_traffic(group, plan: list[tuple[int, int, int, int]], seed
     keys = [key for key, indices in by_source_tag.items() for _ in indices]
     rng.shuffle(keys)
     receives = [(key, group.irecv(key[0], first_tag + key[1])) for key in keys]
-    got: dict[tuple[int, int], list[int | str]] = {}
+    got: dict[tuple[int, int], list[tuple[int | str, int]]] = {}
     for (src, tag), handle in receives:  # in posted order
         message = await handle
         value = message.value
@@ -130,21 +129,6 @@ def test_any_source_out_buffers_and_timeouts_keep_the_group_usable() -> None:
     assert all(result["timeout"] and result["usable"] for result in results)
 
 
-def posted_receive(group, src: int, tag: int):
-    """The mailbox's entry for the one point-to-point receive posted for (src, tag)."""
-    (posted,) = group.transport.mailbox._posted[(group.members[src], (group.context, P2P_SEQ, tag))]
-    return posted
-
-
-async def until_streaming(posted) -> bool:
-    """Wait, a loop turn at a time, until ``posted``'s payload is part-way in (True) or the
-    receive is over (False). The frame is larger than a socket's receive buffer can hold, so
-    it takes at least two reads, and this runs between any two of them."""
-    while not posted.future.done() and not _caught_mid_payload(posted):
-        await asyncio.sleep(0)
-    return not posted.future.done()
-
-
 BIG_FLOATS = 1 << 24
 """64 MiB: more than the kernel buffers of a loopback socket (tcp_rmem's maximum) hold."""
 
@@ -186,12 +170,12 @@ async def cancel_mid_transfer(group) -> list[str]:
         sending = group.isend(np.zeros(2 * BIG_FLOATS, np.float32), 0, tag=2)
         await asyncio.to_thread(group.store.wait, ["p2p-test/streaming"], deadline)
         sending.cancel()
+        group.store.set("p2p-test/cancelled", "1")  # no byte more goes out: the task ends at its next step
         try:
             await sending
             events.append("send completed")
         except asyncio.CancelledError:
             events.append("send cancelled")
-        group.store.set("p2p-test/cancelled", "1")
     else:
         streaming = await until_streaming(cut_posted)
         events.append("caught mid-frame" if streaming else "frame complete")
