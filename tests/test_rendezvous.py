@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import socket
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -31,15 +33,30 @@ def test_file_store_for_one_host(tmp_path: Path) -> None:
     assert results == [6.0] * 3
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+@contextlib.contextmanager
+def reserved_port() -> Iterator[int]:
+    """A loopback port held for the block, so nothing else is handed it meanwhile.
+
+    The socket is bound with SO_REUSEADDR and never listens: the kernel gives its port to no
+    ``bind(0)`` or outgoing connection, while a server that binds it explicitly with
+    SO_REUSEADDR (as torch's TCPStore does) can still listen on it. Probing a free port and
+    closing the probe would leave a window in which another process takes the port.
+    """
+    with socket.socket() as holder:
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        holder.bind(("127.0.0.1", 0))
+        yield holder.getsockname()[1]
+
+
+def test_a_reserved_port_is_taken_while_reserved() -> None:
+    with reserved_port() as port, socket.socket() as other, pytest.raises(OSError, match="in use"):
+        other.bind(("127.0.0.1", port))
 
 
 def test_rank_zero_hosts_the_store_without_torchrun() -> None:
-    env = {"TORCHELASTIC_USE_AGENT_STORE": "", "MASTER_PORT": str(_free_port())}
-    assert run_ranks(3, total_of_ranks, timeout=60, env=env) == [6.0] * 3
+    with reserved_port() as port:
+        env = {"TORCHELASTIC_USE_AGENT_STORE": "", "MASTER_PORT": str(port)}
+        assert run_ranks(3, total_of_ranks, timeout=60, env=env) == [6.0] * 3
 
 
 async def shared_with_torch(rank: int, world: int) -> tuple:

@@ -80,6 +80,21 @@ def _caught_mid_payload(posted) -> bool:
     return landing is not None and (landing.in_flight is not None or 0 < landing.filled < len(landing.view))
 
 
+def posted_receive(group, src: int, tag: int):
+    """The mailbox's entry for the one point-to-point receive posted for (src, tag)."""
+    (posted,) = group.transport.mailbox._posted[(group.members[src], (group.context, P2P_SEQ, tag))]
+    return posted
+
+
+async def until_streaming(posted) -> bool:
+    """Wait, a loop turn at a time, until ``posted``'s payload is part-way in (True) or the
+    receive is over (False): an event, not a guess at how long a transfer takes. For a frame
+    larger than a socket's buffers hold, it takes at least two reads, and this runs between."""
+    while not posted.future.done() and not _caught_mid_payload(posted):
+        await asyncio.sleep(0)
+    return not posted.future.done()
+
+
 async def cancels_mid_payload(group) -> dict:
     """Rank 1 sends two large messages; rank 0 withdraws its receive of the first mid-payload
     and scribbles on ``out``. Then rank 1 cancels a large send mid-payload and scribbles on
@@ -113,9 +128,7 @@ async def cancels_mid_payload(group) -> dict:
     out = np.zeros(BIG // 4, np.int32)
     posted = mailbox.post(1, (group.context, P2P_SEQ, 1), memoryview(out).cast("B"))
     await group.barrier()
-    while not posted.future.done() and not _caught_mid_payload(posted):
-        await asyncio.sleep(0)
-    outcome["caught mid-payload"] = not posted.future.done()
+    outcome["caught mid-payload"] = await until_streaming(posted)
     await mailbox.release(posted)
     out[:] = -1
     message = await group.recv(1, tag=1)

@@ -20,6 +20,7 @@ import pytest
 
 import sparsecoll
 from sparsecoll.errors import SparseCollError
+from sparsecoll.transport.ucx_runtime import ENDPOINT_CLOSE_SECONDS
 from sparsecoll.wire import FrameHeader, Kind, encode_header
 from tests.conftest import ucx_required, ucx_unavailable
 from tests.ranks import run_ranks
@@ -88,6 +89,13 @@ def ucx_state() -> dict:
     return {"context": ucxx.core._ctx is not None, "notifier": any("Notifier" in n for n in names)}
 
 
+LINGER = 0.01
+CLOSE_BUDGET = 3 * ENDPOINT_CLOSE_SECONDS + 1.0 + 3 * LINGER
+"""The longest a close may take by its own deadlines: the payload endpoint's flush and close
+and the connection endpoint's close, each given up after ENDPOINT_CLOSE_SECONDS, the reader's
+1 s (UcxConnection.release), and the lingers for strays, BYE and EOF."""
+
+
 async def close_mid_transfer(rank: int, world: int) -> dict:
     """Both ranks close while 256 MiB is on its way from rank 1 into rank 0's posted array."""
     records: list[str] = []
@@ -107,7 +115,7 @@ async def close_mid_transfer(rank: int, world: int) -> dict:
         await asyncio.sleep(0.01)
     started = time.monotonic()
     transport = group.transport
-    await group.close(linger=0.01)  # too short for 256 MiB: endpoints close mid-transfer
+    await group.close(linger=LINGER)  # too short for 256 MiB: endpoints close mid-transfer
     closed_in = time.monotonic() - started
     if rank == 1:
         try:
@@ -129,7 +137,7 @@ async def close_mid_transfer(rank: int, world: int) -> dict:
 def test_close_while_a_transfer_is_in_flight(backend: str, tls: str) -> None:
     results = run_ranks(2, close_mid_transfer, timeout=90, group_kwargs=None, env={"UCX_TLS": tls})
     for result in results:
-        assert result["closed_in"] < 5, results
+        assert result["closed_in"] < CLOSE_BUDGET, results  # within its deadlines: no hang on the transfer
         assert result["endpoints"] == 0 and not result["context"] and not result["notifier"], results
         assert result["warnings"] == [], results
         assert result["payload_endpoints"] == (tls != "tcp"), results
@@ -139,29 +147,47 @@ def test_close_while_a_transfer_is_in_flight(backend: str, tls: str) -> None:
     assert results[0]["outcome"] in ("GroupClosedError", "PeerLostError", "arrived whole"), results
 
 
-async def groups_whose_peer_moves_on(rank: int, world: int) -> float:
-    """Groups in turn over shared memory; after each close rank 1 blocks its loop (as a blocking
-    store wait does), so it no longer progresses UCX while rank 0, which closes second, closes."""
-    slowest = 0.0
+CLOSE_LINGER = 1.0
+"""Group.close's default linger: the longest a close waits for the peer's BYE."""
+PEER_AWAY = (CLOSE_LINGER + ENDPOINT_CLOSE_SECONDS) / 2
+"""Seconds each rank blocks its loop after its close (as a blocking store wait would): longer
+than a close may linger for its peer's BYE, shorter than a payload flush it would give up on."""
+
+
+async def groups_whose_peer_moves_on(rank: int, world: int) -> list[tuple[float, float]]:
+    """Groups in turn over shared memory; rank 0 closes each once rank 1's BYE says it is
+    closing, and after its close each rank blocks its loop for PEER_AWAY, so it no longer
+    progresses UCX while the other may still be closing. Returns, per group, when this rank's
+    close returned and when it woke up, on the host's monotonic clock (CLOCK_MONOTONIC, one
+    clock for every process)."""
+    moments = []
     for index in range(6):
         group = await sparsecoll.init_group(name=f"moves-on{index}", timeout=20)
         await group.allreduce(np.ones(1 << 18, np.float32))
         if rank == 0:
-            await asyncio.sleep(0.1)
-        started = time.monotonic()
-        await group.close()
-        slowest = max(slowest, time.monotonic() - started)
-        if rank == 1:
-            time.sleep(1.5)
-    return slowest
+            peer = group.transport._connections[1]
+            while not peer.bye_received:
+                await asyncio.sleep(0.001)
+        await group.close(linger=CLOSE_LINGER)
+        closed_at = time.monotonic()
+        time.sleep(PEER_AWAY)
+        moments.append((closed_at, time.monotonic()))
+    return moments
 
 
 def test_a_close_does_not_wait_for_a_peer_that_has_moved_on(backend: str) -> None:
-    """A payload endpoint's flush needs the peer: it is closed while the peer is still closing."""
-    slowest, other = run_ranks(2, groups_whose_peer_moves_on, timeout=120, group_kwargs=None,
-                               env={"UCX_TLS": "sm,tcp"})
-    assert isinstance(other, float), other  # a rank's returned error fails the test
-    assert slowest < 1.2, slowest
+    """A payload endpoint's flush needs the peer: it is closed while the peer is still closing.
+    A close that flushed after its peer had moved on would return only once the flush is given
+    up (ENDPOINT_CLOSE_SECONDS) or the peer progresses again, after it wakes: so each rank's
+    close must return before the other rank wakes from its PEER_AWAY."""
+    results = run_ranks(2, groups_whose_peer_moves_on, timeout=120, group_kwargs=None,
+                        env={"UCX_TLS": "sm,tcp"})
+    assert all(isinstance(result, list) for result in results), results  # a returned error fails
+    late = [(index, rank, round(closed_at - woke_at, 3))
+            for index, rounds in enumerate(zip(*results))
+            for rank, ((closed_at, _), (_, woke_at)) in enumerate((rounds, rounds[::-1]))
+            if closed_at >= woke_at]
+    assert not late, f"a close returned after its peer woke (group, rank, seconds after): {late}"
 
 
 async def groups_one_after_another(rank: int, world: int) -> list:
