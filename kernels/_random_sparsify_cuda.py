@@ -19,31 +19,12 @@ def _value_nonfinite(x, i, lam, unused):
 
 
 @cuda.jit
-def _sums_kernel(x, lam, out):
-    # out: [saturated count, sum of |x| over the rest, NaN/inf count], accumulated atomically
+def _scale_sums_kernel(x, lam, out):
+    # out: [saturated count, sum |x| over the rest, their sum of squares, sum of all squares,
+    # NaN/inf count], accumulated atomically (scale_sums' CUDA twin)
     start = cuda.grid(1)
     stride = cuda.gridsize(1)
     saturated = 0.0
-    rest = 0.0
-    bad = 0.0
-    for i in range(start, x.size, stride):
-        a = abs(np.float64(x[i]))
-        if not a < np.inf:
-            bad += 1.0
-        elif lam * a >= 1.0:
-            saturated += 1.0
-        else:
-            rest += a
-    cuda.atomic.add(out, 0, saturated)
-    cuda.atomic.add(out, 1, rest)
-    cuda.atomic.add(out, 2, bad)
-
-
-@cuda.jit
-def _budget_kernel(x, lam, out):
-    # out: [sum |x| over the unsaturated, their sum of squares, sum of all squares, NaN/inf count]
-    start = cuda.grid(1)
-    stride = cuda.gridsize(1)
     rest = 0.0
     rest_squares = 0.0
     squares = 0.0
@@ -52,15 +33,18 @@ def _budget_kernel(x, lam, out):
         a = abs(np.float64(x[i]))
         if not a < np.inf:
             bad += 1.0
+            continue
+        squares += a * a
+        if lam * a >= 1.0:
+            saturated += 1.0
         else:
-            squares += a * a
-            if not lam * a >= 1.0:
-                rest += a
-                rest_squares += a * a
-    cuda.atomic.add(out, 0, rest)
-    cuda.atomic.add(out, 1, rest_squares)
-    cuda.atomic.add(out, 2, squares)
-    cuda.atomic.add(out, 3, bad)
+            rest += a
+            rest_squares += a * a
+    cuda.atomic.add(out, 0, saturated)
+    cuda.atomic.add(out, 1, rest)
+    cuda.atomic.add(out, 2, rest_squares)
+    cuda.atomic.add(out, 3, squares)
+    cuda.atomic.add(out, 4, bad)
 
 
 @cuda.jit
@@ -71,30 +55,21 @@ def _scale_kernel(x, lam, idx, out):
         out[t] = value / keep_probability(value, lam)
 
 
-def _sums(x: Any, lam: float) -> tuple[int, float, int]:
-    out = cuda.to_device(np.zeros(3, np.float64))
+def _scale_sums(x: Any, lam: float) -> tuple[int, float, float, float, int]:
+    out = cuda.to_device(np.zeros(5, np.float64))
     blocks = max(1, -(-x.size // (THREADS * ITEMS_PER_THREAD)))
     if x.size:
-        _sums_kernel[blocks, THREADS](x, lam, out)
-    saturated, rest, bad = out.copy_to_host()
-    return int(saturated), float(rest), int(bad)
-
-
-def _budget_sums(x: Any, lam: float) -> tuple[float, float, float, int]:
-    out = cuda.to_device(np.zeros(4, np.float64))
-    blocks = max(1, -(-x.size // (THREADS * ITEMS_PER_THREAD)))
-    if x.size:
-        _budget_kernel[blocks, THREADS](x, lam, out)
-    rest, rest_squares, squares, bad = out.copy_to_host()
-    return float(rest), float(rest_squares), float(squares), int(bad)
+        _scale_sums_kernel[blocks, THREADS](x, lam, out)
+    saturated, rest, rest_squares, squares, bad = out.copy_to_host()
+    return int(saturated), float(rest), float(rest_squares), float(squares), int(bad)
 
 
 def random_sparsify(x: Any, density: float | None, seed: int,
                     variance_budget: float | None = None) -> tuple[Any, Any]:
     if variance_budget is not None:
-        lam = budget_scale(lambda scale: _budget_sums(x, scale), variance_budget)
+        lam = budget_scale(lambda scale: _scale_sums(x, scale), variance_budget)
     else:
-        lam = greedy_scale(lambda scale: _sums(x, scale), x.size, density)
+        lam = greedy_scale(lambda scale: _scale_sums(x, scale), x.size, density)
     kernels = make_compaction(is_kept, _value_nonfinite)
     idx, _ = compact(kernels, x, lam, np.uint64(seed), 0)
     out = cuda.device_array(idx.size, x.dtype)

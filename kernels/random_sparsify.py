@@ -44,43 +44,19 @@ def is_kept(x, i, lam, seed):
 
 
 @njit(parallel=True, cache=True)
-def saturation_sums(x, lam):
-    """(count with lam|x| >= 1, sum of |x| over the others, count of NaN/inf)."""
+def scale_sums(x, lam):
+    """One pass for both ways of choosing ``lam``: (count with lam|x| >= 1, sum of |x| and of x^2
+    over the others, x^2 over all, count of NaN/inf)."""
     n = x.size
     nchunks = (n + CHUNK - 1) // CHUNK
     saturated = np.zeros(nchunks, np.int64)
-    rest = np.zeros(nchunks, np.float64)
-    bad = np.zeros(nchunks, np.int64)
-    for c in prange(nchunks):
-        view = x[c * CHUNK : min((c + 1) * CHUNK, n)]
-        sat = 0
-        total = 0.0
-        nonfinite = 0
-        for j in range(view.size):
-            a = abs(np.float64(view[j]))
-            if not a < np.inf:
-                nonfinite += 1
-            elif lam * a >= 1.0:
-                sat += 1
-            else:
-                total += a
-        saturated[c] = sat
-        rest[c] = total
-        bad[c] = nonfinite
-    return saturated.sum(), rest.sum(), bad.sum()
-
-
-@njit(parallel=True, cache=True)
-def budget_sums(x, lam):
-    """(sum of |x| and of x^2 over the unsaturated, x^2 over all, count of NaN/inf)."""
-    n = x.size
-    nchunks = (n + CHUNK - 1) // CHUNK
     rest = np.zeros(nchunks, np.float64)
     rest_squares = np.zeros(nchunks, np.float64)
     squares = np.zeros(nchunks, np.float64)
     bad = np.zeros(nchunks, np.int64)
     for c in prange(nchunks):
         view = x[c * CHUNK : min((c + 1) * CHUNK, n)]
+        sat = 0
         total = 0.0
         total_squares = 0.0
         every_square = 0.0
@@ -89,29 +65,32 @@ def budget_sums(x, lam):
             a = abs(np.float64(view[j]))
             if not a < np.inf:
                 nonfinite += 1
+                continue
+            every_square += a * a
+            if lam * a >= 1.0:
+                sat += 1
             else:
-                every_square += a * a
-                if lam * a < 1.0:
-                    total += a
-                    total_squares += a * a
+                total += a
+                total_squares += a * a
+        saturated[c] = sat
         rest[c] = total
         rest_squares[c] = total_squares
         squares[c] = every_square
         bad[c] = nonfinite
-    return rest.sum(), rest_squares.sum(), squares.sum(), bad.sum()
+    return saturated.sum(), rest.sum(), rest_squares.sum(), squares.sum(), bad.sum()
 
 
 def budget_scale(sums: Any, variance_budget: float) -> float:
     """The paper's closed-form ``lam`` for ``E||Q(g)||^2 <= (1 + eps)||g||^2``; ``sums(lam)`` is a
-    budget_sums pass."""
-    rest, rest_squares, squares, bad = sums(0.0)
+    scale_sums pass."""
+    _, rest, rest_squares, squares, bad = sums(0.0)
     if bad:
         raise InvalidArgumentError(f"array holds {int(bad)} NaN or inf value(s)")
     if rest == 0.0:
         return 0.0
     lam = rest / (variance_budget * squares + rest_squares)
     for _ in range(MAX_ROUNDS + 1):
-        rest, rest_squares, _, _ = sums(lam)
+        _, rest, rest_squares, _, _ = sums(lam)
         if rest == 0.0:
             return lam
         new_lam = rest / (variance_budget * squares + rest_squares)
@@ -132,16 +111,16 @@ def check_budget(density: float | None, variance_budget: float | None) -> None:
 
 
 def greedy_scale(sums: Any, size: int, density: float) -> float:
-    """The paper's greedy ``lam`` for a target density; ``sums(lam)`` is a saturation_sums pass."""
+    """The paper's greedy ``lam`` for a target density; ``sums(lam)`` is a scale_sums pass."""
     target = density * size
-    saturated, rest, bad = sums(0.0)
+    saturated, rest, _, _, bad = sums(0.0)
     if bad:
         raise InvalidArgumentError(f"array holds {int(bad)} NaN or inf value(s)")
     if rest == 0.0:
         return 0.0
     lam = target / rest
     for _ in range(MAX_ROUNDS):
-        saturated, rest, _ = sums(lam)
+        saturated, rest, _, _, _ = sums(lam)
         if rest == 0.0 or saturated >= target:
             return lam
         new_lam = (target - saturated) / rest
@@ -199,9 +178,9 @@ def random_sparsify(array: Any, density: float | None = None, *, seed: int = 0,
     dtype = float_dtype(host.dtype)
     x = host.astype(np.float32) if np.dtype(dtype).itemsize == 2 else host
     if variance_budget is not None:
-        lam = budget_scale(lambda scale: budget_sums(x, scale), variance_budget)
+        lam = budget_scale(lambda scale: scale_sums(x, scale), variance_budget)
     else:
-        lam = greedy_scale(lambda scale: saturation_sums(x, scale), x.size, density)
+        lam = greedy_scale(lambda scale: scale_sums(x, scale), x.size, density)
     counts = _count_kept(x, lam, np.uint64(seed))
     total = int(counts.sum())
     out_idx = np.empty(total, np.int64)

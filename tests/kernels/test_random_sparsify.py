@@ -7,13 +7,13 @@ import pytest
 
 from sparsecoll.errors import InvalidArgumentError
 from sparsecoll.kernels import random_sparsify
-from sparsecoll.kernels.random_sparsify import greedy_scale, saturation_sums
+from sparsecoll.kernels.random_sparsify import greedy_scale, scale_sums
 
 
 def test_greedy_probabilities_sum_to_target():
     x = np.random.default_rng(0).standard_cauchy(100_000)
     for density in (0.001, 0.01, 0.3):
-        lam = greedy_scale(lambda s: saturation_sums(x, s), x.size, density)
+        lam = greedy_scale(lambda s: scale_sums(x, s), x.size, density)
         probabilities = np.minimum(1.0, lam * np.abs(x))
         assert probabilities.sum() == pytest.approx(density * x.size, rel=1e-6)
 
@@ -30,7 +30,7 @@ def test_kept_count_is_near_target_and_seeded():
 @pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
 def test_sparsification_is_unbiased(dtype):
     x = (np.random.default_rng(2).standard_normal(300) * np.linspace(0.1, 3, 300)).astype(dtype)
-    lam = greedy_scale(lambda s: saturation_sums(x.astype(np.float64), s), x.size, 0.1)
+    lam = greedy_scale(lambda s: scale_sums(x.astype(np.float64), s), x.size, 0.1)
     p = np.minimum(1.0, lam * np.abs(x.astype(np.float64)))
     trials = 2000
     total = np.zeros(x.size)

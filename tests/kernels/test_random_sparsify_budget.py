@@ -9,11 +9,11 @@ from hypothesis import strategies as st
 
 from sparsecoll import kernels
 from sparsecoll.errors import InvalidArgumentError
-from sparsecoll.kernels.random_sparsify import budget_scale, budget_sums
+from sparsecoll.kernels.random_sparsify import budget_scale, scale_sums
 
 
 def keep_probabilities(grad: np.ndarray, eps: float) -> np.ndarray:
-    lam = budget_scale(lambda scale: budget_sums(grad, scale), eps)
+    lam = budget_scale(lambda scale: scale_sums(grad, scale), eps)
     return np.minimum(1.0, lam * np.abs(grad.astype(np.float64)))
 
 
