@@ -90,6 +90,11 @@ MUTANTS = (
            (("        await asyncio.gather(*(connection.close_payload_endpoint() for connection in "
              "self._connections.values()))\n", ""),),
            ("tests/transport/test_ucx.py::test_a_close_does_not_wait_for_a_peer_that_has_moved_on",)),
+    Mutant("a header leaves its receive on the match queue (ANY_SOURCE mixes senders)",
+           "sparsecoll/transport/mailbox.py",
+           (("            self._unpost(posted)\n            posted.source = peer\n",
+             "            posted.source = peer\n"),),
+           ("tests/transport/test_conformance.py::test_any_source_receives_into_out_never_mix_senders",)),
     Mutant("kernel cache stamped by the kernel's own file only", "kernels/__init__.py",
            (("_cache.install()  #", "_cache.__name__  #"),),
            ("tests/kernels/test_cache.py",)),
