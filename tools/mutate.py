@@ -166,6 +166,9 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="sparsecoll-mutants-") as directory:
         copy = Path(directory) / "tree"
         shutil.copytree(ROOT, copy, symlinks=True, ignore=_IGNORED)
+        kernels = copy / "sparsecoll" / "kernels"
+        if not kernels.exists():  # pyproject maps sparsecoll.kernels to kernels/: without this link an
+            kernels.symlink_to("../kernels")  # editable install would import the unmutated kernels
         print(f"{'mutant':<55} {'verdict':<28} seconds")
         for mutant in chosen:
             verdict, seconds = run_mutant(mutant, copy, options.timeout)
