@@ -36,6 +36,7 @@ _COLLECTIVES: dict[str, Any] = {
     "gtopk": "sparsecoll.collectives.gtopk:gtopk",
     "sketch": "sparsecoll.collectives.sketch:sketch_allreduce",
     "cltk": "sparsecoll.collectives.cltk:cltk",
+    "oktopk": "sparsecoll.collectives.oktopk:oktopk",
     "lazy": "sparsecoll.collectives.lazy:lazy_allreduce",
     "quantized-broadcast": "sparsecoll.collectives.quantized:broadcast_parameters",
     "reduce": "sparsecoll.collectives.reduce:reduce_gradient",

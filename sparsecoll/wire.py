@@ -62,6 +62,7 @@ class Op(enum.IntEnum):
     LAZY = 11
     QUANTIZED_BROADCAST = 12
     QUANTIZED_ALLREDUCE = 13
+    OKTOPK = 20
     CUSTOM = 200
     """For collectives users write on ``Group.run``; tell them apart with ``Signature.extra``."""
 

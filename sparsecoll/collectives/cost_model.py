@@ -25,12 +25,13 @@ import numpy as np
 
 from sparsecoll.collectives.dense import SEGMENT_BYTES, SMALL_ALLREDUCE_BYTES
 from sparsecoll.collectives.doubling import DoublingPlan
+from sparsecoll.collectives.oktopk_state import DEFAULT_INTERVAL, LEVEL_BITS, index_bins
 from sparsecoll.collectives.quantized_ring import quantized_bytes
 from sparsecoll.collectives.sketch import default_columns
 from sparsecoll.errors import InvalidArgumentError
 from sparsecoll.wire import HEADER_SIZE, index_dtype, sparse_payload_size
 
-ALGORITHMS = ("dense", "allgather", "gtopk", "sketch", "cltk")
+ALGORITHMS = ("dense", "allgather", "gtopk", "sketch", "cltk", "oktopk")
 """What the model can price, in the order that breaks ties."""
 QUANTIZE_BITS = (1, 2, 4, 8)
 """``quantize_bits`` every algorithm takes (dense, CLT-k and sketch through the quantized ring)."""
@@ -137,6 +138,10 @@ class CostModel:
             indices = k * index_dtype(size).itemsize
             return self.lone_select_ratio * self.select(size) + self.chain_broadcast(ranks, indices) \
                 + self.ring_allreduce(ranks, k, itemsize, bits)
+        if algorithm == "oktopk":
+            if bits is not None:
+                raise InvalidArgumentError("oktopk takes no quantize_bits (see reduce.QUANTIZE_REFUSED)")
+            return self.oktopk(ranks, size, k, itemsize)
         payload = sparse_payload_size(k, size, np.dtype(f"f{itemsize}"), bits)
         exchange = self.message(payload) + (0.0 if bits is None else k * self.quantize_per_element)
         if algorithm == "allgather":
@@ -144,6 +149,24 @@ class CostModel:
         plan = DoublingPlan(0, ranks)  # gtopk: recursive doubling of k pairs, a merge each round
         rounds, folded = plan.rounds, plan.extra > 0
         return self.select(size) + (rounds + 2 * folded) * exchange + (rounds + folded) * 2 * k * self.merge_per_pair
+
+    def oktopk(self, ranks: int, size: int, k: int, itemsize: int = 4) -> float:
+        """Ok-Topk at its paper's bound: a one-pass threshold selection; P-1 split messages of
+        k/P pairs; a counts allreduce; a balance of at most k(P-1)/P pairs; a ring of P-1 blocks
+        of k/P pairs: 3k(P-1)/P pairs, the paper's 6k(P-1)/P numbers. Every
+        :data:`~.oktopk_state.DEFAULT_INTERVAL` calls an estimation adds an exact selection and
+        three histogram allreduces (its share is added)."""
+        dtype = np.dtype(f"f{itemsize}")
+        share = k / ranks
+        if ranks == 1:
+            return self.select(size)
+        block = self.message(sparse_payload_size(math.ceil(share), size, dtype, None))
+        balance = self.message(sparse_payload_size(math.ceil(share * (ranks - 1)), size, dtype, None))
+        steady = self.select(size) + 2 * (ranks - 1) * block + balance \
+            + self.doubling_allreduce(ranks, ranks, 8) + k * self.merge_per_pair
+        estimation = self.select(size) + self.doubling_allreduce(ranks, index_bins(size, k), 8) \
+            + 2 * self.doubling_allreduce(ranks, 1 << LEVEL_BITS, 8)
+        return steady + estimation / DEFAULT_INTERVAL
 
     def choose(self, ranks: int, size: int, k: int, candidates: Sequence[str] = ALGORITHMS,
                quantize_bits: int | None = None, *, itemsize: int = 4) -> str:

@@ -2,7 +2,8 @@
 
 ``algorithm`` is "dense" (a dense ring allreduce), "allgather" (sparse top-k allgather: every
 rank's top-k (index, value) pairs allgathered and summed, Aji & Heafield; not the dense
-:meth:`Group.allgather`), "gtopk", "sketch", "cltk", the name of a collective registered with
+:meth:`Group.allgather`), "gtopk", "sketch", "cltk", "oktopk" (Li & Hoefler's O(k) sparse
+allreduce; pass ``state=OkTopkState()``, one per gradient, to reuse its thresholds), the name of a collective registered with
 :func:`sparsecoll.register_collective` (it receives the same keyword options and may return a
 :class:`SparseResult` or a dense array), or the name of a compressor registered with
 :func:`sparsecoll.register_compressor` (built with ``density``/``k``/``seed``
@@ -17,7 +18,7 @@ The options combine with the built-in algorithms as follows:
 - ``quantize_bits`` (b in 1, 2, 4, 8; stochastic rounding, a float32 scale per 256 values)
   works with all five: "dense" becomes a QSGD-style quantized ring allreduce, "cltk" sends its
   k-value ring quantized, "sketch" both its sketch and its exact-values allreduces, and
-  "allgather" and "gtopk" their sparse values.
+  "allgather" and "gtopk" their sparse values. "oktopk" refuses it (``QUANTIZE_REFUSED``).
 - ``lazy`` (a :class:`LazyState`) works with "dense" (LAG; with ``quantize_bits``, LAQ) and
   "allgather" (a rank whose selection moved little asks the others to reuse its last one,
   with or without ``quantize_bits``). "gtopk", "sketch" and "cltk" refuse it: their merges,
@@ -41,6 +42,8 @@ from sparsecoll.collectives.cost_model import ALGORITHMS
 from sparsecoll.collectives.dense import allreduce
 from sparsecoll.collectives.gtopk import gtopk
 from sparsecoll.collectives.lazy import LazyState, lazy_allreduce
+from sparsecoll.collectives.oktopk import oktopk
+from sparsecoll.collectives.oktopk_state import OkTopkState
 from sparsecoll.collectives.quantized_ring import check_bits, quantized_allreduce
 from sparsecoll.collectives.sketch import sketch_allreduce
 from sparsecoll.collectives.sparse_allgather import sparse_allgather
@@ -59,8 +62,15 @@ LAZY_REFUSED = {
               "values at them",
     "cltk": "the leader, and with it the indices every rank reduces at, changes every round, so a "
             "stale contribution holds values at the wrong indices",
+    "oktopk": "its owners keep the entries of the round's summed regions above the global threshold, "
+              "so a stale contribution has no place in the round's sums",
 }
 """Why lazy aggregation does not compose with these algorithms."""
+QUANTIZE_REFUSED = {
+    "oktopk": "its region sums are what the ranks gather, and their rounding would belong to no "
+              "rank's residual; it already sends O(k) a rank",
+}
+"""Why ``quantize_bits`` does not compose with these algorithms."""
 NOT_ALGORITHMS = {
     "lazy": "it is an option: pass lazy=LazyState(...) with 'dense' or 'allgather'",
     "quantized-broadcast": "it broadcasts parameters: call Group.collective('quantized-broadcast', ...)",
@@ -84,7 +94,8 @@ async def pick_algorithm(group: Group, grad: np.ndarray, *, density: float | Non
     """The builtin that rank 0's cost model prices fastest for this call (``algorithm="auto"``),
     among those that take ``lazy``; the same on every rank (see :mod:`.auto`)."""
     flat = float_vector(grad)
-    candidates = [name for name in BUILTIN if not (lazy and name in LAZY_REFUSED)]
+    candidates = [name for name in BUILTIN if not (lazy and name in LAZY_REFUSED)
+                  and not (quantize_bits is not None and name in QUANTIZE_REFUSED)]
     return await choose_algorithm(group, flat.size, resolve_k(flat.size, k, density), quantize_bits=quantize_bits,
                                   candidates=candidates, itemsize=flat.itemsize, timeout=timeout)
 
@@ -101,6 +112,8 @@ async def reduce_gradient(group: Group, grad: np.ndarray, algorithm: str = "gtop
                                          lazy=lazy is not None, timeout=timeout)
     _check_options(algorithm, quantize_bits, lazy)
     sparse = {"k": k, "density": density, "timeout": timeout}
+    if algorithm != "oktopk" and isinstance(options.get("state"), OkTopkState):
+        options.pop("state")  # "auto" chose another algorithm: Ok-Topk's memory waits for its turn
     if algorithm == "dense":
         if lazy is not None:
             return await lazy_allreduce(group, grad, lazy, quantize_bits=quantize_bits, seed=seed + 7919 * step,
@@ -119,6 +132,8 @@ async def reduce_gradient(group: Group, grad: np.ndarray, algorithm: str = "gtop
         return await gtopk(group, grad, quantize_bits=quantize_bits, seed=seed, step=step, **sparse, **options)
     if algorithm == "sketch":
         return await sketch_allreduce(group, grad, quantize_bits=quantize_bits, seed=seed, **sparse, **options)
+    if algorithm == "oktopk":
+        return await oktopk(group, grad, seed=seed, step=step, **sparse, **options)
     if algorithm == "cltk":
         return await cltk(group, grad, quantize_bits=quantize_bits, step=step, seed=seed, **sparse, **options)
     if algorithm not in registry.collectives() and algorithm in registry.compressors():
@@ -141,6 +156,9 @@ def _check_options(algorithm: str, quantize_bits: int | None, lazy: LazyState | 
         return
     if quantize_bits is not None:
         check_bits(quantize_bits)
+        if algorithm in QUANTIZE_REFUSED:
+            raise InvalidArgumentError(f"quantize_bits does not compose with {algorithm!r}: "
+                                       f"{QUANTIZE_REFUSED[algorithm]}")
     if lazy is not None and algorithm in LAZY_REFUSED:
         raise InvalidArgumentError(f"lazy aggregation does not compose with {algorithm!r}: "
                                    f"{LAZY_REFUSED[algorithm]}; use 'dense' or 'allgather'")
