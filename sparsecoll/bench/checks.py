@@ -18,7 +18,7 @@ from sparsecoll.errors import InvalidArgumentError
 OPS = ("allreduce", "allgather", "broadcast", "barrier")
 """The dense ops ``collectives`` times (its module takes them from here)."""
 QUANTIZE_BITS = (1, 2, 4, 8)
-BUILTIN_ALGORITHMS = ("dense", "allgather", "gtopk", "sketch", "cltk")
+BUILTIN_ALGORITHMS = ("dense", "allgather", "gtopk", "sketch", "cltk", "oktopk")
 """What ``reduce_gradient`` knows without a registration (the cost model's ALGORITHMS)."""
 
 

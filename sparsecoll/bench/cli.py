@@ -109,7 +109,7 @@ def collectives_command(
                                                           "barrier")] = "allreduce",
     algorithms: Annotated[str, typer.Option(metavar="LIST", help="for allreduce, comma-separated: dense, gloo "
                                                                  "(the baseline of every row), allgather, gtopk, "
-                                                                 "sketch, cltk or a registered name")] = "dense,gloo",
+                                                                 "sketch, cltk, oktopk or a registered name")] = "dense,gloo",
     density: Density = "0.01",
     quantize_bits: QuantizeBits = "0",
     backend: Backend = "tcp",
@@ -178,9 +178,10 @@ def sparse_command(
     iterations: Annotated[int, typer.Option("--iters", "-n", metavar="N", help="timed calls per algorithm "
                                                                               "(after one untimed)")] = 3,
     algorithms: Annotated[str, typer.Option(metavar="LIST", help="comma-separated: dense, gloo, allgather, gtopk, "
-                                                                 "sketch, cltk, selection (the local top-k alone) "
+                                                                 "sketch, cltk, oktopk, selection (the local top-k "
+                                                                 "alone) "
                                                                  "or a registered name")] =
-        "dense,gloo,allgather,gtopk,sketch,cltk,selection",
+        "dense,gloo,allgather,gtopk,sketch,cltk,oktopk,selection",
     backend: Backend = "tcp",
     link: Link = None,
     auto: Annotated[bool, typer.Option(help="also show what algorithm='auto' would pick (calibrated cost "

@@ -24,11 +24,13 @@ from sparsecoll import kernels
 from sparsecoll.bench.ranks import RankPlace
 from sparsecoll.bench.table import Column, count, integer, milliseconds, nbytes, speedup
 from sparsecoll.collectives.auto import shared_cost_model
+from sparsecoll.collectives.doubling import DoublingPlan
+from sparsecoll.collectives.oktopk_state import OkTopkState
 from sparsecoll.collectives.sketch import default_columns
 from sparsecoll.collectives.sparse_common import SparseResult, resolve_k
 from sparsecoll.wire import HEADER_SIZE
 
-SPARSE_ALGORITHMS = ("allgather", "gtopk", "sketch", "cltk")
+SPARSE_ALGORITHMS = ("allgather", "gtopk", "sketch", "cltk", "oktopk")
 ALGORITHMS = ("dense", "gloo", *SPARSE_ALGORITHMS, "selection")
 """``selection`` times the local top-k alone: the part of every sparse row that is not the wire."""
 COLUMNS = [("ranks", "P"), ("d", "d"), ("k", "k"), ("algorithm", "algorithm"),
@@ -66,6 +68,10 @@ def formula_bytes(algorithm: str, ranks: int, size: int, k: int) -> int | None:
         return int(2 * (ranks - 1) / ranks * 4 * values)
     if algorithm == "cltk":
         return int(3 * (ranks - 1) / ranks * 4 * k)
+    if algorithm == "oktopk":  # the paper's 3k(P-1)/P pairs: split, balance (at most), ring
+        frames = 2 * (ranks - 1) + 1
+        counts = (DoublingPlan(0, ranks).rounds + 2 * (ranks & (ranks - 1) != 0)) * (8 * ranks + HEADER_SIZE)
+        return int(3 * (ranks - 1) / ranks * 8 * k) + frames * (8 + HEADER_SIZE) + counts
     if algorithm == "selection":
         return 0
     return None  # a registered algorithm: no formula known here
@@ -81,10 +87,11 @@ async def time_sparse(group: sparsecoll.Group, grad: np.ndarray, algorithm: str,
     """Seconds per call of ``reduce_gradient`` (selection included), the bytes this rank sent in
     the last call, and this rank's share of wrong elements (see :func:`count_wrong`)."""
     times = np.empty(iterations)
+    options = {"state": OkTopkState()} if algorithm == "oktopk" else {}  # reused thresholds, as in training
     for index in range(warmup + iterations):
         started = time.perf_counter()
         result, stats = await group.reduce_gradient(grad, algorithm, density=density,
-                                                    quantize_bits=bits, step=index)
+                                                    quantize_bits=bits, step=index, **options)
         if index >= warmup:
             times[index - warmup] = time.perf_counter() - started
     topk = resolve_k(grad.size, None, density) if algorithm == "allgather" else None

@@ -139,9 +139,7 @@ class CostModel:
             return self.lone_select_ratio * self.select(size) + self.chain_broadcast(ranks, indices) \
                 + self.ring_allreduce(ranks, k, itemsize, bits)
         if algorithm == "oktopk":
-            if bits is not None:
-                raise InvalidArgumentError("oktopk takes no quantize_bits (see reduce.QUANTIZE_REFUSED)")
-            return self.oktopk(ranks, size, k, itemsize)
+            return self.oktopk(ranks, size, k, itemsize, bits)
         payload = sparse_payload_size(k, size, np.dtype(f"f{itemsize}"), bits)
         exchange = self.message(payload) + (0.0 if bits is None else k * self.quantize_per_element)
         if algorithm == "allgather":
@@ -150,10 +148,11 @@ class CostModel:
         rounds, folded = plan.rounds, plan.extra > 0
         return self.select(size) + (rounds + 2 * folded) * exchange + (rounds + folded) * 2 * k * self.merge_per_pair
 
-    def oktopk(self, ranks: int, size: int, k: int, itemsize: int = 4) -> float:
+    def oktopk(self, ranks: int, size: int, k: int, itemsize: int = 4, bits: int | None = None) -> float:
         """Ok-Topk at its paper's bound: a one-pass threshold selection; P-1 split messages of
-        k/P pairs; a counts allreduce; a balance of at most k(P-1)/P pairs; a ring of P-1 blocks
-        of k/P pairs: 3k(P-1)/P pairs, the paper's 6k(P-1)/P numbers. Every
+        k/P pairs (values at ``bits``, if given); a counts allreduce; a balance of at most
+        k(P-1)/P pairs; a ring of P-1 blocks of k/P pairs: 3k(P-1)/P pairs, the paper's
+        6k(P-1)/P numbers. Every
         :data:`~.oktopk_state.DEFAULT_INTERVAL` calls an estimation adds an exact selection and
         three histogram allreduces (its share is added)."""
         dtype = np.dtype(f"f{itemsize}")
@@ -161,8 +160,11 @@ class CostModel:
         if ranks == 1:
             return self.select(size)
         block = self.message(sparse_payload_size(math.ceil(share), size, dtype, None))
+        split = self.message(sparse_payload_size(math.ceil(share), size, dtype, bits))
+        if bits is not None:
+            split += share * self.quantize_per_element
         balance = self.message(sparse_payload_size(math.ceil(share * (ranks - 1)), size, dtype, None))
-        steady = self.select(size) + 2 * (ranks - 1) * block + balance \
+        steady = self.select(size) + (ranks - 1) * (split + block) + balance \
             + self.doubling_allreduce(ranks, ranks, 8) + k * self.merge_per_pair
         estimation = self.select(size) + self.doubling_allreduce(ranks, index_bins(size, k), 8) \
             + 2 * self.doubling_allreduce(ranks, 1 << LEVEL_BITS, 8)

@@ -37,6 +37,7 @@ import numpy as np
 from sparsecoll import kernels
 from sparsecoll.call import Call, CollectiveResult
 from sparsecoll.collectives.dense import chunk_bounds, recursive_doubling_allreduce
+from sparsecoll.collectives.quantized_ring import check_bits
 from sparsecoll.collectives.oktopk_state import (
     GLOBAL_LOWER,
     GLOBAL_SLACK,
@@ -57,6 +58,7 @@ from sparsecoll.collectives.oktopk_state import (
 from sparsecoll.collectives.sparse_common import (
     SparseResult,
     decode_sparse,
+    encode_values,
     float_vector,
     payload_limit,
     resolve_k,
@@ -96,25 +98,35 @@ class OkTopkResult(SparseResult):
 
 
 async def oktopk(group: Group, grad: np.ndarray, *, k: int | None = None, density: float | None = None,
-                 state: OkTopkState | None = None, seed: int = 0, step: int = 0,
+                 state: OkTopkState | None = None, interval: int | None = None,
+                 quantize_bits: int | None = None, seed: int = 0, step: int = 0,
                  timeout: float | None = None) -> CollectiveResult:
     """Ok-Topk sparse allreduce of ``grad``; value is an :class:`OkTopkResult`.
 
     Without ``state`` every call estimates afresh (an exact local top-k and three small
     allreduces more); pass the same :class:`OkTopkState` on every call for one gradient to
-    reuse the thresholds and regions between estimations.
+    reuse the thresholds and regions between estimations. ``interval`` (default
+    :data:`~.oktopk_state.DEFAULT_INTERVAL`) sets the state's calls between estimations.
+    ``quantize_bits`` sends the split phase's values at b bits (stochastic rounding, a scale per
+    256 values); the region sums travel exact, so the ranks' sent (decoded) values still sum
+    to the result and nothing is rounded twice.
     """
+    if quantize_bits is not None:
+        check_bits(quantize_bits)
     flat = float_vector(grad)
     size = flat.size
     count = resolve_k(size, k, density)
     if state is not None and not isinstance(state, OkTopkState):
         raise InvalidArgumentError(f"state must be an OkTopkState, not {type(state).__name__}")
     memory = state if state is not None else OkTopkState()
+    if interval is not None:
+        memory.interval = interval
     memory.validate()
     shape = (size, count, group.size)
     estimate = memory.needs_estimate(shape)
     signature = Signature(Op.OKTOPK, Algorithm.TOPK if estimate else Algorithm.THRESHOLD,
-                          dtype_code(flat.dtype), ReduceOp.SUM, -1, size, count, int(memory.interval))
+                          dtype_code(flat.dtype), ReduceOp.SUM, -1, size, count,
+                          int(memory.interval) | ((quantize_bits or 0) << 32))
     rank_seed = seed + 7919 * step + 104729 * group.rank
 
     async def body(call: Call) -> OkTopkResult:
@@ -128,7 +140,8 @@ async def oktopk(group: Group, grad: np.ndarray, *, k: int | None = None, densit
             memory.boundaries = index_boundaries(summed, size, call.size)
         bounds = memory.boundaries
         pairs_sent = {"split": 0, "balance": 0, "gather": 0}
-        region = await _split_and_reduce(call, local, bounds, count, flat.dtype, pairs_sent)
+        local, region = await _split_and_reduce(call, local, bounds, count, flat.dtype, quantize_bits,
+                                                rank_seed, pairs_sent)
         kept, counts = await _keep_above_global(call, region, count, memory, estimate)
         indices, values = await _balance_and_gather(call, kept, counts, size, flat.dtype, pairs_sent)
         memory.age += 1
@@ -169,14 +182,18 @@ async def _allreduce(call: Call, counts: np.ndarray, tag: int) -> None:
 
 
 async def _split_and_reduce(call: Call, local: Pairs, bounds: np.ndarray, count: int, dtype: np.dtype,
-                            pairs_sent: dict[str, int]) -> Pairs:
-    """Step 3: send each region's entries to its owner (rotated), sum this rank's region."""
+                            bits: int | None, seed: int, pairs_sent: dict[str, int]) -> tuple[Pairs, Pairs]:
+    """Step 3: send each region's entries to its owner (rotated), sum this rank's region.
+
+    Returns this rank's selection as it entered the sums (values decoded where they were sent
+    quantized) and this rank's region sum."""
     size_, rank = call.size, call.rank
     indices, values = local
     cuts = np.searchsorted(indices, bounds)
     size = int(bounds[-1])
     low, high = int(bounds[rank]), int(bounds[rank + 1])
-    limit = payload_limit(min(count, high - low), size, dtype, None)
+    limit = payload_limit(min(count, high - low), size, dtype, bits)
+    entered = values.copy() if bits else values
     parts: list[Pairs | None] = [None] * size_
     parts[rank] = (indices[cuts[rank]:cuts[rank + 1]], values[cuts[rank]:cuts[rank + 1]])
     if size_ > 1:
@@ -186,18 +203,19 @@ async def _split_and_reduce(call: Call, local: Pairs, bounds: np.ndarray, count:
             for step in range(1, size_):
                 owner = (rank + step) % size_
                 part = slice(cuts[owner], cuts[owner + 1])
-                await call.send(owner, TAG_SPLIT, *sparse_buffers(indices[part], [values[part]], size))
+                wire_values, entered[part] = encode_values(values[part], bits, seed + 31 * owner)
+                await call.send(owner, TAG_SPLIT, *sparse_buffers(indices[part], wire_values, size))
                 pairs_sent["split"] += part.stop - part.start
         except BaseException:
             for receive in posted:
                 await call.transport.mailbox.release(receive)
             raise
         for source, receive in zip(sources, posted):
-            received = decode_sparse(await call.wait(receive), size, dtype, None)
+            received = decode_sparse(await call.wait(receive), size, dtype, bits)
             _check_part(received[0], low, high, call.rank, source)
             parts[source] = received
         call.stats.rounds += 1
-    return sum_in_rank_order(parts, dtype)
+    return (indices, entered), sum_in_rank_order(parts, dtype)
 
 
 def _check_part(indices: np.ndarray, low: int, high: int, rank: int, source: int) -> None:

@@ -16,9 +16,10 @@ with ``sparsecoll-bench calibrate``).
 The options combine with the built-in algorithms as follows:
 
 - ``quantize_bits`` (b in 1, 2, 4, 8; stochastic rounding, a float32 scale per 256 values)
-  works with all five: "dense" becomes a QSGD-style quantized ring allreduce, "cltk" sends its
+  works with all six: "dense" becomes a QSGD-style quantized ring allreduce, "cltk" sends its
   k-value ring quantized, "sketch" both its sketch and its exact-values allreduces, and
-  "allgather" and "gtopk" their sparse values. "oktopk" refuses it (``QUANTIZE_REFUSED``).
+  "allgather" and "gtopk" their sparse values, and "oktopk" the values of its split phase (its
+  region sums travel exact).
 - ``lazy`` (a :class:`LazyState`) works with "dense" (LAG; with ``quantize_bits``, LAQ) and
   "allgather" (a rank whose selection moved little asks the others to reuse its last one,
   with or without ``quantize_bits``). "gtopk", "sketch" and "cltk" refuse it: their merges,
@@ -66,11 +67,6 @@ LAZY_REFUSED = {
               "so a stale contribution has no place in the round's sums",
 }
 """Why lazy aggregation does not compose with these algorithms."""
-QUANTIZE_REFUSED = {
-    "oktopk": "its region sums are what the ranks gather, and their rounding would belong to no "
-              "rank's residual; it already sends O(k) a rank",
-}
-"""Why ``quantize_bits`` does not compose with these algorithms."""
 NOT_ALGORITHMS = {
     "lazy": "it is an option: pass lazy=LazyState(...) with 'dense' or 'allgather'",
     "quantized-broadcast": "it broadcasts parameters: call Group.collective('quantized-broadcast', ...)",
@@ -94,8 +90,7 @@ async def pick_algorithm(group: Group, grad: np.ndarray, *, density: float | Non
     """The builtin that rank 0's cost model prices fastest for this call (``algorithm="auto"``),
     among those that take ``lazy``; the same on every rank (see :mod:`.auto`)."""
     flat = float_vector(grad)
-    candidates = [name for name in BUILTIN if not (lazy and name in LAZY_REFUSED)
-                  and not (quantize_bits is not None and name in QUANTIZE_REFUSED)]
+    candidates = [name for name in BUILTIN if not (lazy and name in LAZY_REFUSED)]
     return await choose_algorithm(group, flat.size, resolve_k(flat.size, k, density), quantize_bits=quantize_bits,
                                   candidates=candidates, itemsize=flat.itemsize, timeout=timeout)
 
@@ -133,7 +128,7 @@ async def reduce_gradient(group: Group, grad: np.ndarray, algorithm: str = "gtop
     if algorithm == "sketch":
         return await sketch_allreduce(group, grad, quantize_bits=quantize_bits, seed=seed, **sparse, **options)
     if algorithm == "oktopk":
-        return await oktopk(group, grad, seed=seed, step=step, **sparse, **options)
+        return await oktopk(group, grad, quantize_bits=quantize_bits, seed=seed, step=step, **sparse, **options)
     if algorithm == "cltk":
         return await cltk(group, grad, quantize_bits=quantize_bits, step=step, seed=seed, **sparse, **options)
     if algorithm not in registry.collectives() and algorithm in registry.compressors():
@@ -156,9 +151,6 @@ def _check_options(algorithm: str, quantize_bits: int | None, lazy: LazyState | 
         return
     if quantize_bits is not None:
         check_bits(quantize_bits)
-        if algorithm in QUANTIZE_REFUSED:
-            raise InvalidArgumentError(f"quantize_bits does not compose with {algorithm!r}: "
-                                       f"{QUANTIZE_REFUSED[algorithm]}")
     if lazy is not None and algorithm in LAZY_REFUSED:
         raise InvalidArgumentError(f"lazy aggregation does not compose with {algorithm!r}: "
                                    f"{LAZY_REFUSED[algorithm]}; use 'dense' or 'allgather'")

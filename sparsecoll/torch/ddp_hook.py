@@ -55,7 +55,7 @@ class CommHookState:
     """
 
     __slots__ = ("group", "compression", "momentum", "nesterov", "warmup_steps", "start_iter",
-                 "iteration", "memories", "last_stats", "skip_nonfinite", "skipped_steps", "residual_dtype",
+                 "iteration", "memories", "algorithm_states", "last_stats", "skip_nonfinite", "skipped_steps", "residual_dtype",
                  "_executor", "_names", "_layouts", "_saved", "_skipped_at")
 
     def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: float = 0.001, *,
@@ -82,6 +82,8 @@ class CommHookState:
         self.start_iter = int(start_iter)
         self.iteration = 0
         self.memories: dict[int, ErrorFeedback] = {}
+        self.algorithm_states: dict[int, Any] = {}
+        """Per bucket, the algorithm's memory between iterations (Ok-Topk's thresholds)."""
         self.last_stats: dict[int, CommStats] = {}
         """What each bucket's last reduction moved, by bucket index."""
         self.skip_nonfinite = bool(skip_nonfinite)
@@ -131,7 +133,7 @@ class CommHookState:
             raise ValueError("a state saved with module= loads only with module=, and one saved without "
                              "it only without")
         self.iteration = int(state["iteration"])
-        self.memories, self._layouts = {}, {}
+        self.memories, self._layouts, self.algorithm_states = {}, {}, {}
         self._saved = {name: {key: None if value is None else value.clone() for key, value in saved.items()}
                        for name, saved in state.get("parameters", {}).items()}
         for index, saved in state.get("memories", {}).items():
@@ -156,6 +158,7 @@ class CommHookState:
                 self.memories.pop(other, None)
                 self._layouts.pop(other, None)
         memory = self.memories[index] = ErrorFeedback(work, self.residual_dtype)
+        self.algorithm_states[index] = self.compression.new_state()
         self._layouts[index] = layout
         if layout is not None:
             offset = 0
@@ -197,7 +200,8 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     reduction = reduce_buffer(state.group.group, work, memory, state.compression,
                               density=state.density_now(), step=state.iteration,
                               seed=state.compression.seed + 1000003 * index, compressed=compressed,
-                              momentum=state.momentum, nesterov=state.nesterov)
+                              momentum=state.momentum, nesterov=state.nesterov,
+                              algorithm_state=state.algorithm_states.setdefault(index, state.compression.new_state()))
 
     async def reduce_if_finite() -> CommStats | None:
         if not await any_rank_flags(state.group.group, local_nonfinite):

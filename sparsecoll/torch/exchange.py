@@ -17,6 +17,7 @@ from sparsecoll import registry
 from sparsecoll.call import CommStats
 from sparsecoll.collectives.cost_model import QUANTIZE_BITS
 from sparsecoll.collectives.lazy import LazyState
+from sparsecoll.collectives.oktopk_state import OkTopkState
 from sparsecoll.collectives.reduce import BUILTIN, check_algorithm_name
 from sparsecoll.errors import CollectiveMismatchError
 from sparsecoll.group import Group
@@ -48,6 +49,11 @@ class Compression:
         if self.memory_beta is not None:
             return float(self.memory_beta)
         return SCALECOM_BETA if self.algorithm == "cltk" else 1.0
+
+    def new_state(self) -> OkTopkState | None:
+        """A bucket's memory of the algorithm between steps: Ok-Topk's thresholds and regions
+        (for "oktopk", and for "auto", which may pick it), else None."""
+        return OkTopkState() if self.algorithm in ("oktopk", "auto") else None
 
     def unbiased(self) -> bool:
         """Whether the compressor is unbiased (Wangni's random-k): error feedback diverges with it."""
@@ -86,12 +92,13 @@ class Compression:
 async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback, compression: Compression,
                         *, density: float, step: int, seed: int, compressed: bool = True,
                         momentum: float = 0.0, nesterov: bool = False, lazy: LazyState | None = None,
-                        backend: str = "tcp") -> CommStats:
+                        backend: str = "tcp", algorithm_state: OkTopkState | None = None) -> CommStats:
     """Replace ``grad`` (this rank's gradient) by the mean over ranks of what was sent.
 
     Dense buffers, the "dense" algorithm and warm-up steps denser than ``dense_above`` use an
     allreduce of ``residual + momentum-corrected gradient`` (nothing is left behind); the others
-    send a sparse part of it and keep the rest (error feedback).
+    send a sparse part of it and keep the rest (error feedback). ``algorithm_state`` is the
+    bucket's :meth:`Compression.new_state`, passed to the algorithm as ``state``.
     """
     memory_beta = compression.filter_factor()
     outgoing = memory.accumulate(grad, momentum, nesterov, memory_beta=memory_beta)
@@ -120,6 +127,8 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
         options["quantize_bits"] = compression.quantize_bits
     if lazy is not None:  # allgather (or "auto", which then picks among those that take it)
         options["lazy"] = lazy
+    if algorithm_state is not None:
+        options["state"] = algorithm_state
     result, stats = await group.reduce_gradient(array, compression.algorithm, density=density, step=step,
                                                 seed=algorithm_seed, **options)
     grad.zero_()

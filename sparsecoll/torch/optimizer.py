@@ -143,6 +143,8 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         self.buckets: list[Bucket] = []
         self.memories: list[ErrorFeedback] = []
         self.lazy_states: list[LazyState | None] = []
+        self.algorithm_states: list = []
+        """Per bucket, the algorithm's memory between steps (Ok-Topk's thresholds), else None."""
         self._bucketed: set[int] = set()
         self._view_hooks: list = []
         self._add_buckets(build_buckets(optimizer.param_groups, self._bucket_bytes, dense_if))
@@ -209,6 +211,7 @@ class SparseCollOptimizer(torch.optim.Optimizer):
             self.memories.append(ErrorFeedback(bucket.flat, self.residual_dtype))
             lazy = self._lazy
             self.lazy_states.append(None if lazy is None else lazy.fresh())
+            self.algorithm_states.append(self.compression.new_state())
             self._bucketed.update(id(param) for param in bucket.params)
             self._view_hooks.extend(bucket.bind_on_backward())
 
@@ -345,9 +348,10 @@ class SparseCollOptimizer(torch.optim.Optimizer):
             return await asyncio.gather(*(
                 reduce_buffer(group, bucket.flat, memory, compression, density=density, step=self.steps,
                               seed=compression.seed + 1000003 * bucket.index, compressed=bucket.compressed,
-                              momentum=momentum, nesterov=nesterov, lazy=lazy, backend=self._backend)
-                for bucket, memory, lazy, (momentum, nesterov)
-                in zip(self.buckets, self.memories, self.lazy_states, hyper)))
+                              momentum=momentum, nesterov=nesterov, lazy=lazy, backend=self._backend,
+                              algorithm_state=algorithm_state)
+                for bucket, memory, lazy, algorithm_state, (momentum, nesterov)
+                in zip(self.buckets, self.memories, self.lazy_states, self.algorithm_states, hyper)))
 
         total = CommStats()
         for stats in self.sync.run(all_buckets()):
@@ -384,7 +388,9 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                                "skipped_steps": self.skipped_steps,
                                "layout": self._layout.tolist(),
                                "memories": [memory.state_dict() for memory in self.memories],
-                               "lazy": [None if lazy is None else lazy.state_dict() for lazy in self.lazy_states]}}
+                               "lazy": [None if lazy is None else lazy.state_dict() for lazy in self.lazy_states],
+                               "algorithm": [None if kept is None else kept.state_dict()
+                                             for kept in self.algorithm_states]}}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             returned = post_hook(self, state)
             if returned is not None:
@@ -410,6 +416,9 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         for lazy, saved in zip(self.lazy_states, ours["lazy"]):
             if lazy is not None and saved is not None:
                 lazy.load_state_dict(saved)
+        for kept, saved in zip(self.algorithm_states, ours.get("algorithm", ())):
+            if kept is not None and saved is not None:
+                kept.load_state_dict(saved)
         self.steps = int(ours["steps"])
         self.skipped_steps = int(ours["skipped_steps"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
