@@ -57,6 +57,8 @@ OPTIMIZER_CONFIGS = {
     "dense-lazy": ("dense", 1.0, {"lazy": LazyState(threshold=0.5)}),
     "dense-lazy-q8": ("dense", 1.0, {"lazy": LazyState(threshold=0.5), "quantize_bits": 8}),
     "allgather-lazy": ("allgather", 0.05, {"lazy": LazyState(threshold=1.5)}),
+    "oktopk": ("oktopk", 0.05, {"algorithm_options": {"interval": 2}}),
+    "oktopk-q4": ("oktopk", 0.05, {"quantize_bits": 4}),
 }
 HOOK_CONFIGS = {
     "hook-dense": ("dense", 1.0, {}),
@@ -66,6 +68,7 @@ HOOK_CONFIGS = {
     "hook-cltk": ("cltk", 0.05, {}),
     "hook-gtopk-q8": ("gtopk", 0.05, {"quantize_bits": 8}),
     "hook-allgather-momentum": ("allgather", 0.05, {"momentum": MOMENTUM}),
+    "hook-oktopk": ("oktopk", 0.05, {"algorithm_options": {"interval": 2}}),
 }
 LAZY = {"dense-lazy", "dense-lazy-q8", "allgather-lazy"}
 REQUANTIZED = {"dense-q8": 8, "gtopk-q4": 4, "sketch-q8": 8, "cltk-q8": 8, "hook-gtopk-q8": 8}
