@@ -143,6 +143,7 @@ async def oktopk(group: Group, grad: np.ndarray, *, k: int | None = None, densit
         local, region = await _split_and_reduce(call, local, bounds, count, flat.dtype, quantize_bits,
                                                 rank_seed, pairs_sent)
         kept, counts = await _keep_above_global(call, region, count, memory, estimate)
+        _check_counts(counts, bounds, call.rank)
         indices, values = await _balance_and_gather(call, kept, counts, size, flat.dtype, pairs_sent)
         memory.age += 1
         in_result = np.isin(local[0], indices, assume_unique=True)
@@ -218,6 +219,13 @@ async def _split_and_reduce(call: Call, local: Pairs, bounds: np.ndarray, count:
     return (indices, entered), sum_in_rank_order(parts, dtype)
 
 
+def _check_counts(counts: list[int], bounds: np.ndarray, rank: int) -> None:
+    """FrameError unless every owner's count fits its region (counts size the next receives)."""
+    regions = np.diff(bounds)
+    if any(value < 0 or value > int(length) for value, length in zip(counts, regions)):
+        raise FrameError(f"owners' counts {counts} do not fit their regions {regions.tolist()}", rank=rank)
+
+
 def _check_part(indices: np.ndarray, low: int, high: int, rank: int, source: int) -> None:
     """FrameError unless ``indices`` ascend strictly inside ``[low, high)``."""
     if indices.size and (int(indices[0]) < low or int(indices[-1]) >= high
@@ -264,8 +272,6 @@ async def _counts(call: Call, mine: int, tag: int) -> list[int]:
     counts = np.zeros(call.size, np.int64)
     counts[call.rank] = mine
     await _allreduce(call, counts, tag)
-    if int(counts.min()) < 0:
-        raise FrameError(f"owners' counts {counts.tolist()} are not counts", rank=call.rank)
     return [int(value) for value in counts]
 
 

@@ -14,13 +14,14 @@ rank's gradient from the same seed, so each computes the reference itself:
   within the paper's 3k(P-1)/P (6k(P-1)/P numbers), k the run's largest actual count.
 
 Cases: zero-gradient ranks, every top-k entry in one region, d < P, k = 0, d = 0 and 1,
-float16/32/64, 4-bit values.
+float16/32/64 and bfloat16, 4-bit values.
 """
 
 from __future__ import annotations
 
 import zlib
 
+import ml_dtypes
 import numpy as np
 import pytest
 
@@ -32,11 +33,12 @@ from sparsecoll.wire import HEADER_SIZE
 from tests.ranks import run_ranks
 
 MAX_WORLD = 8
-TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5, np.float16: 2e-2}
+TOLERANCE = {np.float64: 1e-12, np.float32: 1e-5, np.float16: 2e-2, ml_dtypes.bfloat16: 5e-2}
 CASES = [  # name, d, k, dtype, kind
     ("random", 240, 9, np.float32, "random"),
     ("float64", 97, 7, np.float64, "random"),
     ("float16", 64, 5, np.float16, "random"),
+    ("bfloat16", 80, 6, ml_dtypes.bfloat16, "random"),
     ("odd-ranks-zero", 120, 6, np.float32, "odd-zero"),
     ("all-zero", 50, 5, np.float32, "zero"),
     ("one-region", 2000, 12, np.float32, "clustered"),
