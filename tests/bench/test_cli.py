@@ -78,9 +78,10 @@ def test_sparse_comparison_rows_agree_with_their_formulas(tmp_path: Path) -> Non
     assert result.exit_code == 0, result.output
     assert_png(tmp_path / "sparse.png")
     rows = {row["algorithm"]: row for row in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"dense", "gloo", "allgather", "gtopk", "sketch", "cltk", "selection"}
+    assert set(rows) == {"dense", "gloo", "allgather", "gtopk", "sketch", "cltk", "oktopk", "selection"}
     for name in ("allgather", "gtopk"):
         assert rows[name]["bytes_sent"] == rows[name]["formula_bytes"]
+    assert 0 < rows["oktopk"]["bytes_sent"] <= rows["oktopk"]["formula_bytes"]  # the paper's bound
     for row in rows.values():
         assert row["wrong"] == 0 and row["time_ms"] > 0 and row["speedup_vs_gloo"] > 0
     assert rows["allgather"]["bytes_sent"] < rows["dense"]["bytes_sent"] / 20
