@@ -17,17 +17,31 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from ._scalar import median_of_first, sketch_bucket, sketch_sign
+from ._scalar import median_of_first
 
+_S32 = np.uint64(32)
+_S63 = np.uint64(63)
 HOT_WORD_BITS = 32  # uint32 words: CUDA builds one word per thread, without atomics
-_WORD_SHIFT = np.int64(5)
-_WORD_MASK = np.int64(31)
+_WORD_SHIFT = np.uint64(5)
+_WORD_MASK = np.uint64(31)
 _ONE = np.uint32(1)
 
 
 def hot_words(columns: int) -> int:
     """uint32 words of one hot-map row."""
     return -(-columns // HOT_WORD_BITS)
+
+
+@njit(cache=True)
+def bucket_unsigned(a, b, i, columns):
+    """``sketch_bucket`` as an unsigned index (an index Numba knows is >= 0 skips the wraparound)."""
+    return (((np.uint64(a) * np.uint64(i) + np.uint64(b)) >> _S32) * np.uint64(columns)) >> _S32
+
+
+@njit(cache=True)
+def sign_is_negative(a, b, i):
+    """``sketch_sign(a, b, i) < 0`` as a flag, so a value is negated instead of multiplied."""
+    return ((np.uint64(a) * np.uint64(i) + np.uint64(b)) >> _S63) != 0
 
 
 @njit(cache=True)
@@ -47,7 +61,7 @@ def cold_rows_exceed(hot, hashes, i, columns, allowed):
     """True when more than ``allowed`` rows put coordinate ``i`` in a cold bucket (it cannot pass)."""
     cold = 0
     for j in range(hashes.shape[0]):
-        column = sketch_bucket(hashes[j, 0], hashes[j, 1], i, columns)
+        column = bucket_unsigned(hashes[j, 0], hashes[j, 1], i, columns)
         if (hot[j, column >> _WORD_SHIFT] >> np.uint32(column & _WORD_MASK)) & _ONE == 0:
             cold += 1
             if cold > allowed:
@@ -60,8 +74,8 @@ def row_estimate(table, hashes, i, buf):
     """Median over rows of the signed counters of coordinate ``i``; ``buf`` holds >= rows floats."""
     rows = table.shape[0]
     for j in range(rows):
-        column = sketch_bucket(hashes[j, 0], hashes[j, 1], i, table.shape[1])
-        buf[j] = sketch_sign(hashes[j, 2], hashes[j, 3], i) * table[j, column]
+        value = np.float64(table[j, bucket_unsigned(hashes[j, 0], hashes[j, 1], i, table.shape[1])])
+        buf[j] = -value if sign_is_negative(hashes[j, 2], hashes[j, 3], i) else value
     return median_of_first(buf, rows)
 
 

@@ -23,7 +23,15 @@ from sparsecoll.errors import InvalidArgumentError
 
 from ._dispatch import CUDA, as_device_vector, as_host_vector, backend_of, float_dtype, wrap_like
 from ._scalar import sketch_bucket, sketch_sign, splitmix64
-from ._sketch_scalar import allowed_cold_rows, cold_rows_exceed, hot_word, hot_words, row_estimate
+from ._sketch_scalar import (
+    allowed_cold_rows,
+    bucket_unsigned,
+    cold_rows_exceed,
+    hot_word,
+    hot_words,
+    row_estimate,
+    sign_is_negative,
+)
 from .select import topk_exact
 
 MAX_ROWS = 32  # a query keeps one value per row in a fixed-size local buffer on the GPU
@@ -78,7 +86,10 @@ def _insert_range(table, hashes, x, lo, hi):
             sign_a, sign_b = hashes[j, 2], hashes[j, 3]
             for t in range(view.size):
                 i = start + t
-                row[sketch_bucket(bucket_a, bucket_b, i, columns)] += sketch_sign(sign_a, sign_b, i) * view[t]
+                value = view[t]
+                if sign_is_negative(sign_a, sign_b, i):
+                    value = -value
+                row[bucket_unsigned(bucket_a, bucket_b, i, columns)] += value
     return nonfinite
 
 

@@ -56,7 +56,7 @@ def test_fewer_nonzero_estimates_than_k_take_the_lowest_zero_coordinates(nonzero
     assert est.tobytes() == expected_est.tobytes()
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(st.integers(1, 400), st.data())
 def test_the_recovery_driver_finds_the_top_k_whatever_the_sample_says(size, data):
     """``_recover``'s threshold, retries and zero fill against topk_exact, on estimates with ties,
