@@ -71,10 +71,14 @@ def sketch_entry(table, hashes, j, i, value):
 
 @njit(nogil=True, cache=True)
 def _insert_range(table, hashes, x, lo, hi):
-    # Blocked by row: a block of x stays in L1 while each row in turn takes it, so the hash
-    # constants live in registers and the scattered adds go to one row (2 MB at 500K columns)
-    # at a time instead of to all of them.
+    # Blocked by row: a block of x stays in L1 while each row in turn takes it, and the scattered
+    # adds go to one row (2 MB at 500K columns) at a time instead of all of them. Per row, the
+    # block's columns and signed values are computed first and the adds follow in a loop of
+    # their own: with no hashing between them, many more of the adds' cache misses overlap
+    # (0.35-0.43 s against 0.54-0.82 s of CPU time for 25M into 5 x 500K, a loaded machine).
     rows, columns = table.shape
+    bucket_of = np.empty(INSERT_BLOCK, np.uint64)
+    signed = np.empty(INSERT_BLOCK, x.dtype)  # the add rounds once, as the per-element insert does
     nonfinite = 0
     for start in range(lo, hi, INSERT_BLOCK):
         view = x[start : min(start + INSERT_BLOCK, hi)]
@@ -86,10 +90,10 @@ def _insert_range(table, hashes, x, lo, hi):
             sign_a, sign_b = hashes[j, 2], hashes[j, 3]
             for t in range(view.size):
                 i = start + t
-                value = view[t]
-                if sign_is_negative(sign_a, sign_b, i):
-                    value = -value
-                row[bucket_unsigned(bucket_a, bucket_b, i, columns)] += value
+                bucket_of[t] = bucket_unsigned(bucket_a, bucket_b, i, columns)
+                signed[t] = -view[t] if sign_is_negative(sign_a, sign_b, i) else view[t]
+            for t in range(view.size):
+                row[bucket_of[t]] += signed[t]
     return nonfinite
 
 
