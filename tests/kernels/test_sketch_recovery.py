@@ -56,16 +56,8 @@ def test_fewer_nonzero_estimates_than_k_take_the_lowest_zero_coordinates(nonzero
     assert est.tobytes() == expected_est.tobytes()
 
 
-@settings(max_examples=25, deadline=None)
-@given(st.integers(1, 400), st.data())
-def test_the_recovery_driver_finds_the_top_k_whatever_the_sample_says(size, data):
-    """``_recover``'s threshold, retries and zero fill against topk_exact, on estimates with ties,
-    zeros and values the strided sample misses (the backends are plain numpy here)."""
-    values = data.draw(st.lists(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -7.0, 1e-300, 40.0]),
-                                min_size=size, max_size=size))
-    estimates = np.array(values, np.float64)
-    k = data.draw(st.integers(0, size))
-    stride = data.draw(st.integers(1, 16))
+def recover_from(estimates: np.ndarray, k: int, stride: int) -> tuple[np.ndarray, np.ndarray]:
+    """``_recover`` over known estimates: the backends are plain numpy, the stride is forced."""
 
     def sample(_stride: int, count: int) -> np.ndarray:
         return np.abs(estimates[::stride])[:count]
@@ -77,12 +69,50 @@ def test_the_recovery_driver_finds_the_top_k_whatever_the_sample_says(size, data
     original = sketch._recovery_sample
     sketch._recovery_sample = lambda n, wanted: (stride, -(-n // stride))
     try:
-        idx, est = _recover(size, k, sample, candidates, lambda i: estimates[i])
+        return _recover(estimates.size, k, sample, candidates, lambda i: estimates[i])
     finally:
         sketch._recovery_sample = original
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 400), st.data())
+def test_the_recovery_driver_finds_the_top_k_whatever_the_sample_says(size, data):
+    """``_recover``'s threshold, retries and zero fill against topk_exact, on estimates with ties,
+    zeros and values the strided sample misses."""
+    values = data.draw(st.lists(st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, -7.0, 1e-300, 40.0]),
+                                min_size=size, max_size=size))
+    estimates = np.array(values, np.float64)
+    k = data.draw(st.integers(0, size))
+    idx, est = recover_from(estimates, k, data.draw(st.integers(1, 16)))
     expected_idx, expected_est = topk_exact(estimates, k)
     np.testing.assert_array_equal(idx, expected_idx)
     assert est.tobytes() == expected_est.tobytes()
+
+
+def test_a_sample_that_sees_only_the_heaviest_lowers_its_threshold():
+    """Every 16th coordinate is heavy and the sample sees only those: the first threshold keeps
+    25 candidates for k = 100, so the driver must pass again lower (the rest rise with the index,
+    so a fill from the lowest indices would be wrong)."""
+    estimates = 1.0 + np.arange(400) / 1000.0
+    estimates[::16] = 40.0
+    idx, est = recover_from(estimates, 100, 16)
+    expected_idx, expected_est = topk_exact(estimates, 100)
+    np.testing.assert_array_equal(idx, expected_idx)
+    assert est.tobytes() == expected_est.tobytes()
+
+
+def test_the_candidate_pass_keeps_every_estimate_at_or_above_the_threshold():
+    """Small integer values make estimates (and counters) equal the threshold exactly: those
+    coordinates are candidates too, so a counter equal to the threshold must count as hot."""
+    size = 200_000
+    x = np.random.default_rng(6).integers(-2, 3, size).astype(np.float32)
+    hashes = sketch_hashes(5, 6)
+    table = sketch_insert_dense(np.zeros((5, 40_000), np.float32), hashes, x)
+    every = every_estimate(table, hashes, size)
+    for threshold in np.unique(np.abs(every))[-6:-1]:
+        idx, est = _candidates_host(table, hashes, size, float(threshold), 1000)
+        np.testing.assert_array_equal(idx, np.flatnonzero(np.abs(every) >= threshold))
+        assert est.tobytes() == every[idx].tobytes()
 
 
 def test_a_candidate_chunk_that_overflows_its_slots_is_redone():
