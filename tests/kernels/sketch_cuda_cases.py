@@ -53,3 +53,15 @@ def test_fewer_nonzero_estimates_than_k_fill_with_the_lowest_zero_coordinates():
     np.testing.assert_array_equal(idx.copy_to_host(), reference_idx)
     np.testing.assert_array_equal(est.copy_to_host(), reference_est.astype(np.float32))
     assert {7, 500, 999} <= set(idx.copy_to_host().tolist())
+
+
+def test_a_candidate_pass_that_overflows_its_slots_is_redone():
+    from sparsecoll.kernels import _sketch_cuda
+
+    x = np.random.default_rng(3).standard_t(2, 1000).astype(np.float32)
+    table, hashes = table_of(x, 5, 64, 2)
+    _sample, candidates, _query = _sketch_cuda.recovery_steps(cuda.to_device(table), hashes, x.size)
+    idx, est = candidates(sketch.SMALLEST_POSITIVE, 0)  # room for 64 of ~1000 survivors
+    every = K.sketch_query(table, hashes, np.arange(x.size))
+    np.testing.assert_array_equal(idx, np.flatnonzero(every))
+    assert est.tobytes() == every[idx].tobytes()
