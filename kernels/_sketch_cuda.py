@@ -1,10 +1,17 @@
-"""CUDA kernels behind ``sketch``: atomic inserts (one thread per coordinate), queries, merge.
+"""CUDA kernels behind ``sketch``: atomic inserts (one thread per coordinate), queries, merge,
+and the steps of heavy-hitter recovery.
 
-The hashes and the median are the same ``@njit`` functions the CPU kernels call.
+The hashes, the median, the hot map and the cold-row filter are the same ``@njit`` functions the
+CPU kernels call (:mod:`._sketch_scalar`), and ``sketch._recover`` drives both backends with the
+same decisions, so CPU and GPU recover the same coordinates from the same table. Recovery here:
+a strided sample of estimates, a hot-map kernel (one thread per 32-counter word), and one
+candidate pass (one thread per coordinate) that appends survivors through an atomic counter;
+the host sorts them by index, so the order of the atomics does not matter.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -14,10 +21,14 @@ from sparsecoll.errors import InvalidArgumentError
 
 from . import _scalar
 from ._cuda_compact import THREADS, device_function
+from . import _sketch_scalar
 from ._scalar import sketch_bucket, sketch_sign
+from ._sketch_scalar import allowed_cold_rows, hot_words
 from .sketch import MAX_ROWS
 
 median_of_first = device_function(_scalar.median_of_first)
+hot_word = device_function(_sketch_scalar.hot_word)
+cold_rows_exceed = device_function(_sketch_scalar.cold_rows_exceed)
 
 
 @cuda.jit
@@ -33,16 +44,44 @@ def _insert_kernel(table, hashes, idx, val, dense, bad):
             cuda.atomic.add(table, (j, col), sketch_sign(hashes[j, 2], hashes[j, 3], i) * value)
 
 
+@cuda.jit(device=True)
+def _estimate(table, hashes, i):
+    buf = cuda.local.array(MAX_ROWS, float64)
+    for j in range(table.shape[0]):
+        col = sketch_bucket(hashes[j, 0], hashes[j, 1], i, table.shape[1])
+        buf[j] = sketch_sign(hashes[j, 2], hashes[j, 3], i) * table[j, col]
+    return median_of_first(buf, table.shape[0])
+
+
 @cuda.jit
-def _query_kernel(table, hashes, idx, dense, out):
+def _query_kernel(table, hashes, idx, stride, out):
+    # stride 0: the coordinates in idx; stride s > 0: |estimate| of coordinates 0, s, 2s, ...
     t = cuda.grid(1)
     if t < out.size:
-        i = t if dense else idx[t]
-        buf = cuda.local.array(MAX_ROWS, float64)
-        for j in range(table.shape[0]):
-            col = sketch_bucket(hashes[j, 0], hashes[j, 1], i, table.shape[1])
-            buf[j] = sketch_sign(hashes[j, 2], hashes[j, 3], i) * table[j, col]
-        out[t] = median_of_first(buf, table.shape[0])
+        if stride:
+            out[t] = abs(_estimate(table, hashes, t * stride))
+        else:
+            out[t] = _estimate(table, hashes, idx[t])
+
+
+@cuda.jit
+def _hot_map_kernel(table, threshold, hot):
+    w = cuda.grid(1)
+    words = hot.shape[1]
+    if w < hot.size:
+        hot[w // words, w % words] = hot_word(table, w // words, w % words, threshold)
+
+
+@cuda.jit
+def _candidates_kernel(table, hashes, hot, size, threshold, allowed, slot_idx, slot_est, count):
+    i = cuda.grid(1)
+    if i < size and not cold_rows_exceed(hot, hashes, i, table.shape[1], allowed):
+        value = _estimate(table, hashes, i)
+        if abs(value) >= threshold:
+            slot = cuda.atomic.add(count, 0, 1)
+            if slot < slot_idx.size:
+                slot_idx[slot] = i
+                slot_est[slot] = value
 
 
 @cuda.jit
@@ -95,13 +134,44 @@ def query(table: Any, hashes: np.ndarray, idx: Any) -> Any:
     device_table = _table(table)
     out = cuda.device_array(idx.size, device_table.dtype)
     if idx.size:
-        _query_kernel[_blocks(idx.size), THREADS](device_table, cuda.to_device(hashes), idx, False, out)
+        _query_kernel[_blocks(idx.size), THREADS](device_table, cuda.to_device(hashes), idx, 0, out)
     return out
 
 
-def query_all(table: Any, hashes: np.ndarray, size: int) -> Any:
+def recovery_steps(table: Any, hashes: np.ndarray, size: int) -> tuple[Callable, Callable, Callable]:
+    """``sketch._recover``'s sample, candidates and query steps on the device; host arrays out."""
     device_table = _table(table)
-    out = cuda.device_array(size, device_table.dtype)
-    if size:
-        _query_kernel[_blocks(size), THREADS](device_table, cuda.to_device(hashes), out, True, out)
-    return out
+    device_hashes = cuda.to_device(hashes)
+    allowed = allowed_cold_rows(device_table.shape[0])
+
+    def sample(stride: int, count: int) -> np.ndarray:
+        out = cuda.device_array(count, np.float64)
+        _query_kernel[_blocks(count), THREADS](device_table, device_hashes, out, stride, out)
+        return out.copy_to_host()
+
+    def candidates(threshold: float, expected: int) -> tuple[np.ndarray, np.ndarray]:
+        rows, columns = device_table.shape
+        hot = cuda.device_array((rows, hot_words(columns)), np.uint32)
+        _hot_map_kernel[_blocks(hot.size), THREADS](device_table, threshold, hot)
+        cap = 2 * expected + 64
+        while True:
+            slot_idx = cuda.device_array(cap, np.int64)
+            slot_est = cuda.device_array(cap, np.float64)
+            count = cuda.to_device(np.zeros(1, np.int64))
+            _candidates_kernel[_blocks(size), THREADS](device_table, device_hashes, hot, size, threshold,
+                                                        allowed, slot_idx, slot_est, count)
+            found = int(count.copy_to_host()[0])
+            if found <= cap:
+                break
+            cap = found  # more survivors than room (rare): redo with room for all
+        idx, est = slot_idx[:found].copy_to_host(), slot_est[:found].copy_to_host()
+        order = np.argsort(idx, kind="stable")
+        return idx[order], est[order]
+
+    def query_host(idx: np.ndarray) -> np.ndarray:
+        out = cuda.device_array(idx.size, np.float64)
+        if idx.size:
+            _query_kernel[_blocks(idx.size), THREADS](device_table, device_hashes, cuda.to_device(idx), 0, out)
+        return out.copy_to_host()
+
+    return sample, candidates, query_host

@@ -23,14 +23,19 @@ steps by the mean). Before any step is recorded the right side is zero and every
 parameter steps; it does not tighten near an optimum where the ranks' own gradients do not vanish
 (heterogeneous data), so it stalls there (issue 22: a gap of 1.35e-3 where LAG reaches 1e-8).
 
-Dense (:func:`lazy_allreduce`): every rank keeps the sum of the ranks' last sent gradients. A rank
-that uploads sends the change since its last upload; the changes travel around a ring (a skipping
-rank contributes an empty block but still forwards the others') and every rank adds them, in rank
-order, to its running sum, which therefore stays identical on all ranks. With ``quantize_bits``
-the change goes at b bits (LAQ): on LAQ's deterministic grid with an inf-norm radius
-(``quantizer="grid"``, :mod:`sparsecoll.compress.grid`, the default) or stochastically rounded
-with a scale per 256 values (``quantizer="stochastic"``); ``g_sent`` advances by the decoded
-change, so a round's rounding error is part of the next round's innovation.
+Dense (:func:`lazy_allreduce`): every rank keeps the sum of the ranks' last sent gradients, in
+float64. The ranks first agree a P-entry upload map (a P-byte allreduce); a round in which every
+rank skips costs only that. Otherwise the round takes the cheaper of two exact schemes: the
+uploaders' changes since their last upload travel the ring (a skipper sends and forwards
+nothing of its own) and every rank adds them in rank order to its running sum; or a dense
+allreduce of every rank's sent gradient (a skipper's stale one) replaces the running sum, which
+also clears its rounding drift. So a rank never sends more than the map plus a dense ring
+allreduce, where the allgather this replaced sent (P-1)·d values in rounds without skips. With
+``quantize_bits`` the change goes at b bits (LAQ): on LAQ's deterministic grid with an inf-norm
+radius (``quantizer="grid"``, :mod:`sparsecoll.compress.grid`, the default) or stochastically
+rounded with a scale per 256 values (``quantizer="stochastic"``); ``g_sent`` advances by the
+decoded change, so a round's rounding error is part of the next round's innovation. At b bits
+u changes cost u·b/32 of d floats, so LAQ forwards changes while u < 64/b.
 
 Sparse allgather (``sparse_allgather(..., lazy=state)``) applies the same rule to a rank's
 selection and keeps every rank's last sent (indices, values); see :func:`sparse_skip`.
@@ -52,10 +57,12 @@ from sparsecoll.collectives.quantized_ring import (
     quantized_bytes,
     stream_seed,
 )
-from sparsecoll.collectives.sparse_common import SparseResult, float_vector, ring_gather_blocks
+from sparsecoll.collectives.dense import SMALL_ALLREDUCE_BYTES, recursive_doubling_allreduce, ring_allreduce
+from sparsecoll.collectives.doubling import DoublingPlan
+from sparsecoll.collectives.sparse_common import SparseResult, float_vector
 from sparsecoll.compress.grid import grid_bytes, grid_decode, grid_parts, grid_quantize
 from sparsecoll.errors import FrameError, InvalidArgumentError
-from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code
+from sparsecoll.wire import HEADER_SIZE, Algorithm, Op, ReduceOp, Signature, dtype_code
 
 if TYPE_CHECKING:
     from sparsecoll.group import Group
@@ -64,6 +71,9 @@ Contribution = tuple[np.ndarray, np.ndarray]
 QUANTIZERS = ("grid", "stochastic")
 GRID_SIGNATURE = 1 << 8
 """Added to the signature's bit width when the grid quantizer is used, so ranks cannot mix them."""
+MAP_TAGS = 0
+CHANGE_TAGS = 1 << 10
+"""Tags of the upload map's allreduce and of the round's changes (or sent sum) after it."""
 
 
 @dataclass
@@ -215,6 +225,65 @@ def keep_contributions(state: LazyState, parts: list[Contribution]) -> None:
     state.contributions = [(np.array(indices, np.int64), np.array(values)) for indices, values in parts]
 
 
+def skip_map_bytes(rank: int, world: int) -> int:
+    """Bytes ``rank`` sends to agree the skip map: a P-byte recursive-doubling allreduce."""
+    if world == 1:
+        return 0
+    plan = DoublingPlan(rank, world)
+    frames = 1 if plan.folded else plan.rounds + (1 if plan.host else 0)
+    return frames * (HEADER_SIZE + world)
+
+
+def forwards_changes(uploaders: int, block_bytes: int, size: int, itemsize: int) -> bool:
+    """Whether a round sends the uploaders' changes along the ring (each forwarded P-1 hops)
+    rather than ring-allreducing every rank's sent gradient: the one that moves fewer bytes,
+    ``uploaders`` blocks against the two passes of d values of the ring (ties go to the ring)."""
+    return uploaders * block_bytes < 2 * size * itemsize
+
+
+async def _agree_uploads(call: Call, uploading: bool) -> np.ndarray:
+    """The P-entry upload map (1: uploads this round), the same on every rank."""
+    flags = np.zeros(call.size, np.uint8)
+    flags[call.rank] = uploading
+    if call.size > 1:
+        await recursive_doubling_allreduce(call, flags, np.maximum, MAP_TAGS)
+    return flags
+
+
+async def _forward_present(call: Call, own: list[np.ndarray], present: np.ndarray, limit: int) -> list:
+    """Every uploader's block, in rank order (None for the others), along the ring: block b
+    goes b -> b+1 -> ... -> b+P-1, and a rank sends or receives only blocks that exist."""
+    size, rank = call.size, call.rank
+    right, left = (rank + 1) % size, (rank - 1) % size
+    blocks: list = [None] * size
+    blocks[rank] = own if present[rank] else None
+    for step in range(size - 1):
+        outgoing, incoming = (rank - step) % size, (rank - step - 1) % size
+        tag = CHANGE_TAGS + step
+        if present[outgoing] and present[incoming]:
+            buffers = blocks[outgoing]
+            blocks[incoming] = await call.exchange(right, buffers if isinstance(buffers, list) else [buffers],
+                                                   left, None, tag, limit)
+        elif present[outgoing]:
+            buffers = blocks[outgoing]
+            await call.send(right, tag, *(buffers if isinstance(buffers, list) else [buffers]))
+        elif present[incoming]:
+            blocks[incoming] = await call.recv(left, tag, None, limit)
+    call.stats.rounds += size - 1
+    return blocks
+
+
+async def _sum_sent(call: Call, sent: np.ndarray) -> np.ndarray:
+    """Sum over the ranks of their sent gradients, by the group's dense allreduce (bit-identical)."""
+    total = sent.copy()
+    if call.size > 1:
+        if total.nbytes <= SMALL_ALLREDUCE_BYTES or total.size < call.size:
+            await recursive_doubling_allreduce(call, total, np.add, CHANGE_TAGS)
+        else:
+            await ring_allreduce(call, total, np.add, CHANGE_TAGS)
+    return total
+
+
 async def lazy_allreduce(group: Group, grad: np.ndarray, state: LazyState, *, quantize_bits: int | None = None,
                          seed: int = 0, timeout: float | None = None) -> CollectiveResult:
     """Sum of the ranks' latest sent gradients; a rank sends only when the rule asks it to.
@@ -224,13 +293,18 @@ async def lazy_allreduce(group: Group, grad: np.ndarray, state: LazyState, *, qu
     1. form the upload candidate: the change ``g - g_sent`` (LAQ: quantized, ``Q_new - Q_sent``,
        and its quantization error ``eps = Q_new - g``);
     2. skip or upload by the rule (module docstring);
-    3. pass the changes around the ring (an empty block for a skip) and add them, in rank
-       order, to the running sum;
+    3. agree the upload map (P bytes, a recursive-doubling allreduce); with u uploaders:
+       u = 0: nothing more is sent, the sum stands;
+       few uploaders (``forwards_changes``: u blocks cost less than the ring's 2d values, so
+       u = 1 unquantized, u < 64/b at b bits): the uploaders' changes travel the ring, each
+       forwarded P-1 hops, and every rank adds them in rank order to its float64 running sum;
+       otherwise: a dense allreduce of every rank's new ``g_sent`` (a skipper's stale one), whose
+       result replaces the running sum, so float rounding never accumulates across such rounds;
     4. on upload, advance ``g_sent`` (LAQ: ``Q_sent = Q_new``, ``||eps_sent||^2 = ||eps||^2``).
 
-    For error feedback, a rank that sends reports its new ``g_sent`` as sent (its whole
-    contribution to the sum, after rounding); one that skips reports nothing sent, as the
-    round's gradient did not reach the sum.
+    Per rank: the map, plus at most what a dense ring allreduce sends. For error feedback, a
+    rank that sends reports its new ``g_sent`` as sent (its whole contribution to the sum, after
+    rounding); one that skips reports nothing sent, as the round's gradient did not reach the sum.
     """
     flat = float_vector(grad)
     size = flat.size
@@ -241,9 +315,11 @@ async def lazy_allreduce(group: Group, grad: np.ndarray, state: LazyState, *, qu
         check_bits(bits)
     if state.last_sent is None or state.last_sent.size != size:
         state.last_sent = np.zeros(size, flat.dtype)
-        state.total = np.zeros(size, flat.dtype)
+        state.total = np.zeros(size, np.float64)
         state.stale = 0
         state.sent_error = 0.0
+    if state.total.dtype != np.float64:  # a state saved before the running sum was float64
+        state.total = state.total.astype(np.float64)
     if grid:
         block_bytes = grid_bytes(size, bits)
     else:
@@ -271,31 +347,31 @@ async def lazy_allreduce(group: Group, grad: np.ndarray, state: LazyState, *, qu
             error = _squared(state.last_sent + change - flat)
         # 2. the rule
         skip = state.wants_skip(_squared(change), _squared(flat), call.size, error)
-        if skip:
-            own = [np.empty(0, np.uint8)]
-        # 3. the ring and the running sum
-        blocks = await ring_gather_blocks(call, own, block_bytes) if call.size > 1 else [own]
-        skips = 0
-        for rank, block in enumerate(blocks):
-            if rank == call.rank:
-                delta = None if skip else change
-            elif len(block) == 0:
-                delta = None
-            elif len(block) != block_bytes:
-                raise FrameError(f"rank {rank} sent {len(block)} bytes, not {block_bytes}", rank=call.rank)
-            else:
-                delta = decode(block)
-            if delta is None:
-                skips += 1
-            else:
-                state.total += delta
+        # 3. the map, then the changes or the sum of sent gradients
+        uploads = await _agree_uploads(call, not skip)
+        uploaders = int(uploads.sum())
+        sent = state.last_sent if skip else (state.last_sent + change if bits else flat)
+        if uploaders and forwards_changes(uploaders, block_bytes, size, flat.itemsize):
+            blocks = await _forward_present(call, own, uploads, block_bytes) if call.size > 1 else [own]
+            for rank, block in enumerate(blocks):
+                if not uploads[rank]:
+                    continue
+                if rank == call.rank:
+                    state.total += change
+                elif len(block) != block_bytes:
+                    raise FrameError(f"rank {rank} sent {len(block)} bytes, not {block_bytes}", rank=call.rank)
+                else:
+                    state.total += decode(block)
+        elif uploaders:
+            state.total = (await _sum_sent(call, sent)).astype(np.float64)
         # 4. what this rank's sum now holds of it
         if not skip:
-            state.last_sent = state.last_sent + change if bits else flat.copy()
+            state.last_sent = sent.copy() if sent is flat else sent
             state.sent_error = error
-        state.record(skip, skips)
+        state.record(skip, call.size - uploaders)
+        total = state.total.astype(flat.dtype)
         if skip:  # nothing of this round's gradient was sent
-            return SparseResult(None, state.total.copy(), size, np.empty(0, np.int64), np.empty(0, flat.dtype))
-        return SparseResult(None, state.total.copy(), size, None, state.last_sent.copy())
+            return SparseResult(None, total, size, np.empty(0, np.int64), np.empty(0, flat.dtype))
+        return SparseResult(None, total, size, None, state.last_sent.copy())
 
     return await group.run(signature, body, timeout)

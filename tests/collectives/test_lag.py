@@ -138,12 +138,14 @@ async def constant_laq_rounds(group) -> dict:
 def test_laq_skips_an_unchanged_gradient_within_its_quantization_error() -> None:
     """Re-quantizing an unchanged gradient moves Q by about its last rounding error: LAQ's
     3(||eps||^2 + ||eps_sent||^2) term lets it skip, where the bare LAG bound (zero: no step yet)
-    would upload the rounding noise every round. Round 0 sends LAQ's grid: R and 8-bit codes."""
+    would upload the rounding noise every round. Round 0 sends the upload map and LAQ's grid:
+    R and 8-bit codes; a round in which both skip sends only the map."""
+    from sparsecoll.collectives.lazy import skip_map_bytes
     from sparsecoll.compress.grid import grid_bytes
     from sparsecoll.wire import HEADER_SIZE
 
-    for rank in run_ranks(2, constant_laq_rounds, timeout=60):
-        assert rank["history"] == [0, 2, 2], rank
-        assert rank["error"] > 0
-        assert rank["bytes"][0] == HEADER_SIZE + grid_bytes(1000, 8), rank
-        assert rank["bytes"][1] == rank["bytes"][2] == HEADER_SIZE, rank  # an empty block each
+    for rank, out in enumerate(run_ranks(2, constant_laq_rounds, timeout=60)):
+        assert out["history"] == [0, 2, 2], out
+        assert out["error"] > 0
+        assert out["bytes"][0] == skip_map_bytes(rank, 2) + HEADER_SIZE + grid_bytes(1000, 8), out
+        assert out["bytes"][1] == out["bytes"][2] == skip_map_bytes(rank, 2) == HEADER_SIZE + 2, out

@@ -7,7 +7,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from sparsecoll.collectives.lazy import LazyState
+from sparsecoll.collectives.lazy import LazyState, skip_map_bytes
 from sparsecoll.collectives.reduce import reduce_gradient
 from sparsecoll.errors import InvalidArgumentError, SparseCollError
 from sparsecoll.wire import HEADER_SIZE
@@ -235,8 +235,10 @@ def check_laq(per_rank: list[dict], world: int) -> None:
         forwarded = [(rank - hop) % world for hop in range(world - 1)]
         for step, (values, sent, _) in enumerate(rounds):
             assert values == per_rank[0]["laq"][0][step][0], "LAQ differs between ranks"
-            # a rank that sends its change sends it at 8 bits; a skipping one an empty frame
-            assert sent == sum(HEADER_SIZE + (0 if skips[r][step] else wire(count, 8)) for r in forwarded)
+            # the upload map, then the uploaders' changes at 8 bits along the ring (skippers send nothing)
+            uploads = [not skips[r][step] for r in range(world)]
+            changes = sum(HEADER_SIZE + wire(count, 8) for r in forwarded if uploads[r]) if any(uploads) else 0
+            assert sent == skip_map_bytes(rank, world) + changes
     exact = sum(drifting(rank, 0)[:count] for rank in range(world))
     first_round = np.frombuffer(per_rank[0]["laq"][0][0][0], np.float32)
     scale = max(float(np.abs(drifting(rank, 0)[:count]).max()) for rank in range(world))
