@@ -108,7 +108,7 @@ def demo(
 
         where = choose_where(link)
         if where.fallback is not None:
-            errors.print(f"no emulated links ({where.fallback}): running on loopback", markup=False)
+            errors.print(f"running on loopback: {where.fallback}", markup=False)
         rows = run_demo(world_size(ranks), elements, iterations, where)
     if this_rank() != 0:
         return

@@ -32,6 +32,7 @@ import numpy as np
 
 from sparsecoll.bench.ranks import RankPlace, run_ranks, under_launcher
 from sparsecoll.bench.table import Column, count, integer, milliseconds, nbytes, speedup
+from sparsecoll.errors import InvalidArgumentError
 
 RESNET50_ELEMENTS = 25_000_000
 """A ResNet-50's gradient, in float32 elements (25.6M parameters)."""
@@ -74,9 +75,12 @@ def choose_where(requested: str | None) -> Where:
     if requested == LOOPBACK:
         return Where(None)
     if requested is not None:
-        checks.link(requested)  # rate syntax and root; a kernel that cannot shape fails in EmulatedNetwork
-        return Where(requested)
+        checks.link(requested)  # the rate's syntax, and root
     problem = shaping_problem()
+    if requested is not None and problem is not None:
+        raise InvalidArgumentError(problem)  # asked for links: refused before anything starts
+    if requested is not None:
+        return Where(requested)
     return Where(DEFAULT_RATE) if problem is None else Where(None, problem)
 
 
@@ -88,7 +92,7 @@ def run_demo(ranks: int, size: int, iterations: int, where: Where) -> list[dict[
         _, rows = run_ranks(ranks, run_rank, size, iterations, None, link=where.link)
         return rows
     bar = PhaseBar(phases)
-    bar.next(f"starting {ranks} ranks")
+    bar.next(f"starting {ranks} rank{'s' if ranks != 1 else ''}")
     reports = multiprocessing.get_context("spawn").Queue()
     done = threading.Event()
     follower = threading.Thread(target=_follow, args=(reports, bar, done), daemon=True)
@@ -98,8 +102,9 @@ def run_demo(ranks: int, size: int, iterations: int, where: Where) -> list[dict[
     finally:
         done.set()
         follower.join()
-        bar.close()
+        bar.stop()
         reports.close()
+    bar.close()
     return rows
 
 
@@ -231,11 +236,16 @@ class PhaseBar:
             elapsed = time.perf_counter() - self._started
             print(f"[{self._done}/{self._phases}] {elapsed:5.1f}s  {description}", file=sys.stderr, flush=True)
 
-    def close(self) -> None:
-        """Every phase is done: the bar goes (a terminal) or says so in a last line (a pipe)."""
+    def stop(self) -> None:
+        """Take the bar off a terminal (a failed run's error then stands alone)."""
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+    def close(self) -> None:
+        """Every phase is done: the bar goes (a terminal) or says so in a last line (a pipe)."""
+        if self._console.is_terminal:
+            self.stop()
         elif self._done < self._phases:
             self._done = self._phases
             print(f"[{self._phases}/{self._phases}] {time.perf_counter() - self._started:5.1f}s  done",
