@@ -19,6 +19,7 @@ save; the last line says which, with the ratio against Gloo measured in the same
 
 from __future__ import annotations
 
+import concurrent.futures
 import multiprocessing
 import queue
 import sys
@@ -42,6 +43,8 @@ ALGORITHMS = ("dense", "gloo", "gtopk", "cltk")
 LABELS = {"dense": "dense ring allreduce", "gloo": "Gloo allreduce", "gtopk": "gTop-k at 0.1%",
           "cltk": "CLT-k at 0.1%"}
 LOOPBACK = "loopback"
+KERNEL_WAIT_S = 300.0
+"""How long ranks wait for the parent's first compilation of the kernels before compiling them."""
 TABLE = [
     Column("ranks", "P", integer, constant=True), Column("d", "d", count, constant=True),
     Column("k", "k", count, constant=True), Column("label", "algorithm"), Column("time_ms", "time", milliseconds),
@@ -89,23 +92,45 @@ def run_demo(ranks: int, size: int, iterations: int, where: Where) -> list[dict[
     the progress bar runs on stderr meanwhile. Under torchrun this process is one rank."""
     phases = len(ALGORITHMS) + 2
     if under_launcher():
-        _, rows = run_ranks(ranks, run_rank, size, iterations, None, link=where.link)
+        _, rows = run_ranks(ranks, run_rank, size, iterations, None, None, link=where.link)
         return rows
     bar = PhaseBar(phases)
     bar.next(f"starting {ranks} rank{'s' if ranks != 1 else ''}")
-    reports = multiprocessing.get_context("spawn").Queue()
+    context = multiprocessing.get_context("spawn")
+    reports, compiled = context.Queue(), context.Event()
     done = threading.Event()
     follower = threading.Thread(target=_follow, args=(reports, bar, done), daemon=True)
     follower.start()
-    try:
-        _, rows = run_ranks(ranks, run_rank, size, iterations, reports, link=where.link)
-    finally:
-        done.set()
-        follower.join()
-        bar.stop()
-        reports.close()
+    with concurrent.futures.ThreadPoolExecutor(1) as compiler:
+        compiling = compiler.submit(compile_kernels, compiled)
+        try:
+            _, rows = run_ranks(ranks, run_rank, size, iterations, reports, compiled, link=where.link)
+        finally:
+            done.set()
+            follower.join()
+            bar.stop()
+            reports.close()
+        compiling.result()
     bar.close()
     return rows
+
+
+def compile_kernels(compiled: Any) -> None:
+    """Compile gTop-k's and CLT-k's selection and merge kernels into Numba's cache once, in the
+    parent while the ranks start, then set ``compiled`` (also on failure: the ranks then compile
+    themselves). On a first run the ranks would otherwise each compile them (about 8 s of CPU
+    each, four times over on the same cores); with a warm cache this only loads them."""
+    try:
+        from sparsecoll import kernels
+        from sparsecoll.collectives.gtopk import merge_top
+
+        size = 1 << 17  # above the fast path's floor, as a real gradient is
+        k = size // 1000
+        rng = np.random.default_rng(0)
+        mine, theirs = (kernels.topk(rng.standard_normal(size, np.float32), k, method="fast") for _ in range(2))
+        merge_top(mine, theirs, k)
+    finally:
+        compiled.set()
 
 
 def _follow(reports: Any, bar: PhaseBar, done: threading.Event) -> None:
@@ -118,10 +143,12 @@ def _follow(reports: Any, bar: PhaseBar, done: threading.Event) -> None:
                 return
 
 
-async def run_rank(rank: int, world: int, place: RankPlace, size: int, iterations: int,
-                   reports: Any) -> list[dict[str, Any]]:
+async def run_rank(rank: int, world: int, place: RankPlace, size: int, iterations: int, reports: Any,
+                   compiled: Any) -> list[dict[str, Any]]:
     """One rank of the demo; returns complete rows (slowest-rank times) on every rank.
-    ``reports`` is the parent's progress queue (None under torchrun: rank 0 draws the bar)."""
+    ``reports`` is the parent's progress queue and ``compiled`` the event it sets once the
+    kernels are in Numba's cache (both None under torchrun: rank 0 draws the bar, and every
+    rank compiles what its cache lacks)."""
     import torch
     import torch.distributed as dist
 
@@ -139,7 +166,8 @@ async def run_rank(rank: int, world: int, place: RankPlace, size: int, iteration
         grad = heavy_tailed(rank, size)
         dense_sum = np.empty_like(grad)
         for algorithm in ALGORITHMS:
-            report(f"{LABELS[algorithm]}: {iterations + 1} calls")
+            waiting = compiled is not None and algorithm not in ("dense", "gloo") and not compiled.is_set()
+            report(f"{LABELS[algorithm]}: {iterations + 1} calls" + (" once the kernels compile" if waiting else ""))
             if algorithm == "dense":
                 times, sent = await _time_dense(group, grad, dense_sum, iterations)
                 wrong = 0
@@ -147,6 +175,8 @@ async def run_rank(rank: int, world: int, place: RankPlace, size: int, iteration
                 gloo_sum = torch.empty(size)
                 times, sent, wrong = _time_gloo(dist, torch.from_numpy(grad), gloo_sum, iterations), None, 0
             else:
+                if waiting:
+                    compiled.wait(KERNEL_WAIT_S)  # then loaded from the cache, not compiled once more here
                 times, sent, wrong = await time_sparse(group, grad, algorithm, DENSITY, None, iterations, 1)
             slowest, _ = await group.allreduce(times, op="max")
             wrong_total, _ = await group.allreduce(np.array([wrong], np.int64))
