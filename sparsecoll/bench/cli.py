@@ -91,7 +91,7 @@ def demo(
     size: Annotated[str, typer.Option("--size", "-d", metavar="COUNT", help="gradient elements (25M: a "
                                                                             "ResNet-50's)")] = "25M",
     iterations: Annotated[int, typer.Option("--iters", "-n", metavar="N", help="timed calls per algorithm "
-                                                                              "(after one untimed)")] = 3,
+                                                                              "(after one untimed)")] = 2,
     json_file: JsonFile = None,
     plot_file: PlotFile = None,
     wide: Wide = False,
@@ -114,7 +114,7 @@ def demo(
         return
     place = f"{where.link} links" if where.link else "torchrun's network" if under_launcher() else LOOPBACK
     sentence = conclusion(rows, where)
-    report("sparse", f"demo: allreduce of one gradient, {place}", TABLE, rows, json_file, plot_file, wide,
+    report("sparse", f"demo over {place}", TABLE, rows, json_file, plot_file, wide,
            command="demo", link=where.link or LOOPBACK, density=DENSITY, backend="tcp", conclusion=sentence)
     console.print(sentence, highlight=False, soft_wrap=True)  # one line in logs; a terminal wraps it
 

@@ -214,7 +214,8 @@ def test_demo_runs_dense_and_sparse_against_gloo(tmp_path: Path) -> None:
     rows = document["rows"]
     assert [row["algorithm"] for row in rows] == ["dense", "gloo", "gtopk", "cltk"], rows
     assert all(row["wrong"] == 0 and row["d"] == 200_000 and row["ranks"] == 2 for row in rows), rows
-    assert all(row["speedup_vs_gloo"] > 0 for row in rows), rows
+    gloo_ms = rows[1]["time_ms"]
+    assert all(row["speedup_vs_gloo"] == pytest.approx(gloo_ms / row["time_ms"]) for row in rows), rows
     sent = {row["algorithm"]: row["bytes_sent"] for row in rows}
     assert 800_000 <= sent["dense"] < 801_000, rows  # the ring: 2(P-1)/P of 800 KB, and its frames' headers
     assert sent["gtopk"] < sent["dense"] / 100 and sent["cltk"] < sent["dense"] / 100, rows  # 0.1%: k of d

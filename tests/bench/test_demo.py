@@ -186,3 +186,19 @@ def test_the_bar_in_a_pipe_is_one_plain_line_a_phase(capsys: pytest.CaptureFixtu
     lines = capsys.readouterr().err.splitlines()
     assert [re.sub(r"\s+[\d.]+s\s+", " ", line) for line in lines] == [
         "[0/3] starting", "[1/3] timing", "[2/3] checking", "[3/3] done"], lines
+
+
+def test_the_ranks_are_let_go_when_the_parents_compilation_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from sparsecoll import kernels
+    from sparsecoll.bench.demo import compile_kernels
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("no compiler")
+
+    monkeypatch.setattr(kernels, "topk", broken)
+    compiled = threading.Event()
+    with pytest.raises(RuntimeError, match="no compiler"):
+        compile_kernels(compiled)
+    assert compiled.is_set()  # ranks waiting on it go on (and compile, or fail, themselves)
