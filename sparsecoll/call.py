@@ -15,6 +15,7 @@ import numpy as np
 
 from sparsecoll.errors import CollectiveTimeoutError, SparseCollError
 from sparsecoll.transport.base import Buffer, Transport
+from sparsecoll.transport.device import device_nbytes, is_device
 from sparsecoll.transport.mailbox import PostedRecv
 from sparsecoll.wire import HEADER_SIZE, FrameHeader, Kind, Signature
 
@@ -142,4 +143,6 @@ def as_exportable(buffer: Buffer | np.ndarray) -> Buffer | np.ndarray:
 def _nbytes(buffer: Buffer | np.ndarray) -> int:
     if isinstance(buffer, np.ndarray):
         return buffer.nbytes
+    if is_device(buffer):
+        return device_nbytes(buffer)  # from its interface: memoryview cannot see device memory
     return memoryview(buffer).nbytes

@@ -18,6 +18,11 @@ Cancellation and failure rules:
   caller's again when the call raises (UCX: once UCX has finished the frame, or after
   ``SEND_RELEASE_GRACE`` seconds by closing the connection);
 * a lost peer poisons the group, as for collectives.
+
+Device arrays (``__cuda_array_interface__``) are sent as they are: UCX moves them, TCP stages
+them through host memory (see :mod:`sparsecoll.transport.device`); a device ``out`` receives
+through host memory and is then copied into. Their sizes and dtypes come from the interface,
+and a non-contiguous one is refused before anything is sent.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ import numpy as np
 
 from sparsecoll.arrays import as_sendable, is_device_array
 from sparsecoll.call import CommStats
-from sparsecoll.errors import CollectiveTimeoutError, InvalidArgumentError, SparseCollError
+from sparsecoll.errors import CollectiveTimeoutError, FrameError, InvalidArgumentError, SparseCollError
+from sparsecoll.transport.device import copy_from_host, device_dtype, device_nbytes, is_writeable
 from sparsecoll.transport.mailbox import ANY_SOURCE
 from sparsecoll.wire import HEADER_SIZE, FrameHeader, Kind, Op, Signature, dtype_code, dtype_from_code
 
@@ -70,33 +76,57 @@ async def send(group: Group, array: Any, dst: int, tag: int = 0, *,
     group.check_usable()
     _check_peer(group, dst, "destination")
     _check_tag(group, tag)
-    data = as_sendable(array, group.rank)
-    signature = Signature(Op.P2P, 0, dtype_code(data.dtype), 0, -1, data.size)
-    header = FrameHeader(Kind.DATA, group.context, P2P_SEQ, tag, data.nbytes, signature)
+    data, dtype, nbytes = _sendable(group, array)
+    signature = Signature(Op.P2P, 0, dtype_code(dtype), 0, -1, nbytes // dtype.itemsize)
+    header = FrameHeader(Kind.DATA, group.context, P2P_SEQ, tag, nbytes, signature)
     seconds = group.timeout if timeout is None else timeout
     loop = asyncio.get_running_loop()
     started = loop.time()
     await group.transport.send(
         group.members[dst], header, [data], deadline=started + seconds,
         timeout_error=lambda: CollectiveTimeoutError(
-            f"send of {data.nbytes} bytes (tag {tag}) to rank {dst} took more than {seconds:.3g} s",
+            f"send of {nbytes} bytes (tag {tag}) to rank {dst} took more than {seconds:.3g} s",
             rank=group.rank, peer=dst))
-    return CommStats(bytes_sent=HEADER_SIZE + data.nbytes, frames_sent=1, rounds=1,
+    return CommStats(bytes_sent=HEADER_SIZE + nbytes, frames_sent=1, rounds=1,
                      seconds=loop.time() - started)
 
 
-def _post(group: Group, src: int, tag: int, out: np.ndarray | None):
+def _sendable(group: Group, array: Any) -> tuple[Any, np.dtype, int]:
+    """(what goes to the transport, its dtype, its bytes): a device array as it is (the
+    transport moves it, or stages it through host memory), a host one as a C-contiguous
+    numpy array."""
+    if not is_device_array(array):
+        data = as_sendable(array, group.rank)
+        return data, data.dtype, data.nbytes
+    try:
+        dtype, nbytes = device_dtype(array), device_nbytes(array)
+        dtype_code(dtype)
+    except InvalidArgumentError as error:
+        raise InvalidArgumentError(error.message, rank=group.rank) from None
+    except FrameError:
+        raise InvalidArgumentError(f"dtype {dtype} is not supported", rank=group.rank) from None
+    return array, dtype, nbytes
+
+
+def _post(group: Group, src: int, tag: int, out: Any):
     group.check_usable()
     _check_peer(group, src, "source", allow_any=True)
     _check_tag(group, tag)
-    view = None
-    if out is not None:
-        if is_device_array(out) or not isinstance(out, np.ndarray) or not out.flags.c_contiguous \
-                or not out.flags.writeable:
-            raise InvalidArgumentError("out must be a writeable C-contiguous numpy array", rank=group.rank)
+    view, limit = None, None
+    if out is not None and is_device_array(out):
+        try:
+            limit = device_nbytes(out)  # lands in host memory, then copied into ``out``
+        except InvalidArgumentError as error:
+            raise InvalidArgumentError(f"out: {error.message}", rank=group.rank) from None
+        if not is_writeable(out):
+            raise InvalidArgumentError("out is a read-only device array", rank=group.rank)
+    elif out is not None:
+        if not isinstance(out, np.ndarray) or not out.flags.c_contiguous or not out.flags.writeable:
+            raise InvalidArgumentError("out must be a writeable C-contiguous numpy or device array",
+                                       rank=group.rank)
         view = memoryview(out.reshape(-1)).cast("B")
     peer = src if src == ANY_SOURCE else group.members[src]
-    return group.transport.mailbox.post(peer, (group.context, P2P_SEQ, tag), view)
+    return group.transport.mailbox.post(peer, (group.context, P2P_SEQ, tag), view, limit=limit)
 
 
 async def _wait(group: Group, posted, tag: int, out: np.ndarray | None,
@@ -121,11 +151,17 @@ async def _wait(group: Group, posted, tag: int, out: np.ndarray | None,
     dtype = dtype_from_code(header.signature.dtype) or np.dtype(np.uint8)
     if out is None:
         return Message(np.frombuffer(payload, dtype), source, tag)
-    if dtype != out.dtype:
-        raise InvalidArgumentError(f"rank {source} sent {dtype}, the receive buffer is {out.dtype}",
+    on_device = is_device_array(out)
+    out_dtype = device_dtype(out) if on_device else out.dtype
+    if dtype != out_dtype:
+        raise InvalidArgumentError(f"rank {source} sent {dtype}, the receive buffer is {out_dtype}",
                                    rank=group.rank, peer=posted.source)
     count = header.length // dtype.itemsize
-    return Message(out if count == out.size else out.reshape(-1)[:count], source, tag)
+    size = device_nbytes(out) // dtype.itemsize if on_device else out.size
+    value = out if count == size else out.reshape(-1)[:count]
+    if on_device:
+        copy_from_host(np.frombuffer(payload, dtype), value)
+    return Message(value, source, tag)
 
 
 async def recv(group: Group, src: int = ANY_SOURCE, tag: int = 0, *, out: np.ndarray | None = None,

@@ -5,7 +5,8 @@ switch namespace; ``tc tbf`` shapes both directions of every pair to the chosen 
 rank has its own full-duplex link, as on a real switch. Everything lives in namespaces this
 module creates and always deletes (also when the body fails); no address outside them is
 used. ``"1gbit,5ms"`` also delays every rank-to-rank packet by 5 ms one way (netem, half on
-each hop, with tbf under it); a kernel without the netem qdisc gets a clear error. Root only.
+each hop, with tbf under it); a kernel without the netem qdisc gets a clear error. Root only;
+:func:`shaping_problem` says beforehand whether this machine can build them, and why not.
 
     with EmulatedNetwork(4, "1gbit") as net:
         net.address(0)            # "10.213.0.1", rank 0's address inside its namespace
@@ -56,7 +57,24 @@ def _rate_bits(rate: str) -> float:
 
 
 def _run(*argv: str) -> None:
-    subprocess.run(argv, check=True, capture_output=True, text=True)
+    """Run one ``ip``/``tc`` step; a refusal (a kernel without bridges, veth or tbf) becomes one
+    clear error that names the step and what it answered."""
+    step = subprocess.run(argv, capture_output=True, text=True)
+    if step.returncode != 0:
+        answer = (step.stderr or step.stdout).strip() or f"exit status {step.returncode}"
+        raise InvalidArgumentError(f"this machine cannot build emulated links: `{' '.join(argv)}` answered "
+                                   f"{answer!r}")
+
+
+def shaping_problem() -> str | None:
+    """Why emulated links cannot be built here (not root, no ``ip``/``tc``, a kernel that
+    refuses a bridge, veth or tbf), or None when they can: the probe builds one shaped link
+    in namespaces of its own and deletes them, so it leaves nothing behind either way."""
+    try:
+        with EmulatedNetwork(1, "1gbit", prefix=f"sc{os.getpid() % 100000}p"):
+            return None
+    except (InvalidArgumentError, PermissionError, FileNotFoundError) as error:
+        return str(error)
 
 
 class EmulatedNetwork:
@@ -126,10 +144,10 @@ class EmulatedNetwork:
             return
         try:
             _run(*tc, "root", "handle", "1:", "netem", "delay", _half(self.delay), "limit", "100000")
-        except subprocess.CalledProcessError as error:
+        except InvalidArgumentError as error:
             raise InvalidArgumentError(
                 f"added latency needs the kernel's netem qdisc, which tc could not use here "
-                f"({(error.stderr or '').strip()}); use --link {self.rate} without a delay") from None
+                f"({error}); use --link {self.rate} without a delay") from None
         _run(*tc, "parent", "1:1", "handle", "10:", *tbf)
 
     def _add_namespace(self, name: str) -> None:

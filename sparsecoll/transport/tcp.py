@@ -20,6 +20,7 @@ from sparsecoll.errors import (
     SparseCollError,
 )
 from sparsecoll.transport.base import Buffer, Throttled, Transport, port_range
+from sparsecoll.transport.device import is_device, stage_to_host
 from sparsecoll.transport.handshake import accept_handshake, connect_handshake
 from sparsecoll.transport.tcp_connection import TcpConnection
 from sparsecoll.wire import (
@@ -176,7 +177,9 @@ class TcpTransport(Transport):
     # ----------------------------------------------------------------- data
     async def _send_frame(self, connection: TcpConnection, header: FrameHeader,
                           payload: Sequence[Buffer]) -> None:
-        await connection.send([encode_header(header), *payload])
+        # sockets move host bytes: device buffers are staged through (pinned) host memory
+        staged = [stage_to_host(buffer) if is_device(buffer) else buffer for buffer in payload]
+        await connection.send([encode_header(header), *staged])
 
     def send_abort(self, error: SparseCollError) -> None:
         payload = encode_abort(self.rank, error)

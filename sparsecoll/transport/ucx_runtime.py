@@ -29,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sparsecoll.errors import FrameError, InvalidArgumentError, RendezvousError
+from sparsecoll.transport.device import device_nbytes, interface_of, is_device
 
 log = logging.getLogger(__name__)
 
@@ -515,25 +516,21 @@ async def close_listener(listener: Any) -> None:
     listener.close()
 
 
-def is_device(buffer: Any) -> bool:
-    """True for CUDA device arrays (cupy, torch CUDA tensors, Numba device arrays)."""
-    return hasattr(buffer, "__cuda_array_interface__")
-
-
 def nbytes(buffer: Any) -> int:
-    """Size in bytes of a host or device buffer."""
+    """Size in bytes of a host or device buffer (a device one's from its interface; a
+    non-contiguous one is refused)."""
     if is_device(buffer):
-        interface = buffer.__cuda_array_interface__
-        count = 1
-        for extent in interface["shape"]:
-            count *= extent
-        return count * int(interface["typestr"][2:])
+        return device_nbytes(buffer)
     return memoryview(buffer).nbytes
 
 
 def as_message(buffer: Any) -> Any:
-    """A buffer as UCX takes it: device arrays untouched, host buffers as flat byte views."""
-    if is_device(buffer) or isinstance(buffer, (bytes, bytearray)):
+    """A buffer as UCX takes it: device arrays untouched (contiguous ones only), host buffers
+    as flat byte views."""
+    if is_device(buffer):
+        interface_of(buffer)
+        return buffer
+    if isinstance(buffer, (bytes, bytearray)):
         return buffer
     view = memoryview(buffer)
     if not view.c_contiguous:

@@ -205,17 +205,21 @@ def test_kernels_write_json_and_plot(tmp_path: Path) -> None:
 
 def test_demo_runs_dense_and_sparse_against_gloo(tmp_path: Path) -> None:
     out = tmp_path / "demo.json"
-    result = runner.invoke(app, ["demo", "--ranks", "2", "--json", str(out)])
+    result = runner.invoke(app, ["demo", "--ranks", "2", "--link", "loopback", "--size", "200K", "--iters", "1",
+                                 "--json", str(out)])
     assert result.exit_code == 0, result.output
     assert "wrong" in result.output and "vs Gloo" in result.output, result.output  # the table shows both
-    rows = json.loads(out.read_text())["rows"]
-    assert {row["algorithm"] for row in rows} == {"dense", "allgather", "gtopk", "cltk"}, rows
-    assert len(rows) == 12, rows  # 4 algorithms x 3 sizes
-    assert all(row["wrong"] == 0 for row in rows), rows
-    assert all(row["gloo_time_us"] > 0 and row["bytes_sent"] > 0 for row in rows), rows
-    sparse_bytes = {row["size"]: row["bytes_sent"] for row in rows if row["algorithm"] == "gtopk"}
-    dense_bytes = {row["size"]: row["bytes_sent"] for row in rows if row["algorithm"] == "dense"}
-    assert sparse_bytes[max(sparse_bytes)] < dense_bytes[max(dense_bytes)] / 20, rows  # 1%: far fewer bytes
+    assert result.output.rstrip().splitlines()[-1].startswith("On loopback, gTop-k at 0.1%"), result.output
+    document = json.loads(out.read_text())
+    assert document["command"] == "demo" and document["link"] == "loopback"
+    rows = document["rows"]
+    assert [row["algorithm"] for row in rows] == ["dense", "gloo", "gtopk", "cltk"], rows
+    assert all(row["wrong"] == 0 and row["d"] == 200_000 and row["ranks"] == 2 for row in rows), rows
+    gloo_ms = rows[1]["time_ms"]
+    assert all(row["speedup_vs_gloo"] == pytest.approx(gloo_ms / row["time_ms"]) for row in rows), rows
+    sent = {row["algorithm"]: row["bytes_sent"] for row in rows}
+    assert 800_000 <= sent["dense"] < 801_000, rows  # the ring: 2(P-1)/P of 800 KB, and its frames' headers
+    assert sent["gtopk"] < sent["dense"] / 100 and sent["cltk"] < sent["dense"] / 100, rows  # 0.1%: k of d
 
 
 def test_a_compressor_registered_by_an_imported_module_runs_by_name(tmp_path: Path, monkeypatch) -> None:

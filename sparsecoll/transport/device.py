@@ -1,0 +1,106 @@
+"""Device buffers as the transports see them: sizes from ``__cuda_array_interface__``, and the
+staging copies a transport that only moves host bytes (TCP) needs.
+
+A device array (cupy, a torch CUDA tensor, a Numba device array: anything with
+``__cuda_array_interface__``) is never handed to ``memoryview``: its byte count and dtype come
+from the interface, and an array whose strides are not C-contiguous (or that has a mask) is
+refused with :class:`~sparsecoll.errors.InvalidArgumentError` rather than sent as the wrong
+bytes. UCX takes such arrays as they are; TCP copies them to host memory first
+(:func:`stage_to_host`, into pinned memory when a CUDA driver is there) and back
+(:func:`copy_from_host`). The copies use the array's own ``copy_to_host``/``copy_to_device``
+when it has them (Numba's device-array API), else Numba's view of the interface.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from sparsecoll.errors import InvalidArgumentError
+
+
+def is_device(buffer: Any) -> bool:
+    """True for CUDA device arrays (cupy, torch CUDA tensors, Numba device arrays)."""
+    return hasattr(buffer, "__cuda_array_interface__")
+
+
+def interface_of(buffer: Any) -> dict[str, Any]:
+    """``buffer``'s ``__cuda_array_interface__``, checked: contiguous, unmasked, a dtype numpy knows."""
+    interface = buffer.__cuda_array_interface__
+    if interface.get("mask") is not None:
+        raise InvalidArgumentError("masked device arrays cannot be sent; fill the masked entries first")
+    dtype = np.dtype(interface["typestr"])
+    shape = tuple(interface["shape"])
+    strides = interface.get("strides")
+    contiguous = strides is None or all(stride == expected for stride, expected, extent
+                                        in zip(strides, _c_strides(shape, dtype.itemsize), shape) if extent > 1)
+    if not contiguous:
+        raise InvalidArgumentError(
+            f"a device array of shape {shape} with strides {tuple(strides)} is not C-contiguous; pass a "
+            f"contiguous copy (cupy.ascontiguousarray, tensor.contiguous())")
+    return interface
+
+
+def device_dtype(buffer: Any) -> np.dtype:
+    """The element type a device array's interface declares."""
+    return np.dtype(interface_of(buffer)["typestr"])
+
+
+def device_nbytes(buffer: Any) -> int:
+    """Bytes of a contiguous device array, from its interface (no ``memoryview``)."""
+    interface = interface_of(buffer)
+    return math.prod(interface["shape"]) * np.dtype(interface["typestr"]).itemsize
+
+
+def is_writeable(buffer: Any) -> bool:
+    """False when the interface marks the device memory read-only."""
+    return not buffer.__cuda_array_interface__["data"][1]
+
+
+def stage_to_host(buffer: Any) -> np.ndarray:
+    """A host copy of a contiguous device array, flat, in pinned memory where CUDA allows."""
+    interface = interface_of(buffer)
+    host = _host_array(tuple(interface["shape"]), np.dtype(interface["typestr"]))
+    _copier(buffer).copy_to_host(host)
+    return host.reshape(-1)
+
+
+def copy_from_host(host: np.ndarray, buffer: Any) -> None:
+    """Copy ``host`` (as many elements as the device array holds, same dtype) into ``buffer``."""
+    interface = interface_of(buffer)
+    if not is_writeable(buffer):
+        raise InvalidArgumentError("the device array is read-only")
+    shape, dtype = tuple(interface["shape"]), np.dtype(interface["typestr"])
+    _copier(buffer).copy_to_device(np.ascontiguousarray(host, dtype).reshape(shape))
+
+
+def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
+    strides, step = [], itemsize
+    for extent in reversed(shape):
+        strides.append(step)
+        step *= extent
+    return tuple(reversed(strides))
+
+
+def _host_array(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """Pinned host memory when a CUDA driver is there (faster copies), else plain."""
+    try:
+        from numba import cuda
+
+        if cuda.is_available():
+            return cuda.pinned_array(shape, dtype)
+    except ImportError:
+        pass
+    return np.empty(shape, dtype)
+
+
+def _copier(buffer: Any) -> Any:
+    """What copies ``buffer`` to and from the host: itself when it speaks Numba's device-array
+    API, else Numba's view of its interface (imported only when a device array is seen)."""
+    if hasattr(buffer, "copy_to_host") and hasattr(buffer, "copy_to_device"):
+        return buffer
+    from numba import cuda
+
+    return cuda.as_cuda_array(buffer)
