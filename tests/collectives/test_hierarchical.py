@@ -1,9 +1,8 @@
 """Two-level reduction against a numpy model of the same two levels, on real ranks.
 
-One spawn of 8 ranks whose SPARSECOLL_HOST_ID puts ranks 0-2 on host a, 3 on b, 4-5 on c, 6 on
-d and 7 on e. Sub-groups of it give every layout the checks need (a group's topology is its
-own members' hosts): 2+2, 3+1, 2+1+1, 3+1+2+1+1 (all 8), one host (0-2) and one rank a host
-(3, 6, 7). For each layout and algorithm, every rank checks:
+One spawn of 6 ranks whose SPARSECOLL_HOST_ID puts ranks 0-2 on host a, 3-4 on b and 5 on c.
+Sub-groups of it give every layout the checks need (a group's topology is its own members'
+hosts): 2+2, 3+1, 2+1+1, 3+2+1 (all 6), one host (0-2) and one rank a host (0, 3, 5). For each layout and algorithm, every rank checks:
 
 - the result equals the numpy model: host sums in local-rank order, the algorithm between the
   hosts on each shard with k split over the shards (gTop-k by the recursive-doubling model of
@@ -25,9 +24,9 @@ from sparsecoll.collectives.dense import chunk_bounds
 from tests.collectives.test_invariants import gtopk_reference, top_k
 from tests.ranks import run_ranks
 
-HOSTS = ("a", "a", "a", "b", "c", "c", "d", "e")
-LAYOUTS = {"2+2": (0, 1, 4, 5), "3+1": (0, 1, 2, 3), "2+1+1": (4, 5, 6, 7), "all": tuple(range(8)),
-           "one-host": (0, 1, 2), "one-rank-a-host": (3, 6, 7)}
+HOSTS = ("a", "a", "a", "b", "b", "c")
+LAYOUTS = {"2+2": (0, 1, 3, 4), "3+1": (0, 1, 2, 3), "2+1+1": (0, 1, 3, 5), "all": tuple(range(6)),
+           "one-host": (0, 1, 2), "one-rank-a-host": (0, 3, 5)}
 ALGORITHMS = ("dense", "gtopk", "allgather", "cltk")
 D, K, STEP = 103, 9, 5
 
@@ -104,10 +103,14 @@ async def layouts_rank(group) -> dict:
                     result.sent_values, mine if result.sent_indices is None else mine[result.sent_indices])),
                 "residual": result.residual(mine),
                 "inter": stats.inter_host_bytes_sent, "total": stats.bytes_sent,
+                "inter_received": stats.inter_host_bytes_received,
                 "flat_inter": flat_stats.inter_host_bytes_sent,
+                "flat_inter_received": flat_stats.inter_host_bytes_received,
             }
         if name == "all":
             report["table"] = sub.topology.table.hosts
+            local, inter = await sub.topology.subgroups()
+            report["subgroups"] = (local.members, {shard: child.members for shard, child in inter.items()})
     return report
 
 
@@ -158,9 +161,22 @@ def test_bytes_to_other_hosts_are_counted_apart(reports, layout: str) -> None:
                     assert outcome["inter"] == outcome["total"] > 0
                 else:
                     assert 0 < outcome["inter"] < outcome["total"]
-        assert sum(reports[member][layout, algorithm]["flat_inter"] for member in members) > 0
+        for prefix in ("", "flat_"):  # what leaves a host arrives at another one
+            sent = sum(reports[member][layout, algorithm][prefix + "inter"] for member in members)
+            received = sum(reports[member][layout, algorithm][prefix + "inter_received"] for member in members)
+            assert sent == received > 0
 
 
 def test_every_rank_agrees_on_the_hosts(reports) -> None:
     expected = tuple(tuple(ranks) for ranks in layout_hosts(LAYOUTS["all"]))
     assert [report["table"] for report in reports] == [expected] * len(HOSTS)
+
+
+def test_sub_groups_follow_the_shard_owners(reports) -> None:
+    """Layout 3+2+1 (ranks 0-2, 3-4, 5): three shards; on each host local rank j mod L_h owns
+    shard j, and the owners of shard j form inter-host group j, ordered by host."""
+    inter_groups = {0: (0, 3, 5), 1: (1, 4, 5), 2: (2, 3, 5)}
+    for rank, report in enumerate(reports):
+        local, inter = report["subgroups"]
+        assert local == next(tuple(ranks) for ranks in ((0, 1, 2), (3, 4), (5,)) if rank in ranks)
+        assert inter == {shard: members for shard, members in inter_groups.items() if rank in members}
