@@ -17,8 +17,14 @@ ranks are ordered by ``LOCAL_RANK`` (else by rank).
 
 The two-level collectives cut the gradient into S = (largest host's rank count) shards.
 Local rank ``j mod L_h`` of host h owns shard j, and the owners of shard j on every host form
-inter-host group j (with L ranks on every host: local rank j of every host). The intra-host
-group and the inter-host groups are built with :meth:`Group.split` on first use and cached.
+inter-host group j (with L ranks on every host: local rank j of every host). Once the table is
+agreed, every rank builds the same sub-groups from it with :meth:`Group.new_group` (no further
+message: a :meth:`Group.split` would be one more collective over the whole group, issued after
+a wait, where it could fall between other calls of that group in a different order on different
+ranks). A host gets two groups over the same ranks, one for the reduce-scatter and one for the
+allgather of the two-level algorithms, so that concurrent two-level calls (the optimizer's
+buckets) can run step 1 of one call beside step 3 of another; :class:`CallOrder` starts each
+step of concurrent calls in the order the calls began, the same on every rank.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import asyncio
 import hashlib
 import os
 import socket
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -141,20 +148,79 @@ class HostTable:
         return self.host_count > 1 and self.shard_count > 1
 
 
+@dataclass(frozen=True)
+class HostGroups:
+    """This rank's sub-groups for the two-level algorithms."""
+
+    scatter: Group
+    """This rank's host, for the reduce-scatter (step 1)."""
+    gather: Group
+    """This rank's host again, for the allgather (step 3): its own sequence numbers."""
+    inter: dict[int, Group]
+    """For each shard this rank owns, the owners of that shard on every host, by host index."""
+
+
+class CallOrder:
+    """Starts each step of concurrent two-level calls in the order the calls began.
+
+    A call takes a ticket when it begins (before its first wait, so tickets follow the order in
+    which the ranks make their calls); before starting step s on its sub-groups it waits until
+    every earlier ticket has started step s (or given up), so the sub-groups' calls get the same
+    sequence numbers on every rank, whatever the network's timing.
+    """
+
+    STEPS = 3
+
+    def __init__(self) -> None:
+        self._issued = 0
+        self._next = [0] * self.STEPS
+        self._passed: list[set[int]] = [set() for _ in range(self.STEPS)]
+        self._changed = asyncio.Event()
+
+    def ticket(self) -> int:
+        """The next call's place in line."""
+        self._issued += 1
+        return self._issued - 1
+
+    async def start(self, ticket: int, step: int, calls: list[Awaitable]) -> list[asyncio.Task]:
+        """Wait for ``ticket``'s turn at ``step``, start ``calls`` (each assigns its sequence
+        number in its first slice of the loop), let the next ticket go, and return the tasks."""
+        while self._next[step] != ticket:
+            await self._changed.wait()
+        try:
+            tasks = [asyncio.ensure_future(call) for call in calls]
+            await asyncio.sleep(0)  # the new tasks run their first slice before this one resumes
+        finally:
+            self.passed(ticket, step)
+        return tasks
+
+    def passed(self, ticket: int, *steps: int) -> None:
+        """Mark ``steps`` (default: all) of ``ticket`` as started, or skipped, and wake the line."""
+        for step in steps or range(self.STEPS):
+            if ticket < self._next[step]:
+                continue  # already past this step
+            self._passed[step].add(ticket)
+            while self._next[step] in self._passed[step]:
+                self._passed[step].discard(self._next[step])
+                self._next[step] += 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+
 class Topology:
     """A group's hosts and its intra-/inter-host sub-groups (see the module docstring).
 
     ``group.topology`` is this object, created once per group; :meth:`discover` (a collective
     over the group: every rank calls it, in the same order as its other collectives) fills the
-    table, and :meth:`subgroups` builds the sub-groups on first use. The two-level collectives
-    call both themselves.
+    table and builds the sub-groups. The two-level collectives call it themselves.
     """
 
     def __init__(self, group: Group) -> None:
         self._group = group
         self._table: HostTable | None = None
-        self._subgroups: tuple[Group, dict[int, Group]] | None = None
+        self._groups: HostGroups | None = None
         self._lock = asyncio.Lock()
+        self.order = CallOrder()
 
     @property
     def known(self) -> bool:
@@ -168,6 +234,14 @@ class Topology:
             raise InvalidArgumentError("the group's topology is not known yet: await group.topology.discover()",
                                        rank=self._group.rank)
         return self._table
+
+    @property
+    def groups(self) -> HostGroups:
+        """This rank's intra- and inter-host sub-groups; InvalidArgumentError before :meth:`discover`."""
+        if self._groups is None:
+            raise InvalidArgumentError("the group's topology is not known yet: await group.topology.discover()",
+                                       rank=self._group.rank)
+        return self._groups
 
     @property
     def host(self) -> int:
@@ -185,34 +259,31 @@ class Topology:
         return len(self.table.hosts[self.host])
 
     async def discover(self, timeout: float | None = None) -> Topology:
-        """Exchange host records once (a collective) and build the table; later calls return at once."""
+        """Exchange host records once (a collective) and build the table and the sub-groups;
+        later calls return at once."""
         async with self._lock:
             if self._table is None:
                 group = self._group
                 records, _ = await group.allgather(host_record(), timeout=timeout)
-                self._table = HostTable.from_records(np.asarray(records), group.rank)
-                group.learn_hosts({group.members[member]: self._table.host_keys[index]
-                                   for index, ranks in enumerate(self._table.hosts) for member in ranks})
+                table = HostTable.from_records(np.asarray(records), group.rank)
+                self._groups = self._build_groups(table)
+                self._table = table
+                group.learn_hosts({group.members[member]: table.host_keys[index]
+                                   for index, ranks in enumerate(table.hosts) for member in ranks})
         return self
 
-    async def subgroups(self, timeout: float | None = None) -> tuple[Group, dict[int, Group]]:
-        """(intra-host group, {shard: inter-host group of that shard's owners}) for this rank.
-
-        Built with :meth:`Group.split` (S + 1 splits, each a collective over the group) the
-        first time, then cached. Ranks on one host are ranked by local rank; inter-host groups
-        by host index.
-        """
-        await self.discover(timeout)
-        async with self._lock:
-            if self._subgroups is None:
-                group, table = self._group, self.table
-                host = self.host
-                local = await group.split(host, self.local_rank, timeout=timeout)
-                mine = set(table.shards_of(group.rank))
-                inter = {}
-                for shard in range(table.shard_count):
-                    child = await group.split(0 if shard in mine else None, host, timeout=timeout)
-                    if child is not None:
-                        inter[shard] = child
-                self._subgroups = (local, inter)
-        return self._subgroups
+    def _build_groups(self, table: HostTable) -> HostGroups:
+        """Every rank creates every sub-group in the same order (new_group's rule); it keeps its own."""
+        group = self._group
+        scatter = gather = None
+        for ranks in table.hosts:
+            scatter = group.new_group(ranks, name=f"{group.name}/host-scatter") or scatter
+        for ranks in table.hosts:
+            gather = group.new_group(ranks, name=f"{group.name}/host-gather") or gather
+        inter = {}
+        for shard in range(table.shard_count):
+            owners = [table.owner(host, shard) for host in range(table.host_count)]
+            child = group.new_group(owners, name=f"{group.name}/between-hosts-{shard}")
+            if child is not None:
+                inter[shard] = child
+        return HostGroups(scatter, gather, inter)

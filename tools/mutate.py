@@ -132,6 +132,10 @@ MUTANTS = (
     Mutant("hierarchical: CLT-k leader the same host on every shard", "sparsecoll/collectives/hierarchical.py",
            (("step=step + shard, timeout=timeout", "step=step, timeout=timeout"),),
            ("tests/collectives/test_hierarchical.py::test_two_levels_equal_the_model_on_every_rank",)),
+    Mutant("two-level calls start their steps in arrival order", "sparsecoll/topology.py",
+           (("        while self._next[step] != ticket:\n            await self._changed.wait()\n", "\n"),),
+           ("tests/collectives/test_hierarchical.py::test_concurrent_calls_keep_their_order",
+            "tests/torch/test_hierarchical_training.py")),
 )
 
 _IGNORED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis",

@@ -210,20 +210,35 @@ def _decode_shard(payload, length: int, dtype: np.dtype, dense: bool, rank: int)
     return indices, parts[0], mask
 
 
-async def hierarchical_reduce(group: Group, grad: np.ndarray, algorithm: str, *, k: int | None = None,
-                              density: float | None = None, step: int = 0, seed: int = 0,
+async def hierarchical_reduce(group: Group, grad: np.ndarray, algorithm: str, *, ticket: int | None = None,
+                              k: int | None = None, density: float | None = None, step: int = 0, seed: int = 0,
                               timeout: float | None = None, **options: Any) -> CollectiveResult:
     """Sum ``grad`` over the group in two levels (steps in the module docstring); value is a
-    :class:`SparseResult` over the whole gradient, stats the sum of all three steps."""
+    :class:`SparseResult` over the whole gradient, stats the sum of all three steps.
+
+    ``ticket`` is this call's place in ``group.topology.order``, taken when the call began
+    (:func:`reduce_gradient` takes it); without one, the call takes the next.
+    """
     if algorithm not in HIERARCHICAL_ALGORITHMS:
         raise InvalidArgumentError(f"no two-level {algorithm!r}; choose from {list(HIERARCHICAL_ALGORITHMS)}",
                                    rank=group.rank)
+    order = group.topology.order
+    ticket = order.ticket() if ticket is None else ticket
+    try:
+        return await _two_levels(group, grad, algorithm, ticket, k, density, step, seed, timeout, options)
+    finally:
+        order.passed(ticket)  # the steps it did not reach: later calls must not wait for them
+
+
+async def _two_levels(group: Group, grad: np.ndarray, algorithm: str, ticket: int, k: int | None,
+                      density: float | None, step: int, seed: int, timeout: float | None,
+                      options: dict) -> CollectiveResult:
     started = time.perf_counter()
     flat = float_vector(grad)
     size = flat.size
     dense = algorithm == "dense"
-    local, inter = await group.topology.subgroups(timeout)
-    table = group.topology.table
+    topology = await group.topology.discover(timeout)
+    table, groups, order = topology.table, topology.groups, topology.order
     shards = table.shard_count
     bounds = chunk_bounds(size, shards)
     counts: list[int | None]
@@ -234,22 +249,25 @@ async def hierarchical_reduce(group: Group, grad: np.ndarray, algorithm: str, *,
     else:
         counts = [None] * shards  # threshold and random-k select by their own rule on each shard
     stats = CommStats()
-    sums, phase = await host_reduce_scatter(local, flat, bounds, shards, timeout)
+    [scatter] = await order.start(ticket, 0, [host_reduce_scatter(groups.scatter, flat, bounds, shards, timeout)])
+    sums, phase = await scatter
     stats += phase
 
-    async def one_shard(shard: int) -> CollectiveResult:
+    def one_shard(shard: int) -> Awaitable[CollectiveResult]:
         extra = dict(options)
         if counts[shard] is None:
             extra["density"] = density
-        return await _between_hosts(inter[shard], algorithm, sums[shard], shard, counts[shard],
-                                    step, seed, timeout, extra)
+        return _between_hosts(groups.inter[shard], algorithm, sums[shard], shard, counts[shard],
+                              step, seed, timeout, extra)
 
     owned = sorted(sums)
-    outcomes = await _all([one_shard(shard) for shard in owned])
+    outcomes = await _all(await order.start(ticket, 1, [one_shard(shard) for shard in owned]))
     for outcome in outcomes:
         stats += outcome.stats
-    gathered, phase = await host_allgather(local, {shard: outcome.value for shard, outcome in zip(owned, outcomes)},
-                                           bounds, shards, flat.dtype, dense, timeout)
+    results = {shard: outcome.value for shard, outcome in zip(owned, outcomes)}
+    [gather] = await order.start(ticket, 2, [host_allgather(groups.gather, results, bounds, shards, flat.dtype,
+                                                             dense, timeout)])
+    gathered, phase = await gather
     stats += phase
     stats.seconds = time.perf_counter() - started
     return CollectiveResult(_assemble(gathered, bounds, flat, dense), stats)

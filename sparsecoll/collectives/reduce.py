@@ -106,14 +106,20 @@ async def reduce_gradient(group: Group, grad: np.ndarray, algorithm: str = "gtop
     """Sum ``grad`` over the ranks with the named algorithm; value is a :class:`SparseResult`."""
     check_algorithm_name(algorithm)
     check_mode(hierarchical)
-    if algorithm == "auto":
-        algorithm = await pick_algorithm(group, grad, density=density, k=k, quantize_bits=quantize_bits,
-                                         lazy=lazy is not None, timeout=timeout)
-    _check_options(algorithm, quantize_bits, lazy)
-    if await use_hierarchical(group, algorithm, hierarchical, quantize_bits=quantize_bits, lazy=lazy,
-                              timeout=timeout):
-        return await hierarchical_reduce(group, grad, algorithm, k=k, density=density, step=step, seed=seed,
-                                         timeout=timeout, **options)
+    # a two-level call's place in line is taken before its first wait (see topology.CallOrder)
+    ticket = group.topology.order.ticket() if hierarchical is not False else None
+    try:
+        if algorithm == "auto":
+            algorithm = await pick_algorithm(group, grad, density=density, k=k, quantize_bits=quantize_bits,
+                                             lazy=lazy is not None, timeout=timeout)
+        _check_options(algorithm, quantize_bits, lazy)
+        if ticket is not None and await use_hierarchical(group, algorithm, hierarchical,
+                                                         quantize_bits=quantize_bits, lazy=lazy, timeout=timeout):
+            return await hierarchical_reduce(group, grad, algorithm, ticket=ticket, k=k, density=density,
+                                             step=step, seed=seed, timeout=timeout, **options)
+    finally:
+        if ticket is not None:
+            group.topology.order.passed(ticket)
     sparse = {"k": k, "density": density, "timeout": timeout}
     if algorithm == "dense":
         if lazy is not None:
