@@ -5,7 +5,12 @@ With H hosts and S shards (S = the largest host's rank count; see :mod:`sparseco
 
 1. Reduce-scatter inside the host: every rank sends shard j of its gradient to the shard's
    owner on its host (local rank ``j mod L_h``), which sums the host's copies in local-rank
-   order. Each rank sends (L_h - 1)/L_h of the gradient, over the host's fast links.
+   order. For "dense" and "cltk" the whole shard goes: (L_h - 1)/L_h of the gradient a rank.
+   For "allgather" and "gTop-k" each rank first selects its own top-k of the whole gradient
+   and sends only the pairs in shard j: (L_h - 1)/L_h of k pairs a rank, so the host's links
+   carry what the sparse algorithm carries, not the dense gradient (a dense reduce-scatter of
+   d = 25M floats took seconds over loopback TCP, where the sparse algorithm's whole traffic
+   takes milliseconds at 1 Gbit/s).
 2. Between hosts, on each shard: the owners of shard j on every host (inter-host group j) run
    the chosen algorithm on their host sums with k_j of the k entries (k split over the
    shards as the shards split d). The S inter-host collectives run at once, one per local
@@ -20,8 +25,9 @@ one its inter-host collective agreed on, copied inside the host.
 
 Error feedback stays exact: where the host sum of an index entered the result (gTop-k: it
 survived every merge; allgather: the owner selected it; CLT-k: the leader chose it), every
-rank of the host reports its own value there as sent, so what all ranks sent sums to the
-result, and everything else stays in each rank's residual.
+rank of the host that put a value into that sum (every rank, or for allgather and gTop-k
+those that selected the index) reports its own value there as sent, so what all ranks sent
+sums to the result, and everything else stays in each rank's residual.
 
 Supported: "dense", "allgather", "gtopk", "cltk" (CLT-k's leader host rotates with the step
 and differs between shards, ``step + shard``). Quantized values and lazy aggregation stay flat.
@@ -42,7 +48,15 @@ from sparsecoll.collectives.cltk import cltk
 from sparsecoll.collectives.dense import allreduce, chunk_bounds
 from sparsecoll.collectives.gtopk import gtopk
 from sparsecoll.collectives.sparse_allgather import sparse_allgather
-from sparsecoll.collectives.sparse_common import SparseResult, float_vector, resolve_k
+from sparsecoll.collectives.sparse_common import (
+    SparseResult,
+    decode_sparse,
+    float_vector,
+    payload_limit,
+    resolve_k,
+    select,
+    sum_in_rank_order,
+)
 from sparsecoll.errors import FrameError, InvalidArgumentError
 from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code, sparse_buffers, sparse_payload_size, split_sparse
 
@@ -51,9 +65,12 @@ if TYPE_CHECKING:
     from sparsecoll.topology import HostTable
 
 HIERARCHICAL_ALGORITHMS = ("dense", "allgather", "gtopk", "cltk")
+SPARSE_SCATTER = ("allgather", "gtopk")
+"""Algorithms whose step 1 sums the ranks' top-k selections instead of whole shards."""
 MODES = (True, False, "auto")
 _SCATTER = zlib.crc32(b"hierarchical reduce-scatter")
 _GATHER = zlib.crc32(b"hierarchical allgather")
+_SPARSE_SCATTER = zlib.crc32(b"hierarchical sparse reduce-scatter")
 
 
 def check_mode(hierarchical: Any) -> None:
@@ -126,6 +143,55 @@ async def host_reduce_scatter(local: Group, flat: np.ndarray, bounds: list[int],
                 np.add(total, part, out=total)
             sums[shard] = total
         return sums
+
+    return await local.run(signature, body, timeout)
+
+
+async def host_sparse_reduce_scatter(local: Group, flat: np.ndarray, bounds: list[int], shards: int, count: int,
+                                     method: str, seed: int,
+                                     timeout: float | None) -> tuple[tuple[dict[int, np.ndarray], tuple], CommStats]:
+    """Step 1 of allgather and gTop-k: ({owned shard: the host's sum of its ranks' top-k there,
+    as a dense shard}, this rank's own (indices, values)).
+
+    Each rank selects its top ``count`` of the whole gradient and sends the part in shard j to
+    shard j's owner, which adds the parts in local-rank order: (L-1)/L of k pairs a rank
+    inside the host, where a dense reduce-scatter would move (L-1)/L of d values.
+    """
+    size = flat.size
+    signature = Signature(Op.CUSTOM, Algorithm.TOPK, dtype_code(flat.dtype), ReduceOp.SUM, shards,
+                          size, count, _SPARSE_SCATTER)
+
+    async def body(call: Call) -> tuple[dict[int, np.ndarray], tuple]:
+        me, ranks = call.rank, call.size
+        indices, values = select(flat, count, method, None, None, seed)  # inside the call: NaN fails every rank
+        indices = np.asarray(indices, np.int64)
+        cuts = np.searchsorted(indices, bounds)
+
+        def piece(shard: int) -> tuple[np.ndarray, np.ndarray]:
+            return indices[cuts[shard]:cuts[shard + 1]] - bounds[shard], values[cuts[shard]:cuts[shard + 1]]
+
+        owned = [shard for shard in range(shards) if _owner(ranks, shard) == me]
+        waits = [call.recv(peer, shard, limit=payload_limit(count, bounds[shard + 1] - bounds[shard], flat.dtype,
+                                                              None))
+                 for shard in owned for peer in range(ranks) if peer != me]
+        sends = []
+        for shard in range(shards):
+            if _owner(ranks, shard) != me:
+                shard_indices, shard_values = piece(shard)
+                sends.append(call.send(_owner(ranks, shard), shard, *sparse_buffers(
+                    shard_indices, [shard_values], bounds[shard + 1] - bounds[shard])))
+        payloads = iter((await _all(sends + waits))[len(sends):])
+        call.stats.rounds += 1
+        sums = {}
+        for shard in owned:
+            length = bounds[shard + 1] - bounds[shard]
+            parts = [piece(shard) if peer == me else decode_sparse(next(payloads), length, flat.dtype, None)
+                     for peer in range(ranks)]
+            union, summed = sum_in_rank_order(parts, flat.dtype)
+            dense_sum = np.zeros(length, flat.dtype)
+            dense_sum[union] = summed
+            sums[shard] = dense_sum
+        return sums, (indices, values)
 
     return await local.run(signature, body, timeout)
 
@@ -249,8 +315,18 @@ async def _two_levels(group: Group, grad: np.ndarray, algorithm: str, ticket: in
     else:
         counts = [None] * shards  # threshold and random-k select by their own rule on each shard
     stats = CommStats()
-    [scatter] = await order.start(ticket, 0, [host_reduce_scatter(groups.scatter, flat, bounds, shards, timeout)])
+    selected = None  # this rank's own top-k, when step 1 sums selections rather than whole shards
+    if algorithm in SPARSE_SCATTER and options.get("selection", "topk").startswith("topk"):
+        count = resolve_k(size, k, density)
+        method = "topk-exact" if options.get("exact") or options.get("selection") == "topk-exact" else "topk"
+        scatter_call = host_sparse_reduce_scatter(groups.scatter, flat, bounds, shards, count, method,
+                                                  seed + 104729 * group.rank + 7919 * step, timeout)
+    else:
+        scatter_call = host_reduce_scatter(groups.scatter, flat, bounds, shards, timeout)
+    [scatter] = await order.start(ticket, 0, [scatter_call])
     sums, phase = await scatter
+    if isinstance(sums, tuple):
+        sums, selected = sums
     stats += phase
 
     def one_shard(shard: int) -> Awaitable[CollectiveResult]:
@@ -270,12 +346,13 @@ async def _two_levels(group: Group, grad: np.ndarray, algorithm: str, ticket: in
     gathered, phase = await gather
     stats += phase
     stats.seconds = time.perf_counter() - started
-    return CollectiveResult(_assemble(gathered, bounds, flat, dense), stats)
+    return CollectiveResult(_assemble(gathered, bounds, flat, dense, selected), stats)
 
 
-def _assemble(gathered: dict[int, tuple], bounds: list[int], flat: np.ndarray, dense: bool) -> SparseResult:
+def _assemble(gathered: dict[int, tuple], bounds: list[int], flat: np.ndarray, dense: bool,
+              selected: tuple | None = None) -> SparseResult:
     """The whole gradient's result from its shards, and this rank's own values where its host's
-    sum entered it."""
+    sum entered it (of those it ``selected`` into the host's sum, when step 1 summed selections)."""
     size = flat.size
     if dense:
         values = np.concatenate([gathered[shard][1] for shard in range(len(bounds) - 1)]) if size else flat[:0].copy()
@@ -289,4 +366,6 @@ def _assemble(gathered: dict[int, tuple], bounds: list[int], flat: np.ndarray, d
         sent.append(global_indices[mask])
     all_indices = np.concatenate(indices)
     sent_indices = np.concatenate(sent)
+    if selected is not None:
+        sent_indices = np.intersect1d(sent_indices, selected[0], assume_unique=True)
     return SparseResult(all_indices, np.concatenate(values), size, sent_indices, flat[sent_indices])

@@ -4,7 +4,8 @@ One spawn of 6 ranks whose SPARSECOLL_HOST_ID puts ranks 0-2 on host a, 3-4 on b
 Sub-groups of it give every layout the checks need (a group's topology is its own members'
 hosts): 2+2, 3+1, 2+1+1, 3+2+1 (all 6), one host (0-2) and one rank a host (0, 3, 5). For each layout and algorithm, every rank checks:
 
-- the result equals the numpy model: host sums in local-rank order, the algorithm between the
+- the result equals the numpy model: host sums in local-rank order (of the ranks' own top-k
+  for gTop-k and allgather, of whole shards for dense and CLT-k), the algorithm between the
   hosts on each shard with k split over the shards (gTop-k by the recursive-doubling model of
   test_invariants, allgather the union of the hosts' top-k, CLT-k the leader host's top-k with
   the leader ``(step + shard) mod H``, dense the plain sum);
@@ -54,14 +55,21 @@ def two_level_reference(algorithm: str, grads: list[np.ndarray], hosts: list[lis
     k_bounds = chunk_bounds(K, shards)
     result = np.zeros(D, np.float32)
     sent = [[] for _ in grads]
+    selections = [top_k(np.arange(D), grad, K)[0] for grad in grads]
     for shard in range(shards):
         low, high = bounds[shard], bounds[shard + 1]
         count = k_bounds[shard + 1] - k_bounds[shard]
         sums = []
         for ranks in hosts:
-            total = grads[ranks[0]][low:high].copy()
-            for rank in ranks[1:]:
-                total += grads[rank][low:high]
+            if algorithm in ("gtopk", "allgather"):  # the host sums its ranks' own top-k
+                total = np.zeros(high - low, np.float32)
+                for rank in ranks:
+                    chosen = selections[rank][(selections[rank] >= low) & (selections[rank] < high)]
+                    total[chosen - low] += grads[rank][chosen]
+            else:
+                total = grads[ranks[0]][low:high].copy()
+                for rank in ranks[1:]:
+                    total += grads[rank][low:high]
             sums.append(total)
         if algorithm == "dense":
             result[low:high] = np.sum(np.asarray(sums, np.float64), axis=0)
@@ -80,7 +88,10 @@ def two_level_reference(algorithm: str, grads: list[np.ndarray], hosts: list[lis
             host_sent = [chosen] * len(hosts)
         for ranks, chosen in zip(hosts, host_sent):
             for rank in ranks:
-                sent[rank].append(low + np.asarray(chosen, np.int64))
+                chosen_here = low + np.asarray(chosen, np.int64)
+                if algorithm in ("gtopk", "allgather"):  # a rank sent only what it selected
+                    chosen_here = np.intersect1d(chosen_here, selections[rank])
+                sent[rank].append(chosen_here)
     return result, [np.sort(np.concatenate(parts)) for parts in sent]
 
 

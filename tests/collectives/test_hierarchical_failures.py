@@ -37,7 +37,7 @@ async def dies_between_the_levels(group, dying: int) -> str:
 @pytest.mark.parametrize("dying", [0, 3], ids=["host-leader", "other-host-member"])
 def test_a_rank_dying_mid_call_reaches_every_rank(dying: int) -> None:
     env = {rank: {"SPARSECOLL_HOST_ID": host} for rank, host in enumerate(HOSTS)}
-    results = run_ranks(len(HOSTS), dies_between_the_levels, dying, timeout=90, per_rank_env=env,
+    results = run_ranks(len(HOSTS), dies_between_the_levels, dying, timeout=240, per_rank_env=env,
                         expect_dead={dying})
     survivors = [result for rank, result in enumerate(results) if rank != dying]
     assert set(survivors) <= {"PeerLostError", "GroupAbortedError"}, survivors
