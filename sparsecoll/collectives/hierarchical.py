@@ -58,7 +58,16 @@ from sparsecoll.collectives.sparse_common import (
     sum_in_rank_order,
 )
 from sparsecoll.errors import FrameError, InvalidArgumentError
-from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code, sparse_buffers, sparse_payload_size, split_sparse
+from sparsecoll.wire import (
+    Algorithm,
+    Op,
+    ReduceOp,
+    Signature,
+    dtype_code,
+    sparse_buffers,
+    sparse_payload_size,
+    split_sparse,
+)
 
 if TYPE_CHECKING:
     from sparsecoll.group import Group
@@ -215,9 +224,13 @@ async def _between_hosts(inter: Group, algorithm: str, shard_sum: np.ndarray, sh
     return await sparse_allgather(inter, shard_sum, k=count, seed=seed, step=step, timeout=timeout, **options)
 
 
+ShardResult = tuple[np.ndarray | None, np.ndarray, np.ndarray | None]
+"""A shard's result indices (None: dense), values, and which entries hold this host's sum."""
+
+
 async def host_allgather(local: Group, results: dict[int, SparseResult], bounds: list[int], shards: int,
                          dtype: np.dtype, dense: bool,
-                         timeout: float | None) -> tuple[dict[int, tuple[Any, np.ndarray, np.ndarray | None]], CommStats]:
+                         timeout: float | None) -> tuple[dict[int, ShardResult], CommStats]:
     """Step 3: {shard: (result indices or None, values, which entries hold this host's sum)}
     for every shard, from its owner on this host."""
     signature = Signature(Op.CUSTOM, Algorithm.SCATTER_ALLGATHER, dtype_code(dtype), ReduceOp.SUM, -1,

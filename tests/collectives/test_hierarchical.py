@@ -2,7 +2,8 @@
 
 One spawn of 6 ranks whose SPARSECOLL_HOST_ID puts ranks 0-2 on host a, 3-4 on b and 5 on c.
 Sub-groups of it give every layout the checks need (a group's topology is its own members'
-hosts): 2+2, 3+1, 2+1+1, 3+2+1 (all 6), one host (0-2) and one rank a host (0, 3, 5). For each layout and algorithm, every rank checks:
+hosts): 2+2, 3+1, 2+1+1, 3+2+1 (all 6), one host (0-2) and one rank a host (0, 3, 5). For
+each layout and algorithm, every rank checks:
 
 - the result equals the numpy model: host sums in local-rank order (of the ranks' own top-k
   for gTop-k and allgather, of whole shards for dense and CLT-k), the algorithm between the
