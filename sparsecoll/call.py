@@ -30,10 +30,28 @@ class CommStats:
     frames_received: int = 0
     rounds: int = 0
     seconds: float = 0.0
+    inter_host_bytes_sent: int = 0
+    """Of ``bytes_sent``, those to ranks on other hosts (counted once the group's topology is
+    known: ``await group.topology.discover()``; the two-level collectives discover it)."""
+    inter_host_bytes_received: int = 0
+    """Of ``bytes_received``, those from ranks on other hosts (same rule)."""
+
+    @property
+    def intra_host_bytes_sent(self) -> int:
+        """Of ``bytes_sent``, those to ranks on this rank's host (all of them while the
+        topology is unknown)."""
+        return self.bytes_sent - self.inter_host_bytes_sent
+
+    @property
+    def intra_host_bytes_received(self) -> int:
+        """Of ``bytes_received``, those from ranks on this rank's host."""
+        return self.bytes_received - self.inter_host_bytes_received
 
     def __iadd__(self, other: CommStats) -> CommStats:
         self.bytes_sent += other.bytes_sent
         self.bytes_received += other.bytes_received
+        self.inter_host_bytes_sent += other.inter_host_bytes_sent
+        self.inter_host_bytes_received += other.inter_host_bytes_received
         self.frames_sent += other.frames_sent
         self.frames_received += other.frames_received
         self.rounds += other.rounds
@@ -63,6 +81,13 @@ class Call:
     members: tuple[int, ...] = ()
     """Transport rank of each rank of the group (a sub-group's ranks are renumbered from 0)."""
     stats: CommStats = field(default_factory=CommStats)
+    host_keys: dict[int, int] = field(default_factory=dict)
+    """Host of each transport rank, where known (:meth:`Group.learn_hosts`)."""
+
+    def _remote(self, peer: int) -> bool:
+        """Whether transport rank ``peer`` is known to sit on another host than this rank."""
+        mine = self.host_keys.get(self.transport.rank)
+        return mine is not None and peer in self.host_keys and self.host_keys[peer] != mine
 
     async def send(self, peer: int, tag: int, *buffers: Buffer | np.ndarray) -> None:
         """Send one frame made of ``buffers`` to ``peer`` under this call's deadline."""
@@ -74,6 +99,8 @@ class Call:
                                   timeout_error=lambda: self._timeout(peer, f"sending {length} bytes (tag {tag})"))
         self.stats.bytes_sent += HEADER_SIZE + length
         self.stats.frames_sent += 1
+        if self._remote(peer):
+            self.stats.inter_host_bytes_sent += HEADER_SIZE + length
 
     def post(self, peer: int, tag: int, out: np.ndarray | memoryview | None = None,
              limit: int | None = None) -> PostedRecv:
@@ -106,6 +133,8 @@ class Call:
             raise
         self.stats.bytes_received += HEADER_SIZE + len(payload)
         self.stats.frames_received += 1
+        if self._remote(posted.peer):
+            self.stats.inter_host_bytes_received += HEADER_SIZE + len(payload)
         return payload
 
     async def recv(self, peer: int, tag: int, out: np.ndarray | memoryview | None = None,

@@ -30,6 +30,7 @@ from sparsecoll.errors import (
     SparseCollError,
 )
 from sparsecoll.rendezvous import Rendezvous, listen_host, resolve
+from sparsecoll.topology import Topology
 from sparsecoll.transport import transport_class
 from sparsecoll.transport.base import Transport
 from sparsecoll.transport.handshake import group_id_for
@@ -82,6 +83,8 @@ class Group:
         self._children = 0
         self._error: SparseCollError | None = None
         self._closed = False
+        self._topology: Topology | None = None
+        self._host_keys: dict[int, int] = {}
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "failed" if self.error else "ready"
@@ -96,6 +99,21 @@ class Group:
     def error(self) -> SparseCollError | None:
         """The failure that poisoned this group (and every group sharing its connections)."""
         return self._root._error
+
+    @property
+    def topology(self) -> Topology:
+        """Which ranks share a host, and the intra-/inter-host sub-groups (see
+        :mod:`sparsecoll.topology`); created on first access, filled by ``await
+        group.topology.discover()``."""
+        if self._topology is None:
+            self._topology = Topology(self)
+        return self._topology
+
+    def learn_hosts(self, host_keys: dict[int, int]) -> None:
+        """Record the host of transport ranks, so every later call of this group and of the
+        groups sharing its connections counts bytes to other hosts apart
+        (``CommStats.inter_host_bytes_sent``)."""
+        self._root._host_keys.update(host_keys)
 
     @property
     def closed(self) -> bool:
@@ -201,7 +219,8 @@ class Group:
         seq = self._seq
         self._seq += 1
         call = Call(self.transport, self.rank, self.size, self.context, seq, signature,
-                    loop.time() + timeout, timeout, self.members if self.parent else ())
+                    loop.time() + timeout, timeout, self.members if self.parent else (),
+                    host_keys=self._root._host_keys)
         mailbox = self.transport.mailbox
         mailbox.begin(self.context, seq, signature)
         started = time.perf_counter()

@@ -93,6 +93,15 @@ def counts(option: str, text: str) -> list[int]:
     return values
 
 
+def ranks_per_host(value: int, worlds: Sequence[int]) -> int:
+    """L >= 1 that divides every rank count asked for (ignored under torchrun, which knows the hosts)."""
+    positive("--ranks-per-host", value)
+    uneven = [world for world in worlds if world % value]
+    if uneven:
+        raise InvalidArgumentError(f"--ranks-per-host {value} does not divide --ranks {', '.join(map(str, uneven))}")
+    return value
+
+
 def link(value: str | None) -> None:
     """A rate like 1gbit (and delay), and the root privileges namespaces need."""
     if value is None:

@@ -23,6 +23,7 @@ from sparsecoll.bench.cli_support import (
     PlotFile,
     QuantizeBits,
     Ranks,
+    RanksPerHost,
     Wide,
     clean_errors,
     console,
@@ -64,12 +65,13 @@ def main(imports: Imports = None,
 
 
 def _sweep(ranks: int, cases: list, iterations: int | None, warmup: int, with_gloo: bool, backend: str,
-           link: str | None, json_file: str | None, plot_file: str | None, title: str, wide: bool) -> None:
+           link: str | None, json_file: str | None, plot_file: str | None, title: str, wide: bool,
+           ranks_per_host: int = 1) -> None:
     from sparsecoll.bench import collectives
 
     starting(world_size(ranks))
     rank, rows = run_ranks(ranks, collectives.run_rank, cases, iterations, warmup, with_gloo,
-                           console.is_terminal, backend=backend, link=link)
+                           console.is_terminal, backend=backend, link=link, ranks_per_host=ranks_per_host)
     if rank != 0:
         return
     world = rows[0]["ranks"]
@@ -138,6 +140,7 @@ def collectives_command(
     quantize_bits: QuantizeBits = "0",
     backend: Backend = "tcp",
     link: Link = None,
+    ranks_per_host: RanksPerHost = 1,
     json_file: JsonFile = None,
     plot_file: PlotFile = None,
     wide: Wide = False,
@@ -165,8 +168,9 @@ def collectives_command(
         from sparsecoll.bench import collectives  # after the checks: it loads the kernels
 
         cases = collectives.plan_cases(checks.listed("--ops", ops), names, sizes, densities, bits)
+        checks.ranks_per_host(ranks_per_host, [ranks])
         _sweep(ranks, cases, iterations or None, warmup, "gloo" in names, backend, link, json_file, plot_file,
-               "sparsecoll collectives", wide)
+               "sparsecoll collectives", wide, ranks_per_host)
 
 
 @app.command("soak", short_help="many small allreduces: leaks and errors")
@@ -208,6 +212,10 @@ def sparse_command(
         "dense,gloo,allgather,gtopk,sketch,cltk,oktopk,selection",
     backend: Backend = "tcp",
     link: Link = None,
+    ranks_per_host: RanksPerHost = 1,
+    hierarchical: Annotated[str, typer.Option(metavar="off|on|both", help="dense, allgather, gtopk and cltk flat "
+                                                                          "(off), in two levels (on), or "
+                                                                          "both")] = "off",
     auto: Annotated[bool, typer.Option(help="also show what algorithm='auto' would pick (calibrated cost "
                                             "model, else defaults) against the fastest measured")] = True,
     json_file: JsonFile = None,
@@ -226,6 +234,9 @@ def sparse_command(
                                                             for value in checks.listed("--ranks", ranks, int)]
         checks.backend(backend)
         checks.link(link)
+        checks.ranks_per_host(ranks_per_host, worlds)
+        if hierarchical not in ("off", "on", "both"):
+            raise ValueError(f"--hierarchical must be off, on or both, not {hierarchical!r}")
         from sparsecoll.bench import sparse  # after the checks: it loads the kernels
 
         rank, rows = 0, []
@@ -233,11 +244,13 @@ def sparse_command(
             starting(world)
             with status(f"{world} ranks: {', '.join(names)} at d={size}..."):
                 rank, world_rows = run_ranks(world, sparse.run_rank, elements, density, names, iterations,
-                                             backend=backend, link=link)
+                                             ranks_per_host, hierarchical, backend=backend, link=link,
+                                             ranks_per_host=ranks_per_host)
             rows += world_rows
     if rank != 0:
         return
-    where = f"{backend.upper()}, {link + ' links' if link else 'loopback'}"
+    where = f"{backend.upper()}, {link + ' links' if link else 'loopback'}" + (
+        f", hosts of {ranks_per_host} ranks" if ranks_per_host > 1 else "")
     report("sparse", f"sparse vs dense, density {100 * density:g}%, {where}", sparse.TABLE, rows, json_file,
             plot_file, wide, link=link or "loopback", density=density, backend=backend)
     if auto:

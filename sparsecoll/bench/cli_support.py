@@ -35,6 +35,9 @@ Backend = Annotated[str, typer.Option(metavar="NAME", help=f"transport: {' or '.
 Link = Annotated[str | None, typer.Option(metavar="RATE", help="emulated links of this rate per rank, e.g. 1gbit "
                                                                "or 10gbit, and a one-way delay, e.g. 1gbit,5ms "
                                                                "(netem; root only)")]
+RanksPerHost = Annotated[int, typer.Option("--ranks-per-host", metavar="L", help="emulated hosts of L ranks each "
+                                                                                "(one namespace a host with --link; "
+                                                                                "SPARSECOLL_HOST_ID)")]
 Density = Annotated[str, typer.Option("--density", metavar="LIST", help="fractions of the gradient sent, "
                                                                         "e.g. 0.01,0.001 (0.01 is 1%)")]
 QuantizeBits = Annotated[str, typer.Option("--quantize-bits", metavar="LIST", help="bits per sent value: 0 (not "

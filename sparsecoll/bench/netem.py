@@ -1,10 +1,12 @@
-"""Emulated slow links: one network namespace per rank, joined by a bridge, each link shaped.
+"""Emulated slow links: one network namespace per host, joined by a bridge, each link shaped.
 
 Every rank's namespace holds one end of a veth pair whose other end sits on a bridge in a
 switch namespace; ``tc tbf`` shapes both directions of every pair to the chosen rate, so each
 rank has its own full-duplex link, as on a real switch. Everything lives in namespaces this
 module creates and always deletes (also when the body fails); no address outside them is
-used. ``"1gbit,5ms"`` also delays every rank-to-rank packet by 5 ms one way (netem, half on
+used. With ``ranks_per_host`` L, ranks ``h*L .. h*L+L-1`` share host h's namespace: they reach
+each other over its loopback (unshaped, like the fast links inside a real host) and share its
+one shaped link to the others, as the ranks of a real host share its network card. ``"1gbit,5ms"`` also delays every rank-to-rank packet by 5 ms one way (netem, half on
 each hop, with tbf under it); a kernel without the netem qdisc gets a clear error. Root only;
 :func:`shaping_problem` says beforehand whether this machine can build them, and why not.
 
@@ -80,29 +82,37 @@ def shaping_problem() -> str | None:
 class EmulatedNetwork:
     """``ranks`` namespaces on a shaped bridge; a context manager that cleans up after itself."""
 
-    def __init__(self, ranks: int, rate: str = "1gbit", prefix: str | None = None) -> None:
+    def __init__(self, ranks: int, rate: str = "1gbit", prefix: str | None = None, ranks_per_host: int = 1) -> None:
         if os.geteuid() != 0:
             raise PermissionError("emulated links need root (network namespaces and tc)")
         if shutil.which("ip") is None or shutil.which("tc") is None:
             raise FileNotFoundError("emulated links need iproute2's ip and tc")
         if not 1 <= ranks <= 200:
             raise InvalidArgumentError(f"ranks must be in [1, 200], not {ranks}")
+        if ranks_per_host < 1 or ranks % ranks_per_host:
+            raise InvalidArgumentError(f"{ranks} ranks do not fill hosts of {ranks_per_host} ranks each")
         self.ranks = ranks
+        self.ranks_per_host = ranks_per_host
+        self.hosts = ranks // ranks_per_host
         self.rate, self.delay = parse_link(rate)
         self.prefix = prefix or f"sc{os.getpid() % 100000}"
         self._created: list[str] = []
 
+    def host_of(self, rank: int) -> int:
+        """The emulated host rank ``rank`` runs on."""
+        return rank // self.ranks_per_host
+
     def namespace(self, rank: int) -> str:
-        """Name of rank ``rank``'s namespace."""
-        return f"{self.prefix}-r{rank}"
+        """Name of rank ``rank``'s namespace (its host's)."""
+        return f"{self.prefix}-r{self.host_of(rank)}"
 
     def address(self, rank: int) -> str:
-        """Rank ``rank``'s address inside its namespace."""
-        return f"{SUBNET}.{rank + 1}"
+        """Rank ``rank``'s address inside its namespace (its host's)."""
+        return f"{SUBNET}.{self.host_of(rank) + 1}"
 
     def interface(self, rank: int) -> str:
-        """Name of the rank's network interface inside its namespace."""
-        return f"{self.prefix}v{rank}"[:15]
+        """Name of the rank's network interface inside its namespace (its host's)."""
+        return f"{self.prefix}v{self.host_of(rank)}"[:15]
 
     def __enter__(self) -> EmulatedNetwork:
         # a SIGTERM (timeout, kill) must still run __exit__, or the namespaces outlive us
@@ -123,8 +133,9 @@ class EmulatedNetwork:
         _run("ip", "-n", switch, "link", "add", "br0", "type", "bridge")
         _run("ip", "-n", switch, "link", "set", "br0", "up")
         burst = max(32_000, int(_rate_bits(self.rate) / 8 / 250))  # at least one timer tick's worth
-        for rank in range(self.ranks):
-            namespace, inside, outside = self.namespace(rank), self.interface(rank), f"{self.prefix}s{rank}"[:15]
+        for host in range(self.hosts):
+            rank = host * self.ranks_per_host
+            namespace, inside, outside = self.namespace(rank), self.interface(rank), f"{self.prefix}s{host}"[:15]
             self._add_namespace(namespace)
             _run("ip", "link", "add", inside, "netns", namespace, "type", "veth", "peer", "name", outside,
                  "netns", switch)

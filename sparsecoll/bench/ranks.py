@@ -109,15 +109,27 @@ def backend_env(backend: str, *, local: bool, shaped: bool = False) -> dict[str,
     return env
 
 
+def host_env(world: int, ranks_per_host: int) -> dict[int, dict[str, str]]:
+    """Each spawned rank's emulated host, ``SPARSECOLL_HOST_ID`` (see :mod:`sparsecoll.topology`):
+    ranks ``h*L .. h*L+L-1`` on host h; nothing when every rank is a host of its own."""
+    if ranks_per_host < 1 or world % ranks_per_host:
+        raise InvalidArgumentError(f"--ranks-per-host {ranks_per_host} does not divide {world} ranks")
+    if ranks_per_host == 1:
+        return {}
+    return {rank: {"SPARSECOLL_HOST_ID": f"emulated-host-{rank // ranks_per_host}"} for rank in range(world)}
+
+
 def run_ranks(world: int, target: Callable, *args: Any, backend: str = "tcp", link: str | None = None,
-              timeout: float = 3600.0, every_rank: bool = False) -> tuple[int, Any]:
+              timeout: float = 3600.0, every_rank: bool = False, ranks_per_host: int = 1) -> tuple[int, Any]:
     """Run ``target(rank, world, place, *args)`` on every rank (awaited when a coroutine
     function); returns (this process's rank, its result). Spawned runs return rank 0's result,
     or with ``every_rank`` the list of all ranks' results (under torchrun: this rank's, in a
-    list). A rank's sparsecoll error is raised here."""
+    list). A rank's sparsecoll error is raised here. ``ranks_per_host`` L groups the spawned
+    ranks into emulated hosts of L (one namespace each with ``link``; see :mod:`.netem`)."""
     if under_launcher():
-        if link:
-            raise InvalidArgumentError("--link spawns its own local ranks; it cannot run under torchrun")
+        if link or ranks_per_host != 1:
+            raise InvalidArgumentError("--link and --ranks-per-host spawn their own local ranks; they cannot run "
+                                       "under torchrun (which tells sparsecoll the real hosts)")
         os.environ.update(backend_env(backend, local=False))
         rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
         result = target(rank, world, RankPlace(), *args)
@@ -126,16 +138,18 @@ def run_ranks(world: int, target: Callable, *args: Any, backend: str = "tcp", li
     from sparsecoll.launch import spawn
 
     env = backend_env(backend, local=True, shaped=link is not None)
+    hosts = host_env(world, ranks_per_host)
     with tempfile.TemporaryDirectory() as scratch, contextlib.ExitStack() as stack:
         place = RankPlace(store_path=os.path.join(scratch, "store"))
         if link:
             from sparsecoll.bench.netem import EmulatedNetwork
 
-            net = stack.enter_context(EmulatedNetwork(world, link))
+            net = stack.enter_context(EmulatedNetwork(world, link, ranks_per_host=ranks_per_host))
             place = RankPlace(tuple(net.namespace(r) for r in range(world)),
                               tuple(net.address(r) for r in range(world)),
                               tuple(net.interface(r) for r in range(world)), place.store_path)
-        results = raise_rank_error(spawn(world, target, place, *args, timeout=timeout, env=env))
+        results = raise_rank_error(spawn(world, target, place, *args, timeout=timeout, env=env,
+                                         per_rank_env=hosts))
     return 0, results if every_rank else results[0]
 
 

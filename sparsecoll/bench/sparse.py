@@ -43,6 +43,8 @@ TABLE = [
     Column("time_ms", "time", milliseconds), Column("min_ms", "min", milliseconds, default=False),
     Column("bytes_sent", "wire/rank", nbytes), Column("formula_bytes", "formula", nbytes),
     Column("speedup_vs_gloo", "vs Gloo dense", speedup), Column("wrong", "wrong", integer),
+    Column("inter_host_bytes", "to other hosts/rank", nbytes),  # the mean over ranks
+    Column("formula_inter_bytes", "its formula", nbytes, default=False),
 ]
 AUTO_TABLE = [
     Column("ranks", "P", integer, constant=True), Column("d", "d", count, constant=True),
@@ -77,24 +79,35 @@ def formula_bytes(algorithm: str, ranks: int, size: int, k: int) -> int | None:
     return None  # a registered algorithm: no formula known here
 
 
+def two_level_formula_bytes(algorithm: str, hosts: int, per_host: int, size: int, k: int) -> int | None:
+    """Bytes a rank sends to other hosts per two-level call: the algorithm's formula for
+    ``hosts`` ranks on its shard of d/L elements with k/L of the entries."""
+    return formula_bytes(algorithm, hosts, size // per_host, max(1, k // per_host))
+
+
 def heavy_tailed(rank: int, size: int) -> np.ndarray:
     """A gradient-like vector: Student-t (2 d.o.f.) noise, seeded by rank."""
     return np.random.default_rng(rank).standard_t(2, size).astype(np.float32)
 
 
 async def time_sparse(group: sparsecoll.Group, grad: np.ndarray, algorithm: str, density: float,
-                      bits: int | None, iterations: int, warmup: int) -> tuple[np.ndarray, int, int]:
+                      bits: int | None, iterations: int, warmup: int, *, hierarchical: bool = False,
+                      last_stats: list | None = None) -> tuple[np.ndarray, int, int]:
     """Seconds per call of ``reduce_gradient`` (selection included), the bytes this rank sent in
-    the last call, and this rank's share of wrong elements (see :func:`count_wrong`)."""
+    the last call, and this rank's share of wrong elements (see :func:`count_wrong`); the last
+    call's CommStats are appended to ``last_stats`` when given."""
     times = np.empty(iterations)
     options = {"state": OkTopkState()} if algorithm == "oktopk" else {}  # reused thresholds, as in training
     for index in range(warmup + iterations):
         started = time.perf_counter()
         result, stats = await group.reduce_gradient(grad, algorithm, density=density,
-                                                    quantize_bits=bits, step=index, **options)
+                                                    quantize_bits=bits, step=index, hierarchical=hierarchical,
+                                                    **options)
         if index >= warmup:
             times[index - warmup] = time.perf_counter() - started
-    topk = resolve_k(grad.size, None, density) if algorithm == "allgather" else None
+    if last_stats is not None:
+        last_stats.append(stats)
+    topk = resolve_k(grad.size, None, density) if algorithm == "allgather" and not hierarchical else None
     wrong = await count_wrong(group, grad, result, topk, bits)
     return times, stats.bytes_sent, wrong
 
@@ -161,8 +174,13 @@ def _mismatches(result: SparseResult, indices: np.ndarray, values: np.ndarray, r
 
 
 async def run_rank(rank: int, world: int, place: RankPlace, size: int, density: float,
-                   algorithms: Sequence[str], iterations: int) -> list[dict]:
-    """One rank of the comparison; returns complete rows (slowest-rank times) on every rank."""
+                   algorithms: Sequence[str], iterations: int, ranks_per_host: int = 1,
+                   hierarchical: str = "off") -> list[dict]:
+    """One rank of the comparison; returns complete rows (slowest-rank times) on every rank.
+
+    ``hierarchical`` "on" runs dense, allgather, gTop-k and CLT-k in two levels, "both" runs
+    them flat and in two levels (the flat row first); rows then also report the bytes each
+    rank sent to other hosts (its host per ``SPARSECOLL_HOST_ID``, see ``--ranks-per-host``)."""
     import torch
     import torch.distributed as dist
 
@@ -173,18 +191,34 @@ async def run_rank(rank: int, world: int, place: RankPlace, size: int, density: 
     k = max(1, round(size * density))
     rows = []
     async with await sparsecoll.init_group(store=store, rank=rank, world_size=world, timeout=600) as group:
-        for algorithm in algorithms:
-            if reduces(algorithm):  # the first call warms up (JIT, buffers), untimed
-                times, sent, wrong = await time_sparse(group, grad, algorithm, density, None, iterations, 1)
+        if hierarchical != "off" or ranks_per_host > 1:
+            await group.topology.discover()  # bytes to other hosts are counted from here on
+        for algorithm, two_level in _variants(algorithms, hierarchical):
+            stats: list = []
+            if two_level or reduces(algorithm):  # the first call warms up (JIT, buffers), untimed
+                times, sent, wrong = await time_sparse(group, grad, algorithm, density, None, iterations, 1,
+                                                       hierarchical=two_level, last_stats=stats)
             else:
+                before = group.total_stats.inter_host_bytes_sent
                 times, sent, wrong = await _measure_baseline(group, dist, torch, algorithm, grad, density,
                                                              iterations)
+                inter = (group.total_stats.inter_host_bytes_sent - before) // (iterations + 1)
+                stats.append(sparsecoll.CommStats(inter_host_bytes_sent=inter))
             slowest, _ = await group.allreduce(times, op="max")
             wrong_total, _ = await group.allreduce(np.array([wrong], np.int64))
-            rows.append({"ranks": world, "d": size, "k": k, "algorithm": algorithm,
-                         "time_ms": float(slowest.mean() * 1e3), "min_ms": float(slowest.min() * 1e3),
-                         "bytes_sent": sent, "formula_bytes": formula_bytes(algorithm, world, size, k),
-                         "wrong": int(wrong_total[0])})
+            row = {"ranks": world, "d": size, "k": k, "algorithm": algorithm + (" 2-level" if two_level else ""),
+                   "time_ms": float(slowest.mean() * 1e3), "min_ms": float(slowest.min() * 1e3),
+                   "bytes_sent": sent, "formula_bytes": formula_bytes(algorithm, world, size, k),
+                   "wrong": int(wrong_total[0])}
+            if group.topology.known:
+                table = group.topology.table
+                inter_total, _ = await group.allreduce(np.array([stats[-1].inter_host_bytes_sent], np.int64))
+                row.update(hosts=table.host_count, ranks_per_host=table.shard_count,
+                           inter_host_bytes=None if algorithm == "gloo" else int(inter_total[0]) // world)
+                if two_level:
+                    row["formula_inter_bytes"] = two_level_formula_bytes(algorithm, table.host_count,
+                                                                         table.shard_count, size, k)
+            rows.append(row)
         model = await shared_cost_model(group)  # what "auto" prices with here (calibrated online without a file)
         for row in rows:
             row.update(auto_model=model.to_array().tolist(), auto_model_link=model.link)
@@ -194,6 +228,20 @@ async def run_rank(rank: int, world: int, place: RankPlace, size: int, density: 
         for row in rows:
             row["speedup_vs_gloo"] = gloo_ms / row["time_ms"]
     return rows
+
+
+TWO_LEVEL = ("dense", "allgather", "gtopk", "cltk")
+
+
+def _variants(algorithms: Sequence[str], hierarchical: str) -> list[tuple[str, bool]]:
+    """(algorithm, two-level?) of every row, in order: per ``hierarchical`` off, on or both."""
+    variants = []
+    for algorithm in algorithms:
+        if hierarchical != "on" or algorithm not in TWO_LEVEL:
+            variants.append((algorithm, False))
+        if hierarchical != "off" and algorithm in TWO_LEVEL:
+            variants.append((algorithm, True))
+    return variants
 
 
 async def _measure_baseline(group: sparsecoll.Group, dist: Any, torch: Any, algorithm: str, grad: np.ndarray,

@@ -26,6 +26,14 @@ The options combine with the built-in algorithms as follows:
   candidates or leader's indices change every round, so there is no stale per-rank
   contribution that the others could reuse (see ``LAZY_REFUSED``).
 - Registered collectives and compressors take neither option.
+
+``hierarchical`` (False by default, True, or "auto") runs "dense", "allgather", "gtopk" and
+"cltk" in two levels on hosts with several ranks: reduce-scatter inside the host, the
+algorithm between hosts on each shard, allgather inside the host
+(:mod:`sparsecoll.collectives.hierarchical`). "auto" does so whenever there is more than one
+host and a host holds more than one rank; True refuses what it cannot run two-level
+(``quantize_bits``, ``lazy``, other algorithms). With one host, or one rank a host, both run
+the flat algorithm. The first call that is not False exchanges the hosts (a collective).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ from sparsecoll.collectives.compressed import compressed_allgather, make_codec
 from sparsecoll.collectives.cost_model import ALGORITHMS
 from sparsecoll.collectives.dense import allreduce
 from sparsecoll.collectives.gtopk import gtopk
+from sparsecoll.collectives.hierarchical import check_mode, hierarchical_reduce, use_hierarchical
 from sparsecoll.collectives.lazy import LazyState, lazy_allreduce
 from sparsecoll.collectives.oktopk import oktopk
 from sparsecoll.collectives.oktopk_state import OkTopkState
@@ -99,13 +108,24 @@ async def reduce_gradient(group: Group, grad: np.ndarray, algorithm: str = "gtop
                           density: float | None = None, k: int | None = None,
                           quantize_bits: int | None = None, lazy: LazyState | None = None,
                           step: int = 0, seed: int = 0, timeout: float | None = None,
-                          **options: Any) -> CollectiveResult:
+                          hierarchical: bool | str = False, **options: Any) -> CollectiveResult:
     """Sum ``grad`` over the ranks with the named algorithm; value is a :class:`SparseResult`."""
     check_algorithm_name(algorithm)
-    if algorithm == "auto":
-        algorithm = await pick_algorithm(group, grad, density=density, k=k, quantize_bits=quantize_bits,
-                                         lazy=lazy is not None, timeout=timeout)
-    _check_options(algorithm, quantize_bits, lazy)
+    check_mode(hierarchical)
+    # a two-level call's place in line is taken before its first wait (see topology.CallOrder)
+    ticket = group.topology.order.ticket() if hierarchical is not False else None
+    try:
+        if algorithm == "auto":
+            algorithm = await pick_algorithm(group, grad, density=density, k=k, quantize_bits=quantize_bits,
+                                             lazy=lazy is not None, timeout=timeout)
+        _check_options(algorithm, quantize_bits, lazy)
+        if ticket is not None and await use_hierarchical(group, algorithm, hierarchical,
+                                                         quantize_bits=quantize_bits, lazy=lazy, timeout=timeout):
+            return await hierarchical_reduce(group, grad, algorithm, ticket=ticket, k=k, density=density,
+                                             step=step, seed=seed, timeout=timeout, **options)
+    finally:
+        if ticket is not None:
+            group.topology.order.passed(ticket)
     sparse = {"k": k, "density": density, "timeout": timeout}
     if algorithm != "oktopk" and isinstance(options.get("state"), OkTopkState):
         options.pop("state")  # "auto" chose another algorithm: Ok-Topk's memory waits for its turn

@@ -24,7 +24,7 @@ from sparsecoll.call import CommStats
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.error_feedback import ErrorFeedback, warmup_density
 from sparsecoll.errors import NonFiniteGradientError
-from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, reduce_buffer
+from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, reduce_buffer, with_hierarchical
 
 
 class CommHookState:
@@ -39,7 +39,8 @@ class CommHookState:
     afresh.
 
     ``error_feedback`` and ``memory_beta`` (ScaleCom's filter) default and refuse as in
-    :class:`~sparsecoll.torch.SparseCollOptimizer`: off, and refused, for unbiased random-k.
+    :class:`~sparsecoll.torch.SparseCollOptimizer`: off, and refused, for unbiased random-k;
+    so does ``hierarchical`` (two-level reduction on hosts with several ranks).
 
     A bucket that holds NaN or inf on any rank is not reduced and leaves every rank's residual
     and momentum as they were (the ranks agree by one small allreduce a bucket). A hook cannot
@@ -64,7 +65,7 @@ class CommHookState:
                  dense_above: float = 0.25, seed: int = 0,
                  algorithm_options: dict[str, Any] | None = None, module: Any = None,
                  memory_beta: float | None = None, skip_nonfinite: bool = True,
-                 residual_dtype: torch.dtype | None = None) -> None:
+                 residual_dtype: torch.dtype | None = None, hierarchical: bool | str = False) -> None:
         if not isinstance(group, SyncGroup):
             raise TypeError("group must be a SyncGroup: create it with sparsecoll.torch.init_group()")
         if not 0.0 <= momentum < 1.0:
@@ -73,7 +74,7 @@ class CommHookState:
             raise ValueError("warmup_steps and start_iter must be >= 0")
         self.group = group
         self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
-                                       float(dense_above), int(seed), dict(algorithm_options or {}),
+                                       float(dense_above), int(seed), with_hierarchical(algorithm_options, hierarchical),
                                        memory_beta)
         self.compression.validate()
         self.momentum = float(momentum)

@@ -16,6 +16,7 @@ import torch
 from sparsecoll import registry
 from sparsecoll.call import CommStats
 from sparsecoll.collectives.cost_model import QUANTIZE_BITS
+from sparsecoll.collectives.hierarchical import HIERARCHICAL_ALGORITHMS, check_mode
 from sparsecoll.collectives.lazy import LazyState
 from sparsecoll.collectives.oktopk_state import OkTopkState
 from sparsecoll.collectives.reduce import BUILTIN, check_algorithm_name
@@ -26,6 +27,16 @@ from sparsecoll.torch.error_feedback import ErrorFeedback
 
 SCALECOM_BETA = 0.1
 """ScaleCom's low-pass filter factor for CLT-k (Chen et al. 2020, their experiments' beta)."""
+
+
+def with_hierarchical(algorithm_options: dict | None, hierarchical: bool | str) -> dict:
+    """The algorithm's options with ``hierarchical`` among them (left out when False, the default),
+    so it reaches ``reduce_gradient`` with the rest (see :mod:`sparsecoll.collectives.hierarchical`)."""
+    check_mode(hierarchical)
+    options = dict(algorithm_options or {})
+    if hierarchical is not False:
+        options["hierarchical"] = hierarchical
+    return options
 
 
 @dataclass(slots=True)
@@ -81,6 +92,11 @@ class Compression:
             raise ValueError(f"quantize_bits must be one of {QUANTIZE_BITS}, got {self.quantize_bits}")
         if self.memory_beta is not None and not 0.0 < self.memory_beta <= 1.0:
             raise ValueError(f"memory_beta must be in (0, 1], got {self.memory_beta}")
+        if self.options.get("hierarchical") is True and (self.quantize_bits is not None
+                                                        or self.algorithm not in HIERARCHICAL_ALGORITHMS):
+            raise ValueError(f"hierarchical=True runs {list(HIERARCHICAL_ALGORITHMS)} without quantize_bits, "
+                             f"not {self.algorithm!r}" + (" with quantize_bits" if self.quantize_bits else "")
+                             + " (use hierarchical='auto' to go two-level only where it can)")
         if self.error_feedback is None:  # the default: on for contractive compressors only
             self.error_feedback = not self.unbiased()
         elif self.error_feedback and self.unbiased():
@@ -110,9 +126,10 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
     if not sparse:
         bits = compression.quantize_bits if compression.algorithm == "dense" else None  # warm-up stays exact
         lazy = lazy if compression.algorithm == "dense" else None  # allgather's lazy state is sparse
-        if lazy is not None or bits:
+        hierarchical = compression.options.get("hierarchical", False) if not (lazy is not None or bits) else False
+        if lazy is not None or bits or hierarchical is not False:
             result, stats = await group.reduce_gradient(array, "dense", lazy=lazy, quantize_bits=bits, step=step,
-                                                        seed=seed)
+                                                        seed=seed, hierarchical=hierarchical)
             total = to_tensor(result.values, grad)
         else:
             in_place = isinstance(array, np.ndarray) and outgoing.device.type == "cpu"

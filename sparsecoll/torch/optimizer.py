@@ -31,7 +31,7 @@ from sparsecoll.errors import InvalidArgumentError, NonFiniteGradientError
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, Bucket, build_buckets, layout_signature, small_parameters
 from sparsecoll.torch.error_feedback import ErrorFeedback, clip_local, warmup_density
-from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, check_layout, reduce_buffer
+from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, check_layout, reduce_buffer, with_hierarchical
 from sparsecoll.torch.replicas import broadcast_tensors, replicated_tensors
 
 _TAKEN_OVER = ("momentum", "weight_decay", "nesterov")
@@ -73,7 +73,9 @@ class SparseCollOptimizer(torch.optim.Optimizer):
     the step size ``lr / P`` (see :mod:`sparsecoll.collectives.lazy`). ``per_layer`` (Aji &
     Heafield's per-layer selection) gives every parameter its own bucket, so each layer sends its
     own ``density`` of values at its own threshold instead of competing with the other layers of
-    a shared bucket for one cut (``bucket_bytes`` is then ignored).
+    a shared bucket for one cut (``bucket_bytes`` is then ignored). ``hierarchical`` (False,
+    True or "auto") reduces in two levels on hosts with several ranks (see
+    :mod:`sparsecoll.collectives.hierarchical`); it travels in the algorithm's options.
 
     Replicas start and stay identical, as under DDP: building the wrapper broadcasts rank 0's
     parameters (those of ``module`` too, and its buffers, when ``module`` is given); with
@@ -105,7 +107,7 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                  skip_nonfinite: bool = True, algorithm_options: dict[str, Any] | None = None,
                  memory_beta: float | None = None, per_layer: bool = False,
                  module: torch.nn.Module | None = None, broadcast_buffers: bool = True,
-                 residual_dtype: torch.dtype | None = None) -> None:
+                 residual_dtype: torch.dtype | None = None, hierarchical: bool | str = False) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if not isinstance(group, SyncGroup):
@@ -118,7 +120,7 @@ class SparseCollOptimizer(torch.optim.Optimizer):
             raise ValueError(f"lazy aggregation needs algorithm 'dense', 'allgather' or 'auto' (the others "
                              f"have no per-rank contribution to reuse), not {algorithm!r}")
         self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
-                                       float(dense_above), int(seed), dict(algorithm_options or {}),
+                                       float(dense_above), int(seed), with_hierarchical(algorithm_options, hierarchical),
                                        memory_beta)
         self.compression.validate()
         self.optimizer = optimizer
