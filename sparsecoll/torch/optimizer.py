@@ -10,9 +10,9 @@ On ``step()`` the wrapper
 4. reduces every bucket with the chosen collective, keeping what was not sent (error feedback);
 5. writes the mean over ranks into ``.grad`` and calls the wrapped optimizer.
 
-With overlap (the default where it is exact, from the second step on) 2-4 happen per bucket,
-each bucket's reduction starting as soon as backward has produced it, and ``step()`` waits for
-what is still in flight (see :mod:`sparsecoll.torch.overlap`).
+With ``overlap=True`` (from the second step on) 2-4 happen per bucket, each bucket's reduction
+starting as soon as backward has produced it and ending before backward returns (see
+:mod:`sparsecoll.torch.overlap`).
 
 Its state is rank-local: save it per rank (see :meth:`SparseCollOptimizer.state_dict`).
 """
@@ -93,12 +93,12 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
     left as they were), or with ``skip_nonfinite=False`` raises NonFiniteGradientError on
     every rank; the group stays usable either way.
 
-    ``overlap`` (None: on, except with ``clip_norm`` or ``grad_scaler``, which need every bucket
-    before the first leaves; True refuses those; False: reduce everything in ``step()``) reduces
-    each bucket while backward goes on, from the second step on (the first tells whether a
-    GradScaler drives ``step()``; then overlap stays off), to the same parameters bit for bit.
-    Accumulate over several backward passes inside :meth:`no_sync`; a second backward before
-    ``step()`` outside it raises InvalidArgumentError. Under overlap a bucket with NaN/inf on
+    ``overlap=True`` reduces each bucket while backward goes on (from the second step on: the
+    first tells whether a GradScaler drives ``step()``, and then overlap stays off), to the same
+    parameters bit for bit; ``backward()`` then returns with the mean over ranks in ``.grad``, as
+    under DDP. It refuses ``clip_norm`` and ``grad_scaler`` (they need every bucket before the
+    first leaves). Accumulate over several backward passes inside :meth:`no_sync`; a second
+    backward before ``step()`` outside it raises InvalidArgumentError. A bucket with NaN/inf on
     any rank keeps its residual, but buckets reduced before that was known have spent theirs.
 
     Buckets, residuals and momentum keep the parameters' dtype: a bfloat16 model sends 2 bytes a
@@ -118,7 +118,7 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
                  skip_nonfinite: bool = True, algorithm_options: dict[str, Any] | None = None,
                  memory_beta: float | None = None, per_layer: bool = False,
                  module: torch.nn.Module | None = None, broadcast_buffers: bool = True,
-                 residual_dtype: torch.dtype | None = None, overlap: bool | None = None) -> None:
+                 residual_dtype: torch.dtype | None = None, overlap: bool = False) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if not isinstance(group, SyncGroup):

@@ -17,14 +17,19 @@ A *round* is what one ``step()`` reduces. The :class:`OverlapScheduler`
 2. marks a parameter ready in its post-accumulate-grad hook; when the last parameter of a
    bucket is ready, and no ``no_sync()`` is open, it gathers the bucket's gradients and submits
    its reduction to the loop;
-3. in :meth:`~OverlapScheduler.finish` (``step()``) launches every bucket not launched yet, in
-   index order (a parameter without a gradient on this rank counts as zero there, DDP's rule),
-   agrees with the other ranks on the caller's flags and on the number of rounds each has
-   reduced (CollectiveMismatchError on every rank when they differ: a rank abandoned a round
-   the others stepped), and waits for every reduction;
-4. in :meth:`~OverlapScheduler.abandon` (``zero_grad()`` after a backward that launched
-   reductions, when ``step()`` was never called) launches the rest as in 3, waits, and drops
-   the results, so every rank's lanes stay in step and nothing writes into a buffer later.
+3. at the end of that backward (autograd's final callback, as DDP's reducer) launches every
+   bucket not launched yet, in index order (a parameter without a gradient on this rank counts
+   as zero there, DDP's rule), and waits for all of them: ``backward()`` returns with the mean
+   over ranks in ``.grad``, as under DDP, so code between backward and ``step()`` (clipping,
+   logging) reads finished gradients and never races a reduction;
+4. in :meth:`~OverlapScheduler.finish` (``step()``) does 3 if no backward did (every backward
+   inside ``no_sync()``), and agrees with the other ranks on the caller's flags and on the
+   number of rounds each has reduced (CollectiveMismatchError on every rank when they differ:
+   a rank dropped a round the others stepped);
+5. in :meth:`~OverlapScheduler.abandon` (``zero_grad()`` after a backward that reduced, when
+   ``step()`` was never called) drops the round's results, after the same agreement: a rank
+   that drops a round its peers step meets their step's agreement with its own, and every rank
+   raises CollectiveMismatchError at once.
 
 Every wait is a collective's wait, so it has the group's deadline: a rank that never launches
 a bucket makes the others raise CollectiveTimeoutError, not hang.
@@ -75,18 +80,30 @@ def wait_all(sync: SyncGroup, futures: Sequence[concurrent.futures.Future]) -> l
     return results
 
 
-async def _agree(group: Group, flags: Sequence[bool], rounds: int) -> tuple[bool, ...]:
-    """The flags OR-ed over the ranks; CollectiveMismatchError on every rank when the ranks
-    have reduced different numbers of rounds (one allreduce of the flags, rounds and -rounds)."""
-    values = np.array([*(1.0 if flag else 0.0 for flag in flags), rounds, -rounds], np.float64)
+AGREED_FLAGS = 4
+"""Flags the round's agreement carries (the caller's, padded), so that a step's agreement and a
+dropped round's have the same shape and pair with each other."""
+
+
+async def _agree(group: Group, flags: Sequence[bool], rounds: int, stepping: bool) -> tuple[bool, ...]:
+    """The flags OR-ed over the ranks, in one allreduce that also carries the rounds reduced so
+    far and whether this rank steps or drops the round: CollectiveMismatchError on every rank
+    when ranks differ in either (a rank dropped a round that the others step)."""
+    if len(flags) > AGREED_FLAGS:
+        raise ValueError(f"at most {AGREED_FLAGS} flags, got {len(flags)}")
+    padded = [*(1.0 if flag else 0.0 for flag in flags), *[0.0] * (AGREED_FLAGS - len(flags))]
+    kind = 1.0 if stepping else 0.0
+    values = np.array([*padded, rounds, -rounds, kind, -kind], np.float64)
     total, _ = await group.allreduce(values, op="max")
-    most, fewest = int(total[-2]), -int(total[-1])
-    if most != fewest:
+    most, fewest = int(total[AGREED_FLAGS]), -int(total[AGREED_FLAGS + 1])
+    mixed = total[AGREED_FLAGS + 2] != -total[AGREED_FLAGS + 3]
+    if most != fewest or mixed:
         error = CollectiveMismatchError(
-            f"ranks disagree on the number of gradient reductions since the optimizer was built (this rank "
-            f"{rounds}, others between {fewest} and {most}): a rank dropped a step the others took, e.g. an "
-            "exception between backward() and step() on some ranks only, followed by zero_grad(); with "
-            "overlap the dropped step's reductions had already paired with the other ranks' step", rank=group.rank)
+            f"ranks disagree on this step's gradient reduction (this rank {'steps' if stepping else 'drops'} its "
+            f"round {rounds}; rounds on the ranks: {fewest} to {most}{'; some step, some drop it' if mixed else ''}): "
+            "a rank dropped a step the others took, e.g. an exception between backward() and step() on some ranks "
+            "only, then zero_grad(); with overlap the reductions were already shared, so every rank must step or "
+            "drop alike", rank=group.rank)
         group.poison(error)  # the lanes in flight fail at once on every rank, instead of at their deadline
         raise error
     return tuple(bool(value > 0) for value in total[:len(flags)])
@@ -141,6 +158,7 @@ class OverlapScheduler:
         self._missing: list[set[int]] = []
         self._futures: list[concurrent.futures.Future | None] = []
         self._accumulating = 0
+        self._callback_queued = False
         self._lock = threading.Lock()
         self._handles: list = []
 
@@ -202,12 +220,20 @@ class OverlapScheduler:
         if not self.active or self._accumulating:
             return
         with self._lock:
+            if not self._callback_queued:
+                self._callback_queued = True
+                torch.autograd.Variable._execution_engine.queue_callback(self._end_of_backward)
             missing = self._missing[index]
             missing.discard(position)
             if missing or self._futures[index] is not None:
                 return
             self.launched_by_backward += 1
             self._launch(index)
+
+    def _end_of_backward(self) -> None:
+        self._callback_queued = False
+        self._launch_remaining()
+        wait_all(self.sync, [future for future in self._futures if future is not None])
 
     def _launch(self, index: int) -> None:
         bucket = self.buckets[index]
@@ -226,7 +252,7 @@ class OverlapScheduler:
         bucket order and the agreed flags. The buckets are free again however it ends."""
         self._launch_remaining()
         try:
-            agreed = self.sync.run(_agree(self.sync.group, list(flags), self.rounds))
+            agreed = self.sync.run(_agree(self.sync.group, list(flags), self.rounds, stepping=True))
         except BaseException:
             try:  # the reductions in flight write into the buckets: let them end first
                 self._drain()
@@ -236,10 +262,14 @@ class OverlapScheduler:
         return self._drain(), agreed
 
     def abandon(self) -> None:
-        """Drop a round that launched reductions but will not be stepped (see the module notes)."""
+        """Drop a round that launched reductions but will not be stepped (see the module notes):
+        every rank must drop it alike, which one agreement checks."""
         if self.in_flight:
             self._launch_remaining()
-            self._drain()
+            try:
+                self.sync.run(_agree(self.sync.group, [], self.rounds, stepping=False))
+            finally:
+                self._drain()
 
     def _drain(self) -> list[Any]:
         futures = [future for future in self._futures if future is not None]
@@ -256,19 +286,16 @@ class OverlapScheduler:
             self._missing = [set(range(len(bucket.params))) for bucket in self.buckets]
 
 
-def resolve_overlap(overlap: bool | None, *, clip_norm: float | None, grad_scaler: Any) -> bool:
-    """Whether a :class:`~sparsecoll.torch.SparseCollOptimizer` overlaps; None: wherever it is
-    exact. Local clipping scales every bucket by the norm of all of them, and a GradScaler's scale
-    and overflow flags are known only in ``step()``: both need every gradient before the first
-    bucket may leave, so with them overlap is off (None) or refused (True)."""
+def resolve_overlap(overlap: bool, *, clip_norm: float | None, grad_scaler: Any) -> bool:
+    """``overlap``, or ValueError where it cannot be exact: local clipping scales every bucket by
+    the norm of all of them, and a GradScaler's scale and overflow flags come only with
+    ``step()``; both need every gradient before the first bucket leaves."""
     reasons = [reason for reason, present in (("clip_norm (the norm covers every bucket)", clip_norm is not None),
                                                ("grad_scaler (AMP's scale is known only in step())",
                                                 grad_scaler is not None)) if present]
-    if overlap is None:
-        return not reasons
     if overlap and reasons:
         raise ValueError(f"overlap=True cannot be exact with {' and '.join(reasons)}: every bucket must be in "
-                         "before the first is reduced; use overlap=False (or leave it None)")
+                         "before the first is reduced; use overlap=False")
     return bool(overlap)
 
 
