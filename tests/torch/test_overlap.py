@@ -162,6 +162,13 @@ def bad_input(rank: int, world: int) -> dict:
             optimizer.step()
         except Exception as error:
             outcome["one_rank_dropped"] = str(error)
+    # 6. hooks on a model whose parameters differ across ranks: every rank raises, none hangs
+    with init_group(timeout=30, kernel_threads=1, name="layouts") as sync:
+        try:
+            SparseCollOptimizer(torch.optim.SGD(torch.nn.Linear(8, 3 + rank).parameters(), lr=0.1), sync,
+                                "gtopk", 0.1, overlap=True)
+        except Exception as error:
+            outcome["layouts_differ"] = type(error).__name__
     return outcome
 
 
@@ -173,22 +180,8 @@ def test_bad_input_under_overlap_raises_clearly_and_leaves_the_next_step_working
         assert outcome["nan_skipped"] == (1, True)
         assert "no bucket" in outcome["stray"]
         assert "some step, some drop it" in outcome["one_rank_dropped"]
+        assert outcome["layouts_differ"] == "CollectiveMismatchError"
     assert ranks[0]["params"] == ranks[1]["params"]
-
-
-def layouts_differ(rank: int, world: int) -> str:
-    torch.set_num_threads(1)
-    with init_group(timeout=30, kernel_threads=1) as sync:
-        model = torch.nn.Linear(8, 3 + rank)
-        try:
-            SparseCollOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sync, "gtopk", 0.1, overlap=True)
-        except Exception as error:
-            return type(error).__name__
-    return "no error"
-
-
-def test_hooks_on_parameters_that_differ_across_ranks_fail_on_every_rank() -> None:
-    assert run_ranks(2, layouts_differ, timeout=60, **NO_GROUP) == ["CollectiveMismatchError"] * 2
 
 
 @pytest.mark.parametrize("extra", [{"clip_norm": 1.0}, {"grad_scaler": object()}])
