@@ -5,6 +5,7 @@ overlap=True) and times one step of each in turn, so all three see the same load
 the median and best step of each and their ratios to the plain step::
 
     PYTHONPATH=. python tools/bench_overlap.py --ranks 2 --model deep --steps 12
+    PYTHONPATH=. python tools/bench_overlap.py --ranks 4 --link 1gbit     # emulated links, root only
 
 ``--model mlp25m`` is 5000-5000-10 (its one big layer is the last gradient backward produces,
 so there is little to overlap); ``deep`` is eight 1536-wide layers (19M parameters).
@@ -19,7 +20,7 @@ import time
 
 import torch
 
-from sparsecoll.launch import spawn
+from sparsecoll.bench.ranks import run_ranks
 
 MODELS = {"mlp25m": [5000, 5000, 10], "deep": [1536] * 9 + [10]}
 
@@ -32,12 +33,12 @@ def build(widths: list[int]) -> torch.nn.Module:
     return torch.nn.Sequential(*layers[:-1])
 
 
-def rank_main(rank: int, world: int, model_name: str, algorithm: str, density: float, steps: int) -> dict:
+def rank_main(rank: int, world: int, place, model_name: str, algorithm: str, density: float, steps: int) -> dict:
     from sparsecoll.torch import SparseCollOptimizer, init_group
 
-    torch.set_num_threads(1)
+    store = place.enter(rank, world)  # its namespace on emulated links; one thread a rank
     widths = MODELS[model_name]
-    with init_group(timeout=120, kernel_threads=1) as sync:
+    with init_group(store=store, rank=rank, world_size=world, timeout=300, kernel_threads=1) as sync:
         setups = {}
         for mode in ("plain", "overlap_off", "overlap_on"):
             model = build(widths)
@@ -70,12 +71,14 @@ def main() -> None:
     parser.add_argument("--algorithm", default="gtopk")
     parser.add_argument("--density", type=float, default=0.001)
     parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--link", default=None, help="emulated links, e.g. 1gbit (root): see sparsecoll.bench.netem")
     args = parser.parse_args()
-    results = spawn(args.ranks, rank_main, args.model, args.algorithm, args.density, args.steps, timeout=1800)
+    _, results = run_ranks(args.ranks, rank_main, args.model, args.algorithm, args.density, args.steps,
+                           link=args.link, timeout=1800, every_rank=True)
     slowest = {mode: [max(rank[mode][i] for rank in results) for i in range(args.steps)]
                for mode in ("plain", "overlap_off", "overlap_on")}
     plain = statistics.median(slowest["plain"])
-    report = {"model": args.model, "ranks": args.ranks, "algorithm": args.algorithm, "density": args.density,
+    report = {"model": args.model, "ranks": args.ranks, "link": args.link or "loopback", "algorithm": args.algorithm, "density": args.density,
               "steps": args.steps, "launched_by_backward": results[0]["launched_by_backward"]}
     for mode, values in slowest.items():
         median = statistics.median(values)

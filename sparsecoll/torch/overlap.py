@@ -180,23 +180,16 @@ class OverlapScheduler:
                 self._handles.append(param.register_hook(_Guard(self, bucket.index)))
                 self._handles.append(param.register_post_accumulate_grad_hook(_Ready(self, bucket.index, position)))
 
-    def remove_hooks(self) -> None:
-        """Detach every hook (after :meth:`finish` or :meth:`abandon`)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-        self.active = False
-
     # ----------------------------------------------------------------------- the round
     @property
-    def in_flight(self) -> bool:
-        """Whether this round has launched any reduction yet."""
+    def launched(self) -> bool:
+        """Whether this round has launched any reduction yet (done or still in flight)."""
         return any(future is not None for future in self._futures)
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
         """Backward passes inside only accumulate; the first backward outside launches."""
-        if self.in_flight:
+        if self.launched:
             raise InvalidArgumentError("no_sync() was entered after a backward that already launched this "
                                        "step's reductions: accumulate inside no_sync() first, then run the last "
                                        "backward outside it, then step()", rank=self.sync.rank)
@@ -234,6 +227,8 @@ class OverlapScheduler:
         self._callback_queued = False
         self._launch_remaining()
         wait_all(self.sync, [future for future in self._futures if future is not None])
+        for bucket in self.buckets:  # a parameter without a gradient here gets the mean too, as under DDP
+            bucket.scatter_grads()
 
     def _launch(self, index: int) -> None:
         bucket = self.buckets[index]
@@ -250,9 +245,18 @@ class OverlapScheduler:
         """End the round: launch what backward did not, agree on ``flags`` (OR over the ranks)
         and on the round count, and wait for every reduction. Returns the reductions' results in
         bucket order and the agreed flags. The buckets are free again however it ends."""
+        return self._agree_and_drain(flags, stepping=True)
+
+    def abandon(self) -> None:
+        """Drop a round that launched reductions but will not be stepped (see the module notes):
+        every rank must drop it alike, which the same agreement checks."""
+        if self.launched:
+            self._agree_and_drain((), stepping=False)
+
+    def _agree_and_drain(self, flags: Sequence[bool], stepping: bool) -> tuple[list[Any], tuple[bool, ...]]:
         self._launch_remaining()
         try:
-            agreed = self.sync.run(_agree(self.sync.group, list(flags), self.rounds, stepping=True))
+            agreed = self.sync.run(_agree(self.sync.group, list(flags), self.rounds, stepping))
         except BaseException:
             try:  # the reductions in flight write into the buckets: let them end first
                 self._drain()
@@ -260,16 +264,6 @@ class OverlapScheduler:
                 pass
             raise
         return self._drain(), agreed
-
-    def abandon(self) -> None:
-        """Drop a round that launched reductions but will not be stepped (see the module notes):
-        every rank must drop it alike, which one agreement checks."""
-        if self.in_flight:
-            self._launch_remaining()
-            try:
-                self.sync.run(_agree(self.sync.group, [], self.rounds, stepping=False))
-            finally:
-                self._drain()
 
     def _drain(self) -> list[Any]:
         futures = [future for future in self._futures if future is not None]

@@ -121,6 +121,7 @@ def bad_input(rank: int, world: int) -> dict:
         # dropped (zero_grad), the next steps work and match a run that never had that batch
         optimizer.zero_grad()
         loss_of(model, 4, rank).backward()
+        outcome["grads_after_backward"] = torch.cat([param.grad.reshape(-1) for param in model.parameters()]).tolist()
         try:
             raise RuntimeError("user code failed between backward() and step()")
         except RuntimeError:
@@ -182,6 +183,8 @@ def test_bad_input_under_overlap_raises_clearly_and_leaves_the_next_step_working
         assert "some step, some drop it" in outcome["one_rank_dropped"]
         assert outcome["layouts_differ"] == "CollectiveMismatchError"
     assert ranks[0]["params"] == ranks[1]["params"]
+    # backward returned with the mean in .grad on every rank (spare's too, unused on rank 1)
+    assert ranks[0]["grads_after_backward"] == ranks[1]["grads_after_backward"]
 
 
 @pytest.mark.parametrize("extra", [{"clip_norm": 1.0}, {"grad_scaler": object()}])
