@@ -329,8 +329,8 @@ class OverlappedSteps:
             raise self._stray_error(stray)
         if amp_anywhere:
             raise InvalidArgumentError("a GradScaler stepped this optimizer after backward had already reduced the "
-                                       "scaled gradients (overlap): pass grad_scaler= to SparseCollOptimizer, "
-                                       "which turns overlap off", rank=self.sync.rank)
+                                       "scaled gradients: build the SparseCollOptimizer with overlap=False (a "
+                                       "scaler that drives the first step keeps overlap off)", rank=self.sync.rank)
         if any(stats is None for stats in results):
             if not self.skip_nonfinite:
                 raise NonFiniteGradientError(
