@@ -40,6 +40,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import threading
+import weakref
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any
 
@@ -110,17 +111,20 @@ async def _agree(group: Group, flags: Sequence[bool], rounds: int, stepping: boo
 
 
 class _Ready:
-    """Post-accumulate-grad hook: the parameter at ``position`` of bucket ``index`` is ready."""
+    """Post-accumulate-grad hook: the parameter at ``position`` of bucket ``index`` is ready.
+    It holds its scheduler weakly: a dropped optimizer's hooks must not launch anything."""
 
     __slots__ = ("scheduler", "index", "position")
 
     def __init__(self, scheduler: OverlapScheduler, index: int, position: int) -> None:
-        self.scheduler = scheduler
+        self.scheduler = weakref.ref(scheduler)
         self.index = index
         self.position = position
 
     def __call__(self, param: torch.Tensor) -> None:
-        self.scheduler._ready(self.index, self.position)
+        scheduler = self.scheduler()
+        if scheduler is not None:
+            scheduler._ready(self.index, self.position)
 
 
 class _Guard:
@@ -129,11 +133,18 @@ class _Guard:
     __slots__ = ("scheduler", "index")
 
     def __init__(self, scheduler: OverlapScheduler, index: int) -> None:
-        self.scheduler = scheduler
+        self.scheduler = weakref.ref(scheduler)
         self.index = index
 
     def __call__(self, grad: torch.Tensor) -> None:
-        self.scheduler._check_open(self.index)
+        scheduler = self.scheduler()
+        if scheduler is not None:
+            scheduler._check_open(self.index)
+
+
+def _remove(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 class OverlapScheduler:
@@ -141,12 +152,13 @@ class OverlapScheduler:
 
     ``reduction(bucket, lane)`` makes the coroutine that reduces ``bucket`` on ``lane``; its
     results come back from :meth:`finish` in bucket order. Hooks launch only while
-    :attr:`active`; before that (and with it off) nothing changes for backward.
+    :attr:`active`; before that (and with it off) nothing changes for backward. A bound method
+    is held weakly (no cycle keeps its optimizer alive), and the hooks go when the scheduler does.
     """
 
     def __init__(self, sync: SyncGroup, reduction: Reduction) -> None:
         self.sync = sync
-        self.reduction = reduction
+        self._reduction = weakref.WeakMethod(reduction) if hasattr(reduction, "__self__") else lambda: reduction
         self.active = False
         """Whether backward launches reductions (the optimizer turns it on after its first step)."""
         self.rounds = 0
@@ -161,6 +173,7 @@ class OverlapScheduler:
         self._callback_queued = False
         self._lock = threading.Lock()
         self._handles: list = []
+        weakref.finalize(self, _remove, self._handles)
 
     # ----------------------------------------------------------------------- set-up
     def add(self, buckets: Sequence[Bucket]) -> None:
@@ -233,7 +246,7 @@ class OverlapScheduler:
     def _launch(self, index: int) -> None:
         bucket = self.buckets[index]
         bucket.gather_grads()
-        self._futures[index] = self.sync.submit(self.reduction(bucket, self.lanes[index]))
+        self._futures[index] = self.sync.submit(self._reduction()(bucket, self.lanes[index]))
 
     def _launch_remaining(self) -> None:
         with self._lock:

@@ -199,3 +199,23 @@ def test_overlap_refuses_what_needs_every_bucket_first(extra: dict) -> None:
             SparseCollOptimizer(torch.optim.SGD(Net().parameters(), lr=0.1), sync, overlap=True, **extra)
     finally:
         sync.close()
+
+
+def test_a_dropped_optimizers_hooks_go_with_it() -> None:
+    import torch.distributed as dist
+
+    from sparsecoll.sync import init_sync_group
+
+    sync = init_sync_group(store=dist.HashStore(), rank=0, world_size=1, timeout=10)
+    try:
+        model = Net()
+        for _ in range(2):  # a second optimizer for the same model, the first one dropped
+            optimizer = SparseCollOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sync, "gtopk", 0.1,
+                                            bucket_bytes=1000, overlap=True)  # no cycle keeps the first
+            for step in range(3):
+                optimizer.zero_grad()
+                loss_of(model, step, 0).backward()  # the first one's guard would refuse this
+                optimizer.step()
+            assert optimizer.overlapping and optimizer._scheduler.launched_by_backward == 2 * len(optimizer.buckets)
+    finally:
+        sync.close()
