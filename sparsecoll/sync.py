@@ -108,6 +108,21 @@ class SyncGroup:
                 future.cancel()
             raise
 
+    def submit(self, coroutine: Coroutine[Any, Any, T]) -> concurrent.futures.Future:
+        """Start ``coroutine`` on the group's loop without waiting; a concurrent future of its result.
+
+        Coroutines start in submission order. Waiting on the future is the caller's job (every
+        collective inside has the group's deadline); :meth:`run` is ``submit`` plus that wait.
+        """
+        try:
+            self._check_caller("submit")
+            if not self._loop.is_running():
+                raise GroupClosedError("the group's event loop has stopped", rank=self.rank)
+        except SparseCollError:
+            coroutine.close()
+            raise
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop)
+
     def _start(self, make_task: Callable[[], Awaitable[T]], what: str) -> concurrent.futures.Future:
         """A concurrent future of a task that ``make_task`` starts on the loop (in call order)."""
         self._check_caller(what)

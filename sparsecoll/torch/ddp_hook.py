@@ -14,17 +14,18 @@ and build the optimizer with ``momentum=0``.
 
 # no ``from __future__ import annotations``: DDP checks the hook's annotations as objects
 from concurrent.futures import Future as ConcurrentFuture
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from sparsecoll.call import CommStats
+from sparsecoll.group import Group
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.error_feedback import ErrorFeedback, warmup_density
 from sparsecoll.errors import NonFiniteGradientError
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, reduce_buffer, with_hierarchical
+from sparsecoll.torch.overlap import wait_all
 
 
 class CommHookState:
@@ -50,6 +51,11 @@ class CommHookState:
     stepping). With ``skip_nonfinite=False`` the hook's future fails with
     NonFiniteGradientError on every rank instead. The group stays usable either way.
 
+    DDP calls the hook bucket by bucket as backward produces them; each bucket reduces on its own
+    lane (a sub-group of all ranks with its own sequence numbers, see
+    :mod:`sparsecoll.torch.overlap`), so the buckets' reductions run concurrently on the group's
+    loop, and their finite-flag agreements and collectives pair by bucket on every rank.
+
     DDP itself broadcasts rank 0's parameters and buffers when it wraps the module (and the
     buffers before every forward with ``broadcast_buffers=True``) over torch's process group,
     so the hook needs no broadcast of its own.
@@ -57,7 +63,7 @@ class CommHookState:
 
     __slots__ = ("group", "compression", "momentum", "nesterov", "warmup_steps", "start_iter",
                  "iteration", "memories", "algorithm_states", "last_stats", "skip_nonfinite", "skipped_steps", "residual_dtype",
-                 "_executor", "_names", "_layouts", "_saved", "_skipped_at")
+                 "_lanes", "_in_flight", "_names", "_layouts", "_saved", "_skipped_at")
 
     def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: float = 0.001, *,
                  quantize_bits: int | None = None, error_feedback: bool | None = None, momentum: float = 0.0,
@@ -93,7 +99,8 @@ class CommHookState:
         self.skipped_steps = 0
         """Iterations in which some bucket held NaN/inf on some rank and was not reduced."""
         self._skipped_at = -1
-        self._executor: ThreadPoolExecutor | None = None
+        self._lanes: dict[int, Group] = {}
+        self._in_flight: set[ConcurrentFuture] = set()
         self._names = None if module is None else {id(param): name for name, param in module.named_parameters()}
         self._layouts: dict[int, tuple] = {}
         self._saved: dict[str, dict] = {}
@@ -104,17 +111,24 @@ class CommHookState:
             return 1.0
         return warmup_density(self.iteration - self.start_iter, self.compression.density, self.warmup_steps)
 
+    def lane(self, index: int) -> Group:
+        """The sub-group bucket ``index`` reduces on (made on first use: DDP calls the hook in
+        bucket order, the same on every rank, so every rank makes its lanes in the same order)."""
+        lane = self._lanes.get(index)
+        if lane is None:
+            lane = self._lanes[index] = self.group.group.new_group(range(self.group.size), f"ddp-bucket-{index}")
+        return lane
+
     def submit(self, coroutine: Any) -> ConcurrentFuture:
-        """Run ``coroutine`` on the group, after every one submitted before it (rank-wide order)."""
-        if self._executor is None:
-            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sparsecoll-hook")
-        return self._executor.submit(self.group.run, coroutine)
+        """Start ``coroutine`` on the group's loop at once, concurrently with those before it."""
+        future = self.group.submit(coroutine)
+        self._in_flight.add(future)
+        future.add_done_callback(self._in_flight.discard)
+        return future
 
     def close(self) -> None:
-        """Stop the hook's worker thread (the group stays open)."""
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
-            self._executor = None
+        """Wait for the reductions still in flight (the group stays open)."""
+        wait_all(self.group, list(self._in_flight))
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's residuals and momentum (per parameter with ``module``, else per bucket)
@@ -188,7 +202,7 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     2. agree with the other ranks whether the bucket is finite everywhere; if not, skip 3 (see
        :class:`CommHookState`);
     3. before ``start_iter`` reduce dense, then compress at the warm-up's density, on the
-       group's loop, in bucket order, while backward goes on;
+       bucket's lane, while backward and the other buckets' reductions go on;
     4. write the mean into the bucket's buffer and complete the future with it.
     """
     buffer = bucket.buffer()
@@ -198,14 +212,15 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     compressed = state.iteration >= state.start_iter
     iteration = state.iteration
     local_nonfinite = not all_finite(work)
-    reduction = reduce_buffer(state.group.group, work, memory, state.compression,
+    lane = state.lane(index)
+    reduction = reduce_buffer(lane, work, memory, state.compression,
                               density=state.density_now(), step=state.iteration,
                               seed=state.compression.seed + 1000003 * index, compressed=compressed,
                               momentum=state.momentum, nesterov=state.nesterov,
                               algorithm_state=state.algorithm_states.setdefault(index, state.compression.new_state()))
 
     async def reduce_if_finite() -> CommStats | None:
-        if not await any_rank_flags(state.group.group, local_nonfinite):
+        if not await any_rank_flags(lane, local_nonfinite):
             return await reduction
         reduction.close()  # never started: the residual and momentum stay as they were
         if not state.skip_nonfinite:

@@ -10,6 +10,10 @@ On ``step()`` the wrapper
 4. reduces every bucket with the chosen collective, keeping what was not sent (error feedback);
 5. writes the mean over ranks into ``.grad`` and calls the wrapped optimizer.
 
+With ``overlap=True`` (from the second step on) 2-4 happen per bucket, each bucket's reduction
+starting as soon as backward has produced it and ending before backward returns (see
+:mod:`sparsecoll.torch.overlap`).
+
 Its state is rank-local: save it per rank (see :meth:`SparseCollOptimizer.state_dict`).
 """
 
@@ -32,6 +36,7 @@ from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, Bucket, build_buckets, layout_signature, small_parameters
 from sparsecoll.torch.error_feedback import ErrorFeedback, clip_local, warmup_density
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, check_layout, reduce_buffer, with_hierarchical
+from sparsecoll.torch.overlap import OverlappedSteps, OverlapScheduler, resolve_overlap
 from sparsecoll.torch.replicas import broadcast_tensors, replicated_tensors
 
 _TAKEN_OVER = ("momentum", "weight_decay", "nesterov")
@@ -44,7 +49,7 @@ LAZY_ALGORITHMS = (*(name for name in BUILTIN if name not in LAZY_REFUSED), "aut
 """What ``lazy=`` works with: the builtins reduce_gradient does not refuse it for, and "auto"."""
 
 
-class SparseCollOptimizer(torch.optim.Optimizer):
+class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
     """A torch optimizer whose gradients are summed over a sparsecoll group, compressed.
 
     ``algorithm`` is "dense", "allgather" (sparse top-k allgather: each rank's top-k pairs
@@ -90,6 +95,14 @@ class SparseCollOptimizer(torch.optim.Optimizer):
     left as they were), or with ``skip_nonfinite=False`` raises NonFiniteGradientError on
     every rank; the group stays usable either way.
 
+    ``overlap=True`` reduces each bucket while backward goes on (from the second step on: the
+    first tells whether a GradScaler drives ``step()``, and then overlap stays off), to the same
+    parameters bit for bit; ``backward()`` then returns with the mean over ranks in ``.grad``, as
+    under DDP. It refuses ``clip_norm`` and ``grad_scaler`` (they need every bucket before the
+    first leaves). Accumulate over several backward passes inside :meth:`no_sync`; a second
+    backward before ``step()`` outside it raises InvalidArgumentError. A bucket with NaN/inf on
+    any rank keeps its residual, but buckets reduced before that was known have spent theirs.
+
     Buckets, residuals and momentum keep the parameters' dtype: a bfloat16 model sends 2 bytes a
     value and keeps 2 bytes of residual (and of momentum) per parameter; ``residual_dtype=
     torch.float32`` keeps wider residuals and momentum (as DeepSpeed's error feedback does) and
@@ -107,7 +120,8 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                  skip_nonfinite: bool = True, algorithm_options: dict[str, Any] | None = None,
                  memory_beta: float | None = None, per_layer: bool = False,
                  module: torch.nn.Module | None = None, broadcast_buffers: bool = True,
-                 residual_dtype: torch.dtype | None = None, hierarchical: bool | str = False) -> None:
+                 residual_dtype: torch.dtype | None = None, hierarchical: bool | str = False,
+                 overlap: bool = False) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if not isinstance(group, SyncGroup):
@@ -142,6 +156,8 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         self._dense_if = dense_if
         self._lazy = lazy
         self.residual_dtype = residual_dtype
+        self.overlap = resolve_overlap(overlap, clip_norm=clip_norm, grad_scaler=grad_scaler)
+        self._scheduler = OverlapScheduler(group, self._reduce_on_lane) if self.overlap else None
         self.buckets: list[Bucket] = []
         self.memories: list[ErrorFeedback] = []
         self.lazy_states: list[LazyState | None] = []
@@ -215,14 +231,19 @@ class SparseCollOptimizer(torch.optim.Optimizer):
             self.lazy_states.append(None if lazy is None else lazy.fresh())
             self.algorithm_states.append(self.compression.new_state())
             self._bucketed.update(id(param) for param in bucket.params)
+            if self._scheduler is not None:  # its guard must run before the rebinding hook
+                self._scheduler.add([bucket])
             self._view_hooks.extend(bucket.bind_on_backward())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's optimizers: every gradient becomes None (or zero, with ``set_to_none=False``).
 
         Either way the next backward accumulates straight into the buckets (see
-        :meth:`~sparsecoll.torch.buckets.Bucket.bind_on_backward`).
+        :meth:`~sparsecoll.torch.buckets.Bucket.bind_on_backward`). With overlap, reductions
+        that a backward launched but no ``step()`` used are completed and dropped first.
         """
+        if self._scheduler is not None:
+            self._scheduler.abandon()
         for bucket in self.buckets:
             bucket.zero_grads(set_to_none)
         for param_group in self.param_groups:
@@ -250,22 +271,30 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         if self.module is not None and self.broadcast_buffers:
             broadcast_tensors(self.sync, self.module.buffers())
         stray = self._stray_parameter()
+        if self.overlapping:
+            self._overlapped_step(stray)
+            return loss
         for bucket in self.buckets:
             bucket.gather_grads()
         if self._skip_this_step(stray):
             self.skipped_steps += 1
-            return loss
-        if self.clip_norm is not None:
-            clip_local([bucket.flat for bucket in self.buckets], self.clip_norm, self.sync.size)
-        hyper = [self._momentum_of(bucket) for bucket in self.buckets]
-        self.last_stats = self._exchange(hyper)
+        else:
+            if self.clip_norm is not None:
+                clip_local([bucket.flat for bucket in self.buckets], self.clip_norm, self.sync.size)
+            hyper = [self._momentum_of(bucket) for bucket in self.buckets]
+            self.last_stats = self._exchange(hyper)
+            self._apply()
+        self._start_overlap()
+        return loss
+
+    def _apply(self) -> None:
+        """The reduced gradients into ``.grad``, then the wrapped optimizer's step."""
         for bucket in self.buckets:
             bucket.scatter_grads()
         before = self._lazy_parameters()
         self._inner_step()
         self._record_parameter_steps(before)
         self.steps += 1
-        return loss
 
     def _lazy_parameters(self) -> list[list[torch.Tensor] | None]:
         """Copies of the lazy buckets' parameters before the step (LAG's rule needs its size)."""
@@ -313,11 +342,7 @@ class SparseCollOptimizer(torch.optim.Optimizer):
         overflowed, nonfinite, strayed = self.sync.run(any_rank_flags(self.sync.group, overflowed, nonfinite,
                                                                       bool(stray)))
         if strayed:
-            raise InvalidArgumentError(
-                f"{stray or 'a parameter on another rank'} has a gradient but was not trainable "
-                "(requires_grad=False) when the SparseCollOptimizer was built, so it is in no bucket and "
-                "would step on this rank's gradient alone: build the SparseCollOptimizer after unfreezing "
-                "(freezing later is fine: a bucketed parameter without a gradient counts as zero)", rank=self.sync.rank)
+            raise self._stray_error(stray)
         if overflowed and self.grad_scaler is not None:
             mark_overflow(self.grad_scaler, self)
         if nonfinite and not overflowed and not self.skip_nonfinite:
@@ -326,6 +351,13 @@ class SparseCollOptimizer(torch.optim.Optimizer):
                 "sent and the residuals are as they were, so the group and optimizer stay usable "
                 "(skip_nonfinite=True skips such steps instead)", rank=self.sync.rank)
         return overflowed or nonfinite
+
+    def _stray_error(self, stray: str) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"{stray or 'a parameter on another rank'} has a gradient but was not trainable "
+            "(requires_grad=False) when the SparseCollOptimizer was built, so it is in no bucket and "
+            "would step on this rank's gradient alone: build the SparseCollOptimizer after unfreezing "
+            "(freezing later is fine: a bucketed parameter without a gradient counts as zero)", rank=self.sync.rank)
 
     def _momentum_of(self, bucket) -> tuple[float, bool]:
         """Momentum and Nesterov flag the wrapper applies to ``bucket``; folds weight decay in."""
