@@ -26,7 +26,7 @@ MAX_ROWS = 32  # a query keeps one value per row in a fixed-size local buffer on
 QUERY_CHUNK = 1 << 14
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _hash_constants(rows, seed):
     out = np.empty((rows, 4), np.uint64)
     state = splitmix64(np.uint64(seed))
@@ -44,14 +44,14 @@ def sketch_hashes(rows: int, seed: int) -> np.ndarray:
     return _hash_constants(rows, np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def sketch_entry(table, hashes, j, i, value):
     """Adds ``value`` for coordinate ``i`` in row ``j`` (CPU, single writer per table)."""
     col = sketch_bucket(hashes[j, 0], hashes[j, 1], i, table.shape[1])
     table[j, col] += sketch_sign(hashes[j, 2], hashes[j, 3], i) * value
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def estimate(table, hashes, i, buf):
     """Median over rows of the signed counters of coordinate ``i``; ``buf`` holds >= rows floats."""
     rows = table.shape[0]
@@ -61,7 +61,7 @@ def estimate(table, hashes, i, buf):
     return median_of_first(buf, rows)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _insert_dense_cpu(table, hashes, x, parts):
     # each part adds into a private table, so threads never write the same counter
     n = x.size
@@ -82,7 +82,7 @@ def _insert_dense_cpu(table, hashes, x, parts):
     return nonfinite.sum()
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _insert_sparse_cpu(table, hashes, idx, val):
     nonfinite = 0
     for t in range(idx.size):
@@ -93,7 +93,7 @@ def _insert_sparse_cpu(table, hashes, idx, val):
     return nonfinite
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _query_cpu(table, hashes, idx, out):
     nchunks = (idx.size + QUERY_CHUNK - 1) // QUERY_CHUNK
     for c in prange(nchunks):
@@ -102,7 +102,7 @@ def _query_cpu(table, hashes, idx, out):
             out[t] = estimate(table, hashes, idx[t], buf)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _query_all_cpu(table, hashes, out):
     nchunks = (out.size + QUERY_CHUNK - 1) // QUERY_CHUNK
     for c in prange(nchunks):
