@@ -136,14 +136,14 @@ class ErrorFeedback:
             self.low_pass(memory_beta)
             return
         if result.sent_indices is None:
-            values = to_tensor(result.sent_values, self.residual).to(self.residual.dtype).view_as(self.residual)
-            self.residual.sub_(values, alpha=memory_beta)
+            whole = to_tensor(result.sent_values, self.residual).to(self.residual.dtype).view_as(self.residual)
+            self.residual.sub_(whole, alpha=memory_beta)
             return
-        indices = to_tensor(result.sent_indices, self.residual)
-        values = to_tensor(result.sent_values, self.residual).to(self.residual.dtype)
-        self.residual.index_add_(0, indices, values, alpha=-memory_beta)
+        sent_at = to_tensor(result.sent_indices, self.residual)
+        contribution = to_tensor(result.sent_values, self.residual).to(self.residual.dtype)
+        self.residual.index_add_(0, sent_at, contribution, alpha=-memory_beta)
         if self.momentum is not None:
-            self.momentum.index_fill_(0, indices, 0)
+            self.momentum.index_fill_(0, sent_at, 0)
 
     def accumulate(self, grad: torch.Tensor, momentum: float = 0.0, nesterov: bool = False,
                    memory_beta: float = 1.0) -> torch.Tensor:
