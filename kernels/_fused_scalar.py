@@ -75,14 +75,14 @@ def stored_bits(array, value):
     return np.float32(value).view(np.uint32)
 
 
-@overload(load, target="generic")
+@overload(load, target="generic", inline="always")
 def _load(array, i):
     if array.dtype == types.uint16:
         return lambda array, i: bf16_to_f32(array[i])
     return lambda array, i: array[i]
 
 
-@overload(store, target="generic")
+@overload(store, target="generic", inline="always")
 def _store(array, i, value):
     if array.dtype == types.uint16:
         def store_bf16(array, i, value):
@@ -94,7 +94,7 @@ def _store(array, i, value):
     return store_float
 
 
-@overload(rounded, target="generic")
+@overload(rounded, target="generic", inline="always")
 def _rounded(array, value):
     if array.dtype == types.uint16:
         return lambda array, value: bf16_to_f32(f32_to_bf16(value))
@@ -103,14 +103,14 @@ def _rounded(array, value):
     return lambda array, value: np.float32(value)
 
 
-@overload(scalar, target="generic")
+@overload(scalar, target="generic", inline="always")
 def _scalar(array, value):
     if array.dtype == types.float64:
         return lambda array, value: np.float64(value)
     return lambda array, value: np.float32(value)
 
 
-@overload(stored_bits, target="generic")
+@overload(stored_bits, target="generic", inline="always")
 def _stored_bits(array, value):
     if array.dtype == types.uint16:
         return lambda array, value: f32_to_bf16(value)
@@ -180,7 +180,7 @@ def _compiled_as_itself(function) -> None:
     @functools.wraps(function)  # the overload's signature is the helper's own
     def implementation(*args):
         return function
-    overload(function, target="generic")(implementation)
+    overload(function, target="generic", inline="always")(implementation)
 
 
 for _function in (folded_gradient, corrected, filtered, step_element):
