@@ -108,7 +108,7 @@ MUTANTS = (
            (("        if zero_grad:\n            grad[i] = 0", "        if False:\n            grad[i] = 0"),),
            ("tests/kernels/test_fused.py", "tests/torch/test_fused_step.py")),
     Mutant("fused selection keeps every candidate (no exact-k finish)", "kernels/fused.py",
-           (("        idx, raw = _finish_exact_k(idx, raw, fmt, k)\n", "\n"),),
+           (("        idx, raw = _finish_exact_k(idx, raw, fmt, k)\n", "        pass\n"),),
            ("tests/kernels/test_fused.py",)),
     Mutant("ScaleCom filter in the pass: momentum not masked", "sparsecoll/torch/error_feedback.py",
            (("            self.momentum.index_fill_(0, sent_at, 0)", "            pass"),),
