@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from numba import cuda
 
-from sparsecoll.kernels import fused
+from sparsecoll.kernels import _fused_cuda, fused
 from tests.kernels.fused_reference import BF16
 
 if not cuda.is_available():
@@ -19,6 +19,7 @@ if not cuda.is_available():
 
 SIZE = 128
 SPLIT = 40
+_fused_cuda.MAX_BLOCKS = 1  # fewer threads than elements: every thread walks the grid-stride loop
 DTYPES = {"float32": (np.float32, np.float32), "float64": (np.float64, np.float64), "bfloat16": (BF16, BF16),
           "bfloat16-wide": (BF16, np.float32)}
 
