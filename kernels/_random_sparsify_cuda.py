@@ -13,7 +13,7 @@ from .random_sparsify import budget_scale, greedy_scale, is_kept, keep_probabili
 ITEMS_PER_THREAD = 16
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _value_nonfinite(x, i, lam, unused):
     return not abs(x[i]) < np.inf
 

@@ -22,7 +22,7 @@ _S63 = np.uint64(63)
 _INV_2_53 = 1.0 / 9007199254740992.0
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def splitmix64(x):
     """A 64-bit bijective mix (splitmix64 finalizer); the root of every seeded stream."""
     z = np.uint64(x) + _GOLDEN
@@ -31,28 +31,28 @@ def splitmix64(x):
     return z ^ (z >> _S31)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def uniform01(seed, i):
     """Counter-based uniform in [0, 1) for element ``i`` of stream ``seed``: no state, any order."""
     h = splitmix64(np.uint64(seed) ^ splitmix64(np.uint64(i)))
     return np.float64(h >> _S11) * _INV_2_53
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def sketch_bucket(a, b, i, columns):
     """Column of coordinate ``i`` in one sketch row: multiply-add-shift hash, then fast range."""
     h = (np.uint64(a) * np.uint64(i) + np.uint64(b)) >> _S32
     return np.int64((h * np.uint64(columns)) >> _S32)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def sketch_sign(a, b, i):
     """Sign (+1.0 or -1.0) of coordinate ``i`` in one sketch row: top bit of a second hash."""
     h = (np.uint64(a) * np.uint64(i) + np.uint64(b)) >> _S63
     return 1.0 - 2.0 * np.float64(h)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def stochastic_code(x, scale, steps, u):
     """Code in [0, steps] of ``x`` on the grid -scale..scale with ``steps`` intervals.
 
@@ -72,13 +72,13 @@ def stochastic_code(x, scale, steps, u):
     return low
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def code_value(code, scale, steps):
     """The value a code stands for on the grid -scale..scale with ``steps`` intervals."""
     return scale * (2.0 * np.float64(code) / steps - 1.0)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def median_of_first(buf, n):
     """Median of ``buf[:n]``; sorts that prefix in place (n is a sketch's row count, small)."""
     for i in range(1, n):

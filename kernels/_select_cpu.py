@@ -20,7 +20,7 @@ CHUNK = 1 << 16  # elements per parallel work item: large enough to amortize, sm
 RUN = 64  # keys reduced to one maximum before a run is scanned: a few vector registers
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def count_at_least(bits, mask, key_min, inf_key, chunk):
     """Per-chunk counts of keys >= key_min, and the number of NaN/inf keys."""
     n = bits.size
@@ -42,7 +42,7 @@ def count_at_least(bits, mask, key_min, inf_key, chunk):
     return counts, bad.sum()
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def write_at_least(bits, mask, key_min, chunk, counts):
     """Compacts (index, raw bits) of keys >= key_min, in index order, given per-chunk counts."""
     n = bits.size
@@ -64,7 +64,7 @@ def write_at_least(bits, mask, key_min, chunk, counts):
     return out_idx, out_bits
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def select_capped(bits, mask, key_min, inf_key, chunk, cap):
     """One-pass compaction of keys >= key_min into ``cap`` slots per chunk.
 
@@ -108,7 +108,7 @@ def select_capped(bits, mask, key_min, inf_key, chunk, cap):
     return slot_idx, slot_bits, counts, bad.sum()
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def gather_slots(bits, mask, key_min, chunk, cap, slot_idx, slot_bits, counts):
     """Concatenates the slots of ``select_capped``, rescanning the chunks that overflowed."""
     n = bits.size
@@ -136,7 +136,7 @@ def gather_slots(bits, mask, key_min, chunk, cap, slot_idx, slot_bits, counts):
     return out_idx, out_bits
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def chunk_histograms(bits, mask, shift, inf_key, chunk, nbuckets):
     """Per-chunk histograms of ``key >> shift`` (the top bits of |x|), and the NaN/inf count."""
     n = bits.size
@@ -157,7 +157,7 @@ def chunk_histograms(bits, mask, shift, inf_key, chunk, nbuckets):
     return hist, bad.sum()
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def sample_keys(bits, mask, seed, nblocks, block):
     """Keys of ``nblocks`` runs of ``block`` consecutive elements at seeded random starts.
 

@@ -17,12 +17,12 @@ HIST_BUCKETS = 4096  # a 16 KiB shared-memory histogram per block
 HIST_ITEMS_PER_THREAD = 64
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def key_at_least(bits, i, mask, key_min):
     return (bits[i] & mask) >= key_min
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def key_nonfinite(bits, i, mask, inf_key):
     return (bits[i] & mask) >= inf_key
 

@@ -18,7 +18,7 @@ from ._cuda_compact import THREADS, compact, device_function, make_compaction
 from ._dispatch import as_device_vector, wrap_like
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def lower_bound(sorted_values, x):
     """Number of entries of ``sorted_values`` below ``x``."""
     lo = 0
@@ -32,7 +32,7 @@ def lower_bound(sorted_values, x):
     return lo
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def upper_bound(sorted_values, x):
     """Number of entries of ``sorted_values`` at or below ``x``."""
     lo = 0
@@ -50,12 +50,12 @@ lower_bound_device = device_function(lower_bound)
 upper_bound_device = device_function(upper_bound)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _run_head(merged_idx, p, unused_a, unused_b):
     return p == 0 or merged_idx[p] != merged_idx[p - 1]
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _never(x, i, a, c):
     return False
 

@@ -42,7 +42,7 @@ def check_layout(bits: int, block_size: int) -> None:
         raise InvalidArgumentError(f"block_size must be a positive multiple of 8, not {block_size}")
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def block_absmax(x, lo, hi):
     """max |x[lo:hi]|, and whether a NaN or inf was seen."""
     top = 0.0
@@ -56,7 +56,7 @@ def block_absmax(x, lo, hi):
     return top, finite
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def float32_scale(top):
     """``top`` as a float32 no smaller than it, so no value falls outside its block's grid."""
     scale = np.float32(top)
@@ -65,7 +65,7 @@ def float32_scale(top):
     return scale
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def pack_byte(x, byte, bits, block_size, scales, seed, steps):
     """The packed byte number ``byte``: the stochastic codes of its 8 / bits values."""
     per_byte = 8 // bits
@@ -79,7 +79,7 @@ def pack_byte(x, byte, bits, block_size, scales, seed, steps):
     return np.uint8(packed)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def unpack_value(packed, i, bits, block_size, scales, steps):
     """The dequantized value of element ``i``."""
     per_byte = 8 // bits
@@ -87,7 +87,7 @@ def unpack_value(packed, i, bits, block_size, scales, steps):
     return code_value(code, np.float64(scales[i // block_size]), steps)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _quantize_cpu(x, bits, block_size, seed, scales, packed):
     nblocks = scales.size
     bytes_per_block = block_size * bits // 8
@@ -104,7 +104,7 @@ def _quantize_cpu(x, bits, block_size, seed, scales, packed):
     return nonfinite.sum()
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _dequantize_cpu(packed, scales, bits, block_size, out):
     steps = 1 if bits == 1 else (1 << bits) - 2
     for i in prange(out.size):

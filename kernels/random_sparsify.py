@@ -32,18 +32,18 @@ CHUNK = 1 << 16
 MAX_ROUNDS = 32  # each round saturates at least one more coordinate; real gradients need few
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def keep_probability(x, lam):
     return min(1.0, lam * abs(np.float64(x)))
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def is_kept(x, i, lam, seed):
     """Whether coordinate ``i`` survives (``keep`` predicate of the CUDA compaction, too)."""
     return uniform01(seed, i) < keep_probability(x[i], lam)
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def scale_sums(x, lam):
     """One pass for both ways of choosing ``lam``: (count with lam|x| >= 1, sum of |x| and of x^2
     over the others, x^2 over all, count of NaN/inf)."""
@@ -130,7 +130,7 @@ def greedy_scale(sums: Any, size: int, density: float) -> float:
     return lam
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _count_kept(x, lam, seed):
     n = x.size
     nchunks = (n + CHUNK - 1) // CHUNK
@@ -143,7 +143,7 @@ def _count_kept(x, lam, seed):
     return counts
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _write_kept(x, lam, seed, counts, out_idx, out_val):
     n = x.size
     offsets = np.zeros(counts.size + 1, np.int64)

@@ -44,7 +44,7 @@ MAX_SAMPLE_SHARE = 16  # ...and at most one in this many, so the sample costs <=
 SMALLEST_POSITIVE = 5e-324  # |estimate| >= this: every nonzero estimate
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _hash_constants(rows, seed):
     out = np.empty((rows, 4), np.uint64)
     state = splitmix64(np.uint64(seed))
@@ -62,7 +62,7 @@ def sketch_hashes(rows: int, seed: int) -> np.ndarray:
     return _hash_constants(rows, np.uint64(seed & 0xFFFFFFFFFFFFFFFF))
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def sketch_entry(table, hashes, j, i, value):
     """Adds ``value`` for coordinate ``i`` in row ``j`` (CPU, single writer per table)."""
     col = sketch_bucket(hashes[j, 0], hashes[j, 1], i, table.shape[1])

@@ -18,20 +18,20 @@ from ._dispatch import CUDA, as_device_vector, as_host_vector, backend_of, float
 from .select import topk_exact
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _scatter_add(dense, idx, val):
     # sequential on purpose: duplicate indices must accumulate without races
     for j in range(idx.size):
         dense[idx[j]] += val[j]
 
 
-@njit(parallel=True, cache=True)
+@njit(parallel=True, nogil=True, cache=True)
 def _gather(dense, idx, out):
     for j in prange(idx.size):
         out[j] = dense[idx[j]]
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def _merge(idx_a, val_a, idx_b, val_b, out_idx, out_val):
     a = 0
     b = 0

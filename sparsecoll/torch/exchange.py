@@ -8,6 +8,7 @@ These are coroutines of a :class:`sparsecoll.Group`; torch code runs them throug
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,7 @@ from sparsecoll.collectives.hierarchical import HIERARCHICAL_ALGORITHMS, check_m
 from sparsecoll.collectives.lazy import LazyState
 from sparsecoll.collectives.oktopk_state import OkTopkState
 from sparsecoll.collectives.reduce import BUILTIN, check_algorithm_name
+from sparsecoll.collectives.sparse_common import preselected, resolve_k
 from sparsecoll.errors import CollectiveMismatchError
 from sparsecoll.group import Group
 from sparsecoll.torch.buckets import as_array, to_tensor
@@ -115,13 +117,21 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
     allreduce of ``residual + momentum-corrected gradient`` (nothing is left behind); the others
     send a sparse part of it and keep the rest (error feedback). ``algorithm_state`` is the
     bucket's :meth:`Compression.new_state`, passed to the algorithm as ``state``.
+
+    1. :meth:`ErrorFeedback.prepare` folds, corrects and accumulates in one pass over the
+       gradient, finds this rank's top-k when the algorithm selects one here, and (sparse
+       case) zeroes ``grad``;
+    2. the collective runs, taking that top-k instead of reading the buffer again;
+    3. ``grad`` receives the k reduced values divided by P, and ``memory.update_indices`` says
+       where they are (the optimizer's sparse update reads it), None after a dense reduction;
+    4. :meth:`ErrorFeedback.settle` removes what was sent from the residual and masks momentum,
+       touching those k entries only.
     """
     memory_beta = compression.filter_factor()
-    outgoing = memory.accumulate(grad, momentum, nesterov, memory_beta=memory_beta)
-    if outgoing.dtype != grad.dtype:  # a wider residual: send in the gradient's dtype; what rounding
-        grad.copy_(outgoing)          # drops stays in the residual (it subtracts what was sent)
-        outgoing = grad
     sparse = compressed and compression.algorithm != "dense" and density < compression.dense_above
+    k = local_topk(compression, group, grad.numel(), density, step) if sparse else 0
+    outgoing, selection = memory.prepare(grad, momentum, nesterov, memory_beta, k=k, seed=seed, zero_grad=sparse)
+    memory.update_indices = None
     array = as_array(outgoing, backend)
     if not sparse:
         bits = compression.quantize_bits if compression.algorithm == "dense" else None  # warm-up stays exact
@@ -146,19 +156,34 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
         options["lazy"] = lazy
     if algorithm_state is not None:
         options["state"] = algorithm_state
-    result, stats = await group.reduce_gradient(array, compression.algorithm, density=density, step=step,
-                                                seed=algorithm_seed, **options)
-    grad.zero_()
+    with preselected(array, k, *selection) if selection is not None else nullcontext():
+        result, stats = await group.reduce_gradient(array, compression.algorithm, density=density, step=step,
+                                                    seed=algorithm_seed, **options)
+    values = to_tensor(result.values, grad).to(grad.dtype)
     if result.indices is None:
-        grad.copy_(to_tensor(result.values, grad).view_as(grad))
+        grad.copy_(values.view_as(grad)).div_(group.size)
     else:
-        grad.index_copy_(0, to_tensor(result.indices, grad).long(), to_tensor(result.values, grad).to(grad.dtype))
-    grad.div_(group.size)
-    memory.sent(result)
-    memory.low_pass(memory_beta)
+        mean = values / group.size  # a new k-sized tensor: the values may view the buffer cleared next
+        if outgoing is grad:  # it held what was sent; otherwise the pass zeroed it
+            grad.zero_()
+        indices = to_tensor(result.indices, grad).long()
+        grad.index_copy_(0, indices, mean)
+        memory.update_indices = indices
+    memory.settle(result, memory_beta)
     if not compression.error_feedback:
         memory.forget()
     return stats
+
+
+def local_topk(compression: Compression, group: Group, size: int, density: float, step: int) -> int:
+    """The k of the top-k this rank's collective selects from its own buffer (0: none), so that
+    the fused pass can find it: gTop-k and "auto" (which may pick it), the top-k allgather, and
+    CLT-k on the step's leader."""
+    name, options = compression.algorithm, compression.options
+    topk_allgather = name == "allgather" and str(options.get("selection", "topk")).startswith("topk")
+    selects = (name in ("gtopk", "auto") or (topk_allgather and "k" not in options)
+               or (name == "cltk" and group.rank == step % group.size))
+    return resolve_k(size, None, density) if selects and size else 0
 
 
 async def check_layout(group: Group, signature: np.ndarray, what: str = "parameters") -> None:

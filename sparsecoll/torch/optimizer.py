@@ -34,10 +34,11 @@ from sparsecoll.collectives.reduce import BUILTIN, LAZY_REFUSED
 from sparsecoll.errors import InvalidArgumentError, NonFiniteGradientError
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, Bucket, build_buckets, layout_signature, small_parameters
-from sparsecoll.torch.error_feedback import ErrorFeedback, clip_local, warmup_density
+from sparsecoll.torch.error_feedback import ErrorFeedback, clip_scale, warmup_density
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, check_layout, reduce_buffer, with_hierarchical
 from sparsecoll.torch.overlap import OverlappedSteps, OverlapScheduler, resolve_overlap
 from sparsecoll.torch.replicas import broadcast_tensors, replicated_tensors
+from sparsecoll.torch.sparse_update import apply_sgd, sparse_sgd_applies
 
 _TAKEN_OVER = ("momentum", "weight_decay", "nesterov")
 _HOOK_TABLES = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
@@ -280,7 +281,10 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
             self.skipped_steps += 1
         else:
             if self.clip_norm is not None:
-                clip_local([bucket.flat for bucket in self.buckets], self.clip_norm, self.sync.size)
+                # the factor rides on the fused pass (ErrorFeedback.fold)
+                _, scale = clip_scale([bucket.flat for bucket in self.buckets], self.clip_norm, self.sync.size)
+                for memory in self.memories:
+                    memory.fold(grad_scale=scale)
             hyper = [self._momentum_of(bucket) for bucket in self.buckets]
             self.last_stats = self._exchange(hyper)
             self._apply()
@@ -365,9 +369,10 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
             return 0.0, False
         param_group = self.param_groups[bucket.group_index]
         weight_decay = param_group.get("weight_decay", 0.0)
-        if weight_decay:
-            for position, param in enumerate(bucket.params):
-                bucket.slice(position).add_(param.detach(), alpha=weight_decay)
+        if weight_decay:  # folded in by the pass that reads the gradient (ErrorFeedback.prepare)
+            memory = self.memories[bucket.index]
+            memory.fold(grad_scale=memory.grad_scale, weight_decay=weight_decay,
+                        parameters=list(zip(bucket.offsets, bucket.params)))
         return float(param_group.get("momentum", 0.0)), bool(param_group.get("nesterov", False))
 
     def _exchange(self, hyper: list[tuple[float, bool]]) -> CommStats:
@@ -393,6 +398,9 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         return total
 
     def _inner_step(self) -> None:
+        if sparse_sgd_applies(self.optimizer, self._taken_over()):
+            apply_sgd(self.optimizer, self.buckets, self.memories)
+            return
         if not self.momentum_correction:
             self.optimizer.step()
             return
@@ -406,6 +414,10 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         finally:
             for group, values in zip(self.param_groups, saved):
                 group.update(values)
+
+    def _taken_over(self) -> tuple[str, ...]:
+        """The wrapped SGD's settings the wrapper applies itself (momentum correction)."""
+        return _TAKEN_OVER if self.momentum_correction else ()
 
     # ------------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
