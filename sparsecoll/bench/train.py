@@ -99,7 +99,7 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
                                     algorithm_options=config.get("options"),
                                     warmup_steps=int(warmup_epochs * steps_per_epoch) if algorithm != "dense" else 0,
                                     seed=seed, residual_dtype=residual_dtype)
-    losses, epoch_loss, epoch_accuracy, epoch_bytes = [], [], [], []
+    losses, epoch_loss, epoch_accuracy, epoch_bytes, critical_epochs = [], [], [], [], []
     bytes_sent, last_epoch_bytes, training_seconds = 0, 0, 0.0
     for epoch in range(epochs):
         order = torch.from_numpy(np.random.default_rng(seed + epoch).permutation(len(train_y)))
@@ -117,11 +117,13 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
                 last_epoch_bytes += optimizer.last_stats.bytes_sent
         training_seconds += time.perf_counter() - started
         epoch_bytes.append(bytes_sent - sum(epoch_bytes))
+        if getattr(optimizer.density_schedule, "critical", False):  # Accordion's choice for this epoch
+            critical_epochs.append(epoch)
         epoch_loss.append(float(np.mean(losses[-steps_per_epoch:])))
         epoch_accuracy.append(_accuracy(model, test_x, test_y))
     steps = epochs * steps_per_epoch
     return {**config, "accuracy": epoch_accuracy[-1], "epoch_loss": epoch_loss, "epoch_accuracy": epoch_accuracy,
-            "epoch_bytes": epoch_bytes,
+            "epoch_bytes": epoch_bytes, "critical_epochs": critical_epochs,
             "final_loss": float(np.mean(losses[-20:])), "steps": steps, "bytes_per_step": bytes_sent / steps,
             "steady_bytes_per_step": last_epoch_bytes / steps_per_epoch, "seconds_per_step": training_seconds / steps,
             "parameters": sum(p.numel() for p in model.parameters()),

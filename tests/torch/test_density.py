@@ -7,10 +7,13 @@ import math
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from sparsecoll.torch import SparseCollOptimizer, init_group
+from sparsecoll.torch import CommHookState, SparseCollOptimizer, comm_hook, init_group
 from sparsecoll.torch.density import Accordion, critical_regime
 from tests.ranks import run_ranks
+from tests.torch.test_optimizer import flat_params, net, train
 
 
 def alone(values: np.ndarray) -> np.ndarray:
@@ -98,15 +101,34 @@ def expected_agreement() -> list[bool]:
     return [True] + [critical_regime(before, after, 0.5) for before, after in zip(means, means[1:])]
 
 
-def schedule_and_optimizer(rank: int, world: int) -> dict:
+def schedule_optimizer_and_hook(rank: int, world: int) -> dict:
     torch.set_num_threads(1)
-    with init_group(timeout=60, kernel_threads=1) as sync:
-        schedule = Accordion(0.01, critical_density=0.5, interval=INTERVAL)
-        densities = []
-        for step in range(INTERVAL * len(LOCAL_SCALES[0]) + 1):
-            scale = LOCAL_SCALES[rank][min(step // INTERVAL, len(LOCAL_SCALES[0]) - 1)]
-            densities.append(schedule.for_step(step, [gradient(scale)], sync))
-        return {"history": schedule.history, "densities": densities, "trained": train_with_accordion(sync, rank)}
+    dist.init_process_group("gloo")  # env://, the launcher's store, as under torchrun
+    try:
+        with init_group(timeout=60, kernel_threads=1) as sync:
+            schedule = Accordion(0.01, critical_density=0.5, interval=INTERVAL)
+            densities = []
+            for step in range(INTERVAL * len(LOCAL_SCALES[0]) + 1):
+                scale = LOCAL_SCALES[rank][min(step // INTERVAL, len(LOCAL_SCALES[0]) - 1)]
+                densities.append(schedule.for_step(step, [gradient(scale)], sync))
+            return {"history": schedule.history, "densities": densities, "trained": train_with_accordion(sync, rank),
+                    "hooked": hook_with_accordion(sync, rank)}
+    finally:
+        dist.destroy_process_group()
+
+
+def hook_with_accordion(sync, rank: int) -> dict:
+    model = DistributedDataParallel(net(hidden=32))
+    state = CommHookState(sync, "gtopk", Accordion(0.05, critical_density=0.5, interval=2), momentum=0.9,
+                          module=model)
+    model.register_comm_hook(state, comm_hook)
+    try:
+        train(model, torch.optim.SGD(model.parameters(), lr=0.1), range(9), rank)
+        saved = state.state_dict()["density_schedule"]
+    finally:
+        state.close()
+    return {"history": state.density_schedule.history, "params": flat_params(model).tolist(),
+            "saved": saved["history"] == state.density_schedule.history}
 
 
 def train_with_accordion(sync, rank: int) -> dict:
@@ -136,7 +158,7 @@ def train_with_accordion(sync, rank: int) -> dict:
 
 
 def test_every_rank_decides_alike_from_the_agreed_norm() -> None:
-    results = run_ranks(3, schedule_and_optimizer, timeout=120, group_kwargs=None)
+    results = run_ranks(3, schedule_optimizer_and_hook, timeout=120, group_kwargs=None)
     local = [[True] + [critical_regime(a, b, 0.5) for a, b in zip(scales, scales[1:])] for scales in LOCAL_SCALES]
     assert len({tuple(decisions) for decisions in local}) > 1  # the premise: local norms would disagree
     agreed = expected_agreement()
@@ -153,3 +175,6 @@ def test_every_rank_decides_alike_from_the_agreed_norm() -> None:
     for density, sent in zip(first["densities"], first["sent"]):  # bytes follow the density
         dense_enough = density == 0.5
         assert (sent > 3 * min(first["sent"])) == dense_enough, (first["densities"], first["sent"])
+    hooked = [result["hooked"] for result in results]  # iterations 1-8 compressed: decisions at 2, 4 and 6
+    assert [step for step, _, _ in hooked[0]["history"]] == [2, 4, 6] and hooked[0]["saved"]
+    assert all(h["history"] == hooked[0]["history"] and h["params"] == hooked[0]["params"] for h in hooked)
