@@ -158,7 +158,7 @@ def train_with_accordion(sync, rank: int) -> dict:
 
 
 def test_every_rank_decides_alike_from_the_agreed_norm() -> None:
-    results = run_ranks(3, schedule_optimizer_and_hook, timeout=120, group_kwargs=None)
+    results = run_ranks(3, schedule_optimizer_and_hook, timeout=240, group_kwargs=None)
     local = [[True] + [critical_regime(a, b, 0.5) for a, b in zip(scales, scales[1:])] for scales in LOCAL_SCALES]
     assert len({tuple(decisions) for decisions in local}) > 1  # the premise: local norms would disagree
     agreed = expected_agreement()
