@@ -36,6 +36,20 @@ def lever(row: dict[str, Any]) -> str:
     return ", ".join(part for part in parts if part) or "-"
 
 
+def epoch_bytes(row: dict[str, Any]) -> list[float]:
+    """The row's bytes a epoch; for files written before rows carried them, a fixed-density row's
+    are rebuilt from its averages (every epoch after the first as the last, the first the rest)."""
+    if "epoch_bytes" in row:
+        return row["epoch_bytes"]
+    if row.get("density_schedule"):
+        return []
+    epochs = len(row["epoch_accuracy"])
+    steps_per_epoch = row["steps"] // epochs
+    steady = row["steady_bytes_per_step"] * steps_per_epoch
+    first = row["bytes_per_step"] * row["steps"] - (epochs - 1) * steady
+    return [first] + [steady] * (epochs - 1)
+
+
 def summarize(document: dict[str, Any], margin: float) -> list[dict[str, Any]]:
     """One line a row: epochs and steps to target, final accuracy, bytes a step and to target."""
     rows = document["rows"]
@@ -45,7 +59,7 @@ def summarize(document: dict[str, Any], margin: float) -> list[dict[str, Any]]:
     for row in rows:
         epochs = epochs_to(row["epoch_accuracy"], target)
         steps_per_epoch = row["steps"] // len(row["epoch_accuracy"])
-        to_target = sum(row["epoch_bytes"][:epochs]) if epochs and "epoch_bytes" in row else None
+        to_target = sum(epoch_bytes(row)[:epochs]) if epochs and epoch_bytes(row) else None
         lines.append({"algorithm": row["algorithm"], "density": row["density"], "lever": lever(row),
                       "epochs": epochs, "steps": epochs * steps_per_epoch if epochs else None,
                       "final": row["accuracy"], "bytes_per_step": row["bytes_per_step"],
