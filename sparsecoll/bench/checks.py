@@ -18,6 +18,8 @@ from sparsecoll.errors import InvalidArgumentError
 OPS = ("allreduce", "allgather", "broadcast", "barrier")
 """The dense ops ``collectives`` times (its module takes them from here)."""
 QUANTIZE_BITS = (1, 2, 4, 8)
+DENSITY_SCHEDULES = ("fixed", "accordion", "accordion-dense")
+"""What ``train --density-schedule`` takes (``train.density_schedule`` builds them)."""
 BUILTIN_ALGORITHMS = ("dense", "allgather", "gtopk", "sketch", "cltk", "oktopk")
 """What ``reduce_gradient`` knows without a registration (the cost model's ALGORITHMS)."""
 
@@ -58,6 +60,24 @@ def memory_betas(option: str, text: str | None) -> list[float | None]:
         if not 0 < value <= 1:
             raise InvalidArgumentError(f"{option} takes factors in (0, 1] (1 is plain error feedback, 0.1 "
                                        f"ScaleCom's default for cltk); not {value:g}")
+    return values
+
+
+def choices(option: str, text: str, allowed: Sequence[str]) -> list[str]:
+    """Names from ``allowed``: 'fixed,accordion'."""
+    values = listed(option, text)
+    for value in values:
+        if value not in allowed:
+            raise InvalidArgumentError(f"{option} takes {', '.join(allowed)}; not {value!r}")
+    return values
+
+
+def positives(option: str, text: str) -> list[float]:
+    """Positive finite numbers: '1,2'."""
+    values = listed(option, text, _float)
+    for value in values:
+        if not 0 < value < float("inf"):
+            raise InvalidArgumentError(f"{option} takes positive numbers, e.g. 1,2; not {value:g}")
     return values
 
 

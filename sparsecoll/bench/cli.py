@@ -324,6 +324,12 @@ def train_command(
                                               "cltk, 1 for the others)")] = None,
     no_momentum_correction: Annotated[bool, typer.Option(
         "--no-momentum-correction", help="error feedback on the plain gradient, not DGC's momentum")] = False,
+    density_schedule: Annotated[str, typer.Option(
+        "--density-schedule", metavar="LIST", help="fixed, accordion (Accordion: 10x the density while the "
+                                                   "gradient norm changes fast), accordion-dense (dense then); "
+                                                   "fixed,accordion runs each compressed row both ways")] = "fixed",
+    lr_scale: Annotated[str, typer.Option(
+        "--lr-scale", metavar="LIST", help="multiply the compressed rows' learning rate, e.g. 1,2")] = "1",
     backend: Backend = "tcp",
     link: Link = None,
     json_file: JsonFile = None,
@@ -346,11 +352,14 @@ def train_command(
         checks.algorithms("--algorithms", algorithms, ())
         checks.densities("--densities", densities)
         betas = checks.memory_betas("--memory-beta", memory_beta)
+        schedules = checks.choices("--density-schedule", density_schedule, checks.DENSITY_SCHEDULES)
+        lr_scales = checks.positives("--lr-scale", lr_scale)
         checks.backend(backend)
         checks.link(link)
         from sparsecoll.bench import train  # after the checks: it loads torch
 
-        configs = train.parse_configs(algorithms, densities, betas, momentum_correction=not no_momentum_correction)
+        configs = train.parse_configs(algorithms, densities, betas, momentum_correction=not no_momentum_correction,
+                                      schedules=schedules, lr_scales=lr_scales)
         starting(world_size(ranks))
         with status(f"training {len(configs)} configurations for {epochs} epochs each..."):
             rows = train.run(dataset, ranks, configs, epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed,

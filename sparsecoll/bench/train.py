@@ -86,17 +86,20 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
     train_x, test_x = train_x.to(dtype), test_x.to(dtype)
     model = make_model(train_x.shape[1], hidden, int(train_y.max()) + 1, seed).to(dtype)
     steps_per_epoch = len(train_y) // (batch * sync.size)
-    inner = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    inner = torch.optim.SGD(model.parameters(), lr=lr * config.get("lr_scale", 1.0), momentum=0.9)
     algorithm, density = config["algorithm"], config["density"]
+    warmup_epochs = config.get("warmup_epochs", warmup_epochs)
     residual_dtype = getattr(torch, config["residual_dtype"]) if "residual_dtype" in config else None
-    optimizer = SparseCollOptimizer(inner, sync, algorithm, density if algorithm != "dense" else 1.0,
+    optimizer = SparseCollOptimizer(inner, sync, algorithm,
+                                    density_schedule(config, steps_per_epoch) if algorithm != "dense" else 1.0,
+                                    per_layer=config.get("per_layer", False),
                                     error_feedback=config.get("error_feedback"),
                                     memory_beta=config.get("memory_beta"),
                                     momentum_correction=config.get("momentum_correction", True),
                                     algorithm_options=config.get("options"),
                                     warmup_steps=int(warmup_epochs * steps_per_epoch) if algorithm != "dense" else 0,
                                     seed=seed, residual_dtype=residual_dtype)
-    losses, epoch_loss, epoch_accuracy = [], [], []
+    losses, epoch_loss, epoch_accuracy, epoch_bytes, critical_epochs = [], [], [], [], []
     bytes_sent, last_epoch_bytes, training_seconds = 0, 0, 0.0
     for epoch in range(epochs):
         order = torch.from_numpy(np.random.default_rng(seed + epoch).permutation(len(train_y)))
@@ -113,16 +116,33 @@ def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epoch
             if epoch == epochs - 1:
                 last_epoch_bytes += optimizer.last_stats.bytes_sent
         training_seconds += time.perf_counter() - started
+        epoch_bytes.append(bytes_sent - sum(epoch_bytes))
+        if getattr(optimizer.density_schedule, "critical", False):  # Accordion's choice for this epoch
+            critical_epochs.append(epoch)
         epoch_loss.append(float(np.mean(losses[-steps_per_epoch:])))
         epoch_accuracy.append(_accuracy(model, test_x, test_y))
     steps = epochs * steps_per_epoch
     return {**config, "accuracy": epoch_accuracy[-1], "epoch_loss": epoch_loss, "epoch_accuracy": epoch_accuracy,
+            "epoch_bytes": epoch_bytes, "critical_epochs": critical_epochs,
             "final_loss": float(np.mean(losses[-20:])), "steps": steps, "bytes_per_step": bytes_sent / steps,
             "steady_bytes_per_step": last_epoch_bytes / steps_per_epoch, "seconds_per_step": training_seconds / steps,
             "parameters": sum(p.numel() for p in model.parameters()),
             "error_feedback_used": bool(optimizer.compression.error_feedback),
             "memory_beta_used": optimizer.compression.filter_factor(),
             "momentum_correction_used": bool(optimizer.momentum_correction)}
+
+
+def density_schedule(config: dict[str, Any], steps_per_epoch: int) -> Any:
+    """The ``density`` a compressed configuration gives SparseCollOptimizer: its float, or with
+    ``density_schedule`` Accordion deciding every epoch: "accordion" between the
+    density and ten times it, "accordion-dense" between the density and a dense allreduce."""
+    name = config.get("density_schedule", "fixed")
+    if name == "fixed":
+        return config["density"]
+    from sparsecoll.torch.density import Accordion
+
+    critical = {"accordion": min(1.0, 10 * config["density"]), "accordion-dense": 1.0}[name]
+    return Accordion(config["density"], critical_density=critical, interval=steps_per_epoch)
 
 
 def _accuracy(model: Any, test_x: Any, test_y: Any) -> float:
@@ -175,18 +195,25 @@ def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, flo
 
 
 def parse_configs(algorithms: str, densities: str, memory_betas: Sequence[float | None] = (None,),
-                  momentum_correction: bool = True) -> list[dict[str, Any]]:
-    """'dense,gtopk,cltk' x '0.01,0.001' (x each memory_beta) to configurations; dense runs once,
-    at density 1. A ``None`` beta is the algorithm's default (ScaleCom's 0.1 for cltk, else 1);
-    ``momentum_correction=False`` feeds error feedback the plain gradient (every configuration)."""
+                  momentum_correction: bool = True, schedules: Sequence[str] = ("fixed",),
+                  lr_scales: Sequence[float] = (1.0,)) -> list[dict[str, Any]]:
+    """'dense,gtopk,cltk' x '0.01,0.001' (x each memory_beta, density schedule and learning-rate
+    scale) to configurations; dense runs once, at density 1 and the plain learning rate. A ``None``
+    beta is the algorithm's default (ScaleCom's 0.1 for cltk, else 1); ``momentum_correction=False``
+    feeds error feedback the plain gradient (every configuration)."""
     names, values = parse_list(algorithms), parse_list(densities, float)
-    pairs = [(name, 1.0, None) for name in names if name == "dense"] + [
-        (name, density, beta) for density in values for name in names if name != "dense" for beta in memory_betas]
+    pairs = [(name, 1.0, None, "fixed", 1.0) for name in names if name == "dense"] + [
+        (name, density, beta, schedule, scale) for density in values for name in names if name != "dense"
+        for beta in memory_betas for schedule in schedules for scale in lr_scales]
     configs = []
-    for name, density, beta in pairs:
+    for name, density, beta, schedule, scale in pairs:
         config: dict[str, Any] = {"algorithm": name, "density": density}
         if beta is not None:
             config["memory_beta"] = beta
+        if schedule != "fixed":
+            config["density_schedule"] = schedule
+        if scale != 1.0:
+            config["lr_scale"] = scale
         if not momentum_correction:
             config["momentum_correction"] = False
         configs.append(config)

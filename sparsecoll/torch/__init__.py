@@ -15,11 +15,13 @@ from typing import Any
 from sparsecoll.sync import SyncGroup, init_sync_group
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, small_parameters
 from sparsecoll.torch.ddp_hook import CommHookState, comm_hook
+from sparsecoll.torch.density import Accordion, DensitySchedule
 from sparsecoll.torch.error_feedback import ErrorFeedback, warmup_density
 from sparsecoll.torch.optimizer import SparseCollOptimizer
 from sparsecoll.torch.replicas import BufferBroadcast, broadcast_tensors
 
-__all__ = ["BufferBroadcast", "CommHookState", "DEFAULT_BUCKET_BYTES", "ErrorFeedback", "SparseCollOptimizer",
+__all__ = ["Accordion", "BufferBroadcast", "CommHookState", "DEFAULT_BUCKET_BYTES", "DensitySchedule",
+           "ErrorFeedback", "SparseCollOptimizer",
            "broadcast_tensors", "comm_hook", "init_group", "small_parameters", "warmup_density"]
 
 

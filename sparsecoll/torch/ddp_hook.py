@@ -16,12 +16,14 @@ and build the optimizer with ``momentum=0``.
 from concurrent.futures import Future as ConcurrentFuture
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from sparsecoll.call import CommStats
 from sparsecoll.group import Group
 from sparsecoll.sync import SyncGroup
+from sparsecoll.torch.density import DensitySchedule
 from sparsecoll.torch.error_feedback import ErrorFeedback, warmup_density
 from sparsecoll.errors import NonFiniteGradientError
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, reduce_buffer, with_hierarchical
@@ -63,9 +65,9 @@ class CommHookState:
 
     __slots__ = ("group", "compression", "momentum", "nesterov", "warmup_steps", "start_iter",
                  "iteration", "memories", "algorithm_states", "last_stats", "skip_nonfinite", "skipped_steps", "residual_dtype",
-                 "_lanes", "_in_flight", "_names", "_layouts", "_saved", "_skipped_at")
+                 "_lanes", "_in_flight", "_names", "_layouts", "_saved", "_skipped_at", "density_schedule", "_scheduled")
 
-    def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: float = 0.001, *,
+    def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: "float | DensitySchedule" = 0.001, *,
                  quantize_bits: int | None = None, error_feedback: bool | None = None, momentum: float = 0.0,
                  nesterov: bool = False, warmup_steps: int = 0, start_iter: int = 1,
                  dense_above: float = 0.25, seed: int = 0,
@@ -79,6 +81,11 @@ class CommHookState:
         if warmup_steps < 0 or start_iter < 0:
             raise ValueError("warmup_steps and start_iter must be >= 0")
         self.group = group
+        self.density_schedule = density if isinstance(density, DensitySchedule) else None
+        """What picks each iteration's density (as for SparseCollOptimizer), or None."""
+        self._scheduled: tuple[int, float] | None = None
+        if self.density_schedule is not None:
+            density = self.density_schedule.sparsest
         self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
                                        float(dense_above), int(seed), with_hierarchical(algorithm_options, hierarchical),
                                        memory_beta)
@@ -105,11 +112,27 @@ class CommHookState:
         self._layouts: dict[int, tuple] = {}
         self._saved: dict[str, dict] = {}
 
-    def density_now(self) -> float:
-        """Density of the current iteration (1.0 before ``start_iter``)."""
+    def density_now(self, index: int = 0, buffer: torch.Tensor | None = None) -> float:
+        """Density of the current iteration (1.0 before ``start_iter``). A schedule decides at the
+        iteration's first bucket (its agreement queued behind the buckets before it, in rank-wide
+        order) and sees ``buffer``, this rank's gradient of bucket ``index`` (None: not finite)."""
         if self.iteration < self.start_iter:
             return 1.0
-        return warmup_density(self.iteration - self.start_iter, self.compression.density, self.warmup_steps)
+        step = self.iteration - self.start_iter
+        target = self.compression.density
+        if self.density_schedule is not None:
+            if self._scheduled is None or self._scheduled[0] != self.iteration:
+                self._scheduled = (self.iteration, self.density_schedule.density_for(step, self._agree))
+            target = self._scheduled[1]
+            if buffer is not None:
+                self.density_schedule.observe(index, buffer)
+        return warmup_density(step, target, self.warmup_steps)
+
+    def _agree(self, values: np.ndarray) -> np.ndarray:
+        """The mean of every rank's ``values`` (see :func:`~sparsecoll.torch.density.mean_over`)."""
+        total, _ = self.submit(self.group.group.allreduce(np.ascontiguousarray(values, np.float64),
+                                                          op="mean")).result()
+        return np.asarray(total, np.float64)
 
     def lane(self, index: int) -> Group:
         """The sub-group bucket ``index`` reduces on (made on first use: DDP calls the hook in
@@ -133,7 +156,8 @@ class CommHookState:
     def state_dict(self) -> dict[str, Any]:
         """This rank's residuals and momentum (per parameter with ``module``, else per bucket)
         and the iteration: save it per rank."""
-        state = {"rank": self.group.rank, "world_size": self.group.size, "iteration": self.iteration}
+        state = {"rank": self.group.rank, "world_size": self.group.size, "iteration": self.iteration,
+                 "density_schedule": None if self.density_schedule is None else self.density_schedule.state_dict()}
         if self._names is None:
             state["memories"] = {index: memory.state_dict() for index, memory in self.memories.items()}
         else:
@@ -148,6 +172,8 @@ class CommHookState:
             raise ValueError("a state saved with module= loads only with module=, and one saved without "
                              "it only without")
         self.iteration = int(state["iteration"])
+        if self.density_schedule is not None and state.get("density_schedule") is not None:
+            self.density_schedule.load_state_dict(state["density_schedule"])
         self.memories, self._layouts, self.algorithm_states = {}, {}, {}
         self._saved = {name: {key: None if value is None else value.clone() for key, value in saved.items()}
                        for name, saved in state.get("parameters", {}).items()}
@@ -214,7 +240,8 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     local_nonfinite = not all_finite(work)
     lane = state.lane(index)
     reduction = reduce_buffer(lane, work, memory, state.compression,
-                              density=state.density_now(), step=state.iteration,
+                              density=state.density_now(index, None if local_nonfinite else work),
+                              step=state.iteration,
                               seed=state.compression.seed + 1000003 * index, compressed=compressed,
                               momentum=state.momentum, nesterov=state.nesterov,
                               algorithm_state=state.algorithm_states.setdefault(index, state.compression.new_state()))

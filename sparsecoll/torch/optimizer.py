@@ -34,6 +34,7 @@ from sparsecoll.collectives.reduce import BUILTIN, LAZY_REFUSED
 from sparsecoll.errors import InvalidArgumentError, NonFiniteGradientError
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, Bucket, build_buckets, layout_signature, small_parameters
+from sparsecoll.torch.density import DensitySchedule
 from sparsecoll.torch.error_feedback import ErrorFeedback, clip_scale, warmup_density
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, check_layout, reduce_buffer, with_hierarchical
 from sparsecoll.torch.overlap import OverlappedSteps, OverlapScheduler, resolve_overlap
@@ -57,7 +58,8 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
     allgathered and summed), "gtopk", "sketch", "cltk", a registered collective
     or a registered compressor (its payloads are allgathered; ``algorithm_options`` go to its
     factory, or to the collective, as keyword arguments); ``density`` the fraction of each
-    bucket sent. With ``momentum_correction`` and a wrapped
+    bucket sent, or a :class:`~sparsecoll.torch.density.DensitySchedule` that picks it each step
+    (e.g. :class:`~sparsecoll.torch.density.Accordion`). With ``momentum_correction`` and a wrapped
     ``torch.optim.SGD``, the wrapper keeps SGD's momentum (and folds its weight decay into the
     gradient) itself, as DGC does, and runs SGD without them; other optimizers get error
     feedback only. Parameters for which ``dense_if`` is true (default: at most one dimension,
@@ -113,8 +115,9 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, optimizer: torch.optim.Optimizer, group: SyncGroup, algorithm: str = "gtopk",
-                 density: float = 0.001, *, quantize_bits: int | None = None, error_feedback: bool | None = None,
-                 momentum_correction: bool = True, warmup_steps: int = 0, lazy: LazyState | None = None,
+                 density: float | DensitySchedule = 0.001, *, quantize_bits: int | None = None,
+                 error_feedback: bool | None = None, momentum_correction: bool = True, warmup_steps: int = 0,
+                 lazy: LazyState | None = None,
                  clip_norm: float | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  dense_if: Callable[[torch.Tensor], bool] | None = small_parameters,
                  dense_above: float = 0.25, seed: int = 0, grad_scaler: Any = None,
@@ -134,6 +137,10 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         if lazy is not None and algorithm not in LAZY_ALGORITHMS:
             raise ValueError(f"lazy aggregation needs algorithm 'dense', 'allgather' or 'auto' (the others "
                              f"have no per-rank contribution to reuse), not {algorithm!r}")
+        self.density_schedule = density if isinstance(density, DensitySchedule) else None
+        """What decides each step's density (e.g. :class:`~sparsecoll.torch.density.Accordion`), or None."""
+        if self.density_schedule is not None:
+            density = self.density_schedule.sparsest
         self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
                                        float(dense_above), int(seed), with_hierarchical(algorithm_options, hierarchical),
                                        memory_beta)
@@ -157,7 +164,8 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         self._dense_if = dense_if
         self._lazy = lazy
         self.residual_dtype = residual_dtype
-        self.overlap = resolve_overlap(overlap, clip_norm=clip_norm, grad_scaler=grad_scaler)
+        self.overlap = resolve_overlap(overlap, clip_norm=clip_norm, grad_scaler=grad_scaler,
+                                       density_schedule=self.density_schedule)
         self._scheduler = OverlapScheduler(group, self._reduce_on_lane) if self.overlap else None
         self.buckets: list[Bucket] = []
         self.memories: list[ErrorFeedback] = []
@@ -256,8 +264,12 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
                         param.grad.zero_()
 
     def density_now(self) -> float:
-        """The density of the next step (the warm-up schedule)."""
-        return warmup_density(self.steps, self.compression.density, self.warmup_steps)
+        """The density of this step, for ``step()`` (once a step): the warm-up of ``density`` or of its
+        schedule's choice (with a schedule this is part of the step: it sees the gradients and may
+        agree with the other ranks)."""
+        target = self.compression.density if self.density_schedule is None else self.density_schedule.for_step(
+            self.steps, [bucket.flat for bucket in self.buckets], self.sync)
+        return warmup_density(self.steps, target, self.warmup_steps)
 
     # ------------------------------------------------------------------------ the step
     @torch.optim.Optimizer.profile_hook_step  # runs the register_step_pre_hook / _post_hook hooks
@@ -436,7 +448,9 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
                                "memories": [memory.state_dict() for memory in self.memories],
                                "lazy": [None if lazy is None else lazy.state_dict() for lazy in self.lazy_states],
                                "algorithm": [None if kept is None else kept.state_dict()
-                                             for kept in self.algorithm_states]}}
+                                             for kept in self.algorithm_states],
+                               "density_schedule": None if self.density_schedule is None
+                               else self.density_schedule.state_dict()}}
         for post_hook in self._optimizer_state_dict_post_hooks.values():
             returned = post_hook(self, state)
             if returned is not None:
@@ -464,7 +478,9 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
                 lazy.load_state_dict(saved)
         for kept, saved in zip(self.algorithm_states, ours.get("algorithm", ())):
             if kept is not None and saved is not None:
-                kept.load_state_dict(saved)
+                kept.load_state_dict(saved),
+        if self.density_schedule is not None and ours.get("density_schedule") is not None:
+            self.density_schedule.load_state_dict(ours["density_schedule"])
         self.steps = int(ours["steps"])
         self.skipped_steps = int(ours["skipped_steps"])
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():

@@ -293,13 +293,16 @@ class OverlapScheduler:
             self._missing = [set(range(len(bucket.params))) for bucket in self.buckets]
 
 
-def resolve_overlap(overlap: bool, *, clip_norm: float | None, grad_scaler: Any) -> bool:
+def resolve_overlap(overlap: bool, *, clip_norm: float | None, grad_scaler: Any, density_schedule: Any = None) -> bool:
     """``overlap``, or ValueError where it cannot be exact: local clipping scales every bucket by
-    the norm of all of them, and a GradScaler's scale and overflow flags come only with
-    ``step()``; both need every gradient before the first bucket leaves."""
+    the norm of all of them, a GradScaler's scale and overflow flags come only with ``step()``,
+    and a density schedule decides the step's density from every bucket's gradient; all need
+    every gradient before the first bucket leaves."""
     reasons = [reason for reason, present in (("clip_norm (the norm covers every bucket)", clip_norm is not None),
                                                ("grad_scaler (AMP's scale is known only in step())",
-                                                grad_scaler is not None)) if present]
+                                                grad_scaler is not None),
+                                               ("a density schedule (it reads every bucket first)",
+                                                density_schedule is not None)) if present]
     if overlap and reasons:
         raise ValueError(f"overlap=True cannot be exact with {' and '.join(reasons)}: every bucket must be in "
                          "before the first is reduced; use overlap=False")

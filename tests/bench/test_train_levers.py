@@ -1,0 +1,56 @@
+"""``sparsecoll-bench train --density-schedule/--lr-scale``: the convergence levers from the command line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from sparsecoll.bench import train
+from sparsecoll.bench.cli import app
+from sparsecoll.torch.density import Accordion
+
+runner = CliRunner()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--density-schedule", "bogus"), ("--density-schedule", ""),
+                                               ("--lr-scale", "0"), ("--lr-scale", "-1"), ("--lr-scale", "x"),
+                                               ("--lr-scale", "inf")])
+def test_a_bad_lever_is_refused_before_any_rank_starts(option: str, value: str) -> None:
+    result = runner.invoke(app, ["train", "--dataset", "digits", option, value])
+    output = result.output.strip()
+    assert result.exit_code == 2 and output.startswith("error:") and option in output, output
+    assert "\n" not in output and "starting" not in output, output
+
+
+def test_configurations_take_each_schedule_and_scale_and_dense_runs_once_plain() -> None:
+    configs = train.parse_configs("dense,gtopk", "0.001", schedules=["fixed", "accordion"], lr_scales=[1.0, 2.0])
+    assert configs == [{"algorithm": "dense", "density": 1.0},
+                       {"algorithm": "gtopk", "density": 0.001},
+                       {"algorithm": "gtopk", "density": 0.001, "lr_scale": 2.0},
+                       {"algorithm": "gtopk", "density": 0.001, "density_schedule": "accordion"},
+                       {"algorithm": "gtopk", "density": 0.001, "density_schedule": "accordion", "lr_scale": 2.0}]
+
+
+@pytest.mark.parametrize(("name", "density", "critical"), [("accordion", 0.001, 0.01), ("accordion", 0.2, 1.0),
+                                                           ("accordion-dense", 0.01, 1.0)])
+def test_schedules_decide_every_epoch(name: str, density: float, critical: float) -> None:
+    schedule = train.density_schedule({"density": density, "density_schedule": name}, 31)
+    assert isinstance(schedule, Accordion) and schedule.interval == 31
+    assert (schedule.density, schedule.critical_density) == (density, critical)
+    assert train.density_schedule({"density": density}, 31) == density
+
+
+def test_accordion_reaches_every_rank_and_spends_dense_bytes_in_critical_epochs(tmp_path: Path) -> None:
+    out = tmp_path / "train.json"
+    result = runner.invoke(app, ["train", "--dataset", "digits", "--ranks", "2", "--epochs", "2", "--batch", "16",
+                                 "--hidden", "32", "--algorithms", "dense,gtopk", "--densities", "0.01",
+                                 "--density-schedule", "accordion-dense", "--json", str(out)], env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    dense, accordion = json.loads(out.read_text())["rows"]
+    assert "density_schedule" not in dense and dense["critical_epochs"] == []
+    assert accordion["density_schedule"] == "accordion-dense" and accordion["critical_epochs"] == [0, 1]
+    for epoch in accordion["critical_epochs"]:  # dense epochs send what the dense row sends
+        assert accordion["epoch_bytes"][epoch] == pytest.approx(dense["epoch_bytes"][epoch], rel=0.01)
