@@ -20,7 +20,7 @@ import numpy as np
 
 from sparsecoll.bench.common import parse_list
 from sparsecoll.bench.ranks import RankPlace, run_ranks
-from sparsecoll.bench.table import Column, nbytes, number, percent, seconds
+from sparsecoll.bench.table import Column, cell, nbytes, number, percent, seconds
 from sparsecoll.bench.time_to_accuracy import add_time_to_target
 from sparsecoll.bench.train_loop import Plan, WireCounter, train_configuration
 from sparsecoll.bench.train_methods import TORCH_METHODS
@@ -52,6 +52,19 @@ TABLE = [
     Column("memory_beta_used", "beta", number, constant=True),
     Column("momentum_correction_used", "mom. corr.", constant=True),
 ]
+def table_view(rows: Sequence[dict[str, Any]], title: str) -> tuple[list[Column], str]:
+    """The columns and title of the terminal table: a ``constant`` column (sparsecoll's settings)
+    whose rows that have it agree moves into the title, for torch's rows have none."""
+    columns, settled = [], []
+    for column in TABLE:
+        values = {cell(column, row[column.key]) for row in rows if row.get(column.key) is not None}
+        if column.constant and len(values) == 1:
+            settled.append(f"{column.header} {values.pop()}")
+        else:
+            columns.append(column)
+    return columns, title + (f" (sparsecoll: {', '.join(settled)})" if settled else "")
+
+
 _AVERAGED = ("bytes_per_step", "steady_bytes_per_step", "wire_bytes_per_step", "final_loss", "seconds_per_step",
              "compute_seconds_per_step")
 """Per-rank figures that the rows average over ranks (with the per-epoch losses)."""
@@ -126,10 +139,10 @@ def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, flo
     real_data = None if MODELS[model].step_time_only else dataset
     try:
         _, rows = run_ranks(world, train_rank, real_data, chosen, plan, backend=backend, link=link, timeout=timeout)
-    except subprocess.CalledProcessError as error:
-        raise InvalidArgumentError(f"--link {link}: the kernel could not shape this link ({' '.join(error.cmd[:4])}"
-                                   f"...: {(error.stderr or '').strip() or error}); try a rate like 1gbit or "
-                                   "100mbit") from None
+    except subprocess.CalledProcessError as error:  # EmulatedNetwork removed what it had built
+        said = ((error.stderr or "").strip() or str(error)).splitlines()[0]
+        raise InvalidArgumentError(f"--link {link}: the kernel could not shape this link ({' '.join(error.cmd)}: "
+                                   f"{said}); try a rate like 1gbit or 100mbit") from None
     _add_compression(rows)
     if not MODELS[model].step_time_only:
         add_time_to_target(rows)

@@ -114,7 +114,8 @@ def train_command(
     target = next((row.get("target_accuracy") for row in rows if row.get("target_accuracy") is not None), None)
     title = f"train {model}: {world} ranks, {where}, {length}" + (
         f"; target {100 * target:.2f}% (dense less 0.5 point)" if target is not None else "")
-    report("train", title, train.TABLE, rows, json_file, plot_file if model != "mlp25m" else None, wide,
+    columns, title = train.table_view(rows, title)
+    report("train", title, columns, rows, json_file, plot_file if model != "mlp25m" else None, wide,
            dataset=dataset, model=model, world=world, epochs=epochs, steps=steps, batch=batch, lr=lr,
            hidden=hidden, seed=seed, backend=backend, link=link or "loopback", evals_per_epoch=evals_per_epoch,
            cap_minutes=cap_minutes, target_accuracy=target)

@@ -46,6 +46,7 @@ class Plan:
     cap_seconds: float = 600.0
     steps: int = 20
     warmup: int = 3
+    compute_steps: int = COMPUTE_ONLY_STEPS
 
 
 class WireCounter:
@@ -114,7 +115,7 @@ def train_configuration(sync: Any, data: Sequence[np.ndarray] | None, config: di
             row = _train(sync, method, data, plan, steps_per_epoch, wire)
     finally:
         method.close()
-    row["compute_seconds_per_step"] = compute_only(sync, compute_copy, batches, plan.lr)
+    row["compute_seconds_per_step"] = compute_only(sync, compute_copy, batches, plan.lr, plan.compute_steps)
     return {**config, **row, **method.info, "parameters": parameter_count(model)}
 
 
@@ -232,7 +233,7 @@ def _evaluate(sync: Any, forward: Any, test_x: Any, test_y: Any, elapsed: float,
     return float(totals[0] / totals[1]), bool(totals[2] > 0)
 
 
-def compute_only(sync: Any, model: Any, batches: list, lr: float) -> float:
+def compute_only(sync: Any, model: Any, batches: list, lr: float, steps: int = COMPUTE_ONLY_STEPS) -> float:
     """Seconds a step of forward, backward and plain SGD take with no communication, every rank
     at once (the ranks start together)."""
     import torch
@@ -242,7 +243,7 @@ def compute_only(sync: Any, model: Any, batches: list, lr: float) -> float:
     sync.barrier()
     _step(method, *batches[0])
     times = []
-    for step in range(COMPUTE_ONLY_STEPS):
+    for step in range(steps):
         started = time.perf_counter()
         _step(method, *batches[step % len(batches)])
         times.append(time.perf_counter() - started)
