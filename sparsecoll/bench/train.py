@@ -12,6 +12,7 @@ dense run's accuracy less half a point (:mod:`sparsecoll.bench.time_to_accuracy`
 
 from __future__ import annotations
 
+import json
 import subprocess
 from collections.abc import Sequence
 from typing import Any
@@ -113,6 +114,9 @@ def train_rank(rank: int, world: int, place: RankPlace, dataset: str | None, con
                     row["epoch_loss"] = [float(value) for value in mean[len(present):]]
                 row["run"] = run_label(row) + (" (cut)" if row.get("cut") else "")
                 rows.append(row)
+                if rank == 0 and plan.rows_file:
+                    with open(plan.rows_file, "a") as handle:
+                        handle.write(json.dumps(row) + "\n")
     finally:
         if uses_ddp:
             dist.destroy_process_group()
@@ -123,17 +127,19 @@ def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, flo
         epochs: int = 30, batch: int = 32, lr: float = 0.1, hidden: int = 128, seed: int = 0,
         warmup_epochs: float = 1.0, timeout: float = 1800.0, backend: str = "tcp",
         link: str | None = None, *, model: str = "mlp", evals_per_epoch: int = 4, cap_seconds: float = 600.0,
-        steps: int = 20) -> list[dict[str, Any]]:
+        steps: int = 20, rows_file: str | None = None) -> list[dict[str, Any]]:
     """Rows of the report (every process gets them; under torchrun each runs one rank).
 
     A configuration is ``(algorithm, density)`` or a dict with ``method`` ("optimizer", the
     default, "hook", "ddp", "fp16" or "powersgd" with ``rank``) that may also say
     ``error_feedback``, ``memory_beta``, ``momentum_correction``, ``dtype`` (the model's, e.g.
     "bfloat16"), ``residual_dtype`` and ``optimizer_options`` (more SparseCollOptimizer keywords).
+    ``rows_file`` gets each row as it finishes (JSON lines, before time to target is known).
     """
     if model not in MODELS:
         raise InvalidArgumentError(f"--model: unknown {model!r}; choose from {', '.join(MODELS)}")
-    plan = Plan(model, epochs, batch, lr, hidden, seed, warmup_epochs, evals_per_epoch, cap_seconds, steps)
+    plan = Plan(model, epochs, batch, lr, hidden, seed, warmup_epochs, evals_per_epoch, cap_seconds, steps,
+                rows_file=rows_file)
     chosen = [dict(config) if isinstance(config, dict) else {"algorithm": config[0], "density": config[1]}
               for config in configs]
     real_data = None if MODELS[model].step_time_only else dataset

@@ -8,6 +8,7 @@ which :mod:`sparsecoll.bench.train_methods` passes on) or into :func:`sparsecoll
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from typing import Annotated, Any
 
@@ -17,7 +18,6 @@ from sparsecoll.bench import checks
 from sparsecoll.bench.cli_support import (
     Backend,
     Imports,
-    JsonFile,
     Link,
     PlotFile,
     Ranks,
@@ -70,7 +70,9 @@ def train_command(
         "--no-momentum-correction", help="error feedback on the plain gradient, not DGC's momentum")] = False,
     backend: Backend = "tcp",
     link: Link = None,
-    json_file: JsonFile = None,
+    json_file: Annotated[str | None, typer.Option("--json", metavar="FILE", help="also write every row and field "
+                                                  "to this JSON file (and each row as it ends to "
+                                                  "FILE.partial.jsonl, removed once FILE is written)")] = None,
     plot_file: PlotFile = None,
     wide: Wide = False,
     imports: Imports = None,
@@ -100,12 +102,15 @@ def train_command(
         checks.link(link)
         from sparsecoll.bench import train  # after the checks: it loads torch
 
+        partial = f"{json_file}.partial.jsonl" if json_file and this_rank() == 0 else None
+        if partial and os.path.exists(partial):
+            os.remove(partial)
         configs = configurations(baselines, algorithms, densities, hooks, betas, not no_momentum_correction)
         starting(world_size(ranks))
         with status(f"training {len(configs)} configurations ({model})..."):
             rows = train.run(dataset, ranks, configs, epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed,
                              backend=backend, link=link, model=model, evals_per_epoch=evals_per_epoch,
-                             cap_seconds=60 * cap_minutes, steps=steps)
+                             cap_seconds=60 * cap_minutes, steps=steps, rows_file=partial)
     if this_rank() != 0:
         return
     world = world_size(ranks)
@@ -119,6 +124,8 @@ def train_command(
            dataset=dataset, model=model, world=world, epochs=epochs, steps=steps, batch=batch, lr=lr,
            hidden=hidden, seed=seed, backend=backend, link=link or "loopback", evals_per_epoch=evals_per_epoch,
            cap_minutes=cap_minutes, target_accuracy=target)
+    if partial and os.path.exists(partial):
+        os.remove(partial)  # the whole run is in --json now
 
 
 def configurations(baselines: str, algorithms: str, densities: str, hooks: str, betas: Sequence[float | None],

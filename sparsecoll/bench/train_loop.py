@@ -47,6 +47,8 @@ class Plan:
     steps: int = 20
     warmup: int = 3
     compute_steps: int = COMPUTE_ONLY_STEPS
+    rows_file: str | None = None
+    """Rank 0 appends each finished row here (JSON lines), so a long run killed midway keeps them."""
 
 
 class WireCounter:

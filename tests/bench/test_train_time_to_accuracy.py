@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from sparsecoll.bench.time_to_accuracy import add_time_to_target, dense_baseline, time_to_target
+from sparsecoll.bench.train_methods import ring_payload
 
 # (step, training seconds, test accuracy), as train_loop records them
 DDP_CURVE = [[10, 1.0, 0.80], [20, 2.0, 0.905], [30, 3.0, 0.93], [40, 4.0, 0.925]]
@@ -22,6 +23,8 @@ def rows() -> list[dict]:
         # above it once, then below: the first time counts
         {"method": "hook", "algorithm": "cltk", "accuracy": 0.90, "curve": [[10, 0.3, 0.95], [20, 0.6, 0.90]]},
         {"method": "optimizer", "algorithm": "allgather", "accuracy": 0.919, "curve": [[10, 0.1, 0.919]]},
+        # sparsecoll's own dense run: DDP's accuracy, not this one's, sets the target
+        {"method": "optimizer", "algorithm": "dense", "accuracy": 0.95, "curve": [[10, 5.0, 0.95]]},
     ]
 
 
@@ -30,12 +33,13 @@ def test_each_row_gets_its_first_time_at_the_target_and_ratios_to_ddp_and_the_be
     target = add_time_to_target(table)
     assert target == pytest.approx(0.92)
     times = [row["time_to_target"] for row in table]
-    assert times == [3.0, 1.0, 0.8, 0.4, 0.3, None]
-    assert [row["steps_to_target"] for row in table] == [30, 20, 10, 20, 10, None]
+    assert times == [3.0, 1.0, 0.8, 0.4, 0.3, None, 5.0]
+    assert [row["steps_to_target"] for row in table] == [30, 20, 10, 20, 10, None, 10]
     assert [row["tta_vs_ddp"] for row in table[:5]] == pytest.approx([1.0, 3.0, 3.75, 7.5, 10.0])
     # PowerSGD's best (rank 4, 0.8 s) is the yardstick, not the first PowerSGD row
     assert [row["tta_vs_powersgd"] for row in table[:5]] == pytest.approx([0.8 / 3.0, 0.8, 1.0, 2.0, 0.8 / 0.3])
     assert table[5]["tta_vs_ddp"] is None and table[5]["tta_vs_powersgd"] is None
+    assert table[6]["tta_vs_ddp"] == pytest.approx(0.6)
 
 
 def test_the_curve_is_read_in_order_and_nothing_reached_is_none() -> None:
@@ -47,9 +51,13 @@ def test_the_curve_is_read_in_order_and_nothing_reached_is_none() -> None:
 
 def test_without_ddp_sparsecolls_dense_run_sets_the_target_and_without_any_dense_none() -> None:
     table = [row for row in rows() if row["method"] != "ddp"]
-    table.append({"method": "optimizer", "algorithm": "dense", "accuracy": 0.95, "curve": [[10, 2.0, 0.95]]})
     assert dense_baseline(table) is table[-1]
     assert add_time_to_target(table) == pytest.approx(0.945)
-    assert [row["time_to_target"] for row in table] == [None, None, None, 0.3, None, 2.0]
+    assert [row["time_to_target"] for row in table] == [None, None, None, 0.3, None, 5.0]
     assert all(row["tta_vs_ddp"] is None for row in table)
-    assert add_time_to_target([row for row in rows() if row["method"] not in ("ddp",)]) is None
+    assert add_time_to_target([row for row in table if row.get("algorithm") != "dense"]) is None
+
+
+@pytest.mark.parametrize(("world", "factor"), [(2, 1.0), (4, 1.5), (8, 1.75)])
+def test_a_ring_allreduce_sends_2_p_minus_1_over_p_of_what_it_reduces(world: int, factor: float) -> None:
+    assert ring_payload(1000, 4, world) == pytest.approx(4000 * factor)
