@@ -18,7 +18,7 @@ def rows() -> list[dict]:
         {"method": "ddp", "algorithm": "allreduce", "accuracy": 0.925, "curve": DDP_CURVE},
         {"method": "powersgd", "rank": 1, "accuracy": 0.921, "curve": [[10, 0.5, 0.7], [20, 1.0, 0.921]]},
         {"method": "powersgd", "rank": 4, "accuracy": 0.93, "curve": [[10, 0.8, 0.92], [20, 1.6, 0.93]]},
-        # at the target exactly (0.925 - 0.005 in floating point): reached
+        # at the target exactly: reached
         {"method": "optimizer", "algorithm": "gtopk", "accuracy": 0.92, "curve": [[10, 0.2, 0.5], [20, 0.4, 0.92]]},
         # above it once, then below: the first time counts
         {"method": "hook", "algorithm": "cltk", "accuracy": 0.90, "curve": [[10, 0.3, 0.95], [20, 0.6, 0.90]]},
@@ -47,6 +47,8 @@ def test_the_curve_is_read_in_order_and_nothing_reached_is_none() -> None:
     assert time_to_target(DDP_CURVE, 0.80) == (1.0, 10)
     assert time_to_target(DDP_CURVE, 0.931) is None
     assert time_to_target([], 0.5) is None
+    # 49/1000 - 0.005 is a little above 44/1000 in floating point: 44 of 1000 right is still the target
+    assert 49 / 1000 - 0.005 > 44 / 1000 and time_to_target([[7, 1.5, 44 / 1000]], 49 / 1000 - 0.005) == (1.5, 7)
 
 
 def test_without_ddp_sparsecolls_dense_run_sets_the_target_and_without_any_dense_none() -> None:
