@@ -43,6 +43,19 @@ def test_a_bad_choice_is_refused_before_any_rank_starts(arguments: list[str], ne
     assert_one_line_error(result.output, result.exit_code, needle)
 
 
+def test_hooks_name_only_compressed_algorithms_of_the_run() -> None:
+    from sparsecoll.bench.train import hook_configs
+    from sparsecoll.errors import InvalidArgumentError
+
+    optimizer = [{"algorithm": "dense", "density": 1.0}, {"algorithm": "gtopk", "density": 0.01}]
+    assert hook_configs(optimizer, "all") == hook_configs(optimizer, "gtopk") == [
+        {"algorithm": "gtopk", "density": 0.01, "method": "hook"}]
+    assert hook_configs(optimizer, "none") == []
+    for wrong in ("cltk", "dense", "gtopk,nope"):
+        with pytest.raises(InvalidArgumentError, match="--hooks"):
+            hook_configs(optimizer, wrong)
+
+
 def namespaces(prefix: str) -> list[str]:
     listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     return [line.split()[0] for line in listed.splitlines() if line.startswith(prefix)]
