@@ -64,18 +64,18 @@ def group_of_one():
 
 def test_a_configuration_past_the_cap_stops_at_the_next_check_and_says_cut(group_of_one) -> None:
     data = load_dataset("digits")
-    plan = Plan(epochs=3, batch=64, evals_per_epoch=2, cap_seconds=0.0)
-    row = train_configuration(group_of_one, data, {"algorithm": "gtopk", "density": 0.01}, plan, WireCounter(None))
+    plan = Plan(epochs=3, batch=64, evals_per_epoch=2, cap_seconds=0.0, compute_steps=2)
+    row = train_configuration(group_of_one, data, {"algorithm": "dense", "density": 1.0}, plan, WireCounter(None))
     every = (1437 // 64) // 2
     assert row["cut"] and row["steps"] == every and row["epochs_run"] == 1 and len(row["curve"]) == 1
-    uncapped = train_configuration(group_of_one, data, {"algorithm": "gtopk", "density": 0.01},
-                                   Plan(epochs=1, batch=64, evals_per_epoch=2), WireCounter(None))
+    uncapped = train_configuration(group_of_one, data, {"algorithm": "dense", "density": 1.0},
+                                   Plan(epochs=1, batch=64, evals_per_epoch=2, compute_steps=2), WireCounter(None))
     assert not uncapped["cut"] and uncapped["steps"] == 1437 // 64 and len(uncapped["curve"]) == 2
 
 
 def test_the_25m_mlp_takes_timed_steps_on_random_data_and_reports_no_accuracy(group_of_one) -> None:
     plan = Plan(model="mlp25m", steps=2, warmup=1, compute_steps=2)
-    row = train_configuration(group_of_one, None, {"algorithm": "gtopk", "density": 0.001}, plan, WireCounter(None))
+    row = train_configuration(group_of_one, None, {"algorithm": "dense", "density": 1.0}, plan, WireCounter(None))
     assert row["parameters"] == 5000 * 5000 + 5000 + 5000 * 10 + 10
     assert row["accuracy"] is None and row["steps"] == 2 and not row["cut"] and "curve" not in row
     assert row["seconds_per_step"] > 0 and row["compute_seconds_per_step"] > 0
