@@ -105,6 +105,7 @@ def spawn(world_size: int, target: Callable, *args: Any, timeout: float = 600.0,
         on_started(processes, store)
     outcomes: dict[int, tuple[str, Any]] = {}
     deadline = time.monotonic() + timeout
+    collected = False
     try:
         while len(outcomes) < world_size - len(expect_dead):
             remaining = deadline - time.monotonic()
@@ -117,9 +118,10 @@ def spawn(world_size: int, target: Callable, *args: Any, timeout: float = 600.0,
                 _check_for_dead(processes, outcomes, expect_dead, results)
                 continue
             outcomes[rank] = (status, value)
-    finally:
+        collected = True
+    finally:  # interrupted (Ctrl-C, SIGTERM) or past the deadline: the ranks get 2 s, not what is left of it
         for process in processes:
-            process.join(timeout=2 if expect_dead else max(0.1, deadline - time.monotonic()))
+            process.join(timeout=2 if expect_dead or not collected else max(0.1, deadline - time.monotonic()))
             if process.is_alive():
                 process.kill()
                 process.join()

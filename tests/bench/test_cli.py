@@ -177,6 +177,7 @@ def test_train_records_curves_and_plots_them(tmp_path: Path) -> None:
     out, plot = tmp_path / "train.json", tmp_path / "train.png"
     result = runner.invoke(app, ["train", "--dataset", "digits", "--ranks", "2", "--epochs", "2",
                                  "--algorithms", "dense,gtopk", "--densities", "0.01", "--batch", "16",
+                                 "--baselines", "none", "--hooks", "none",
                                  "--json", str(out), "--plot", str(plot)])
     assert result.exit_code == 0, result.output
     document = json.loads(out.read_text())

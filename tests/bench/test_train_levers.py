@@ -47,7 +47,8 @@ def test_accordion_reaches_every_rank_and_spends_dense_bytes_in_critical_epochs(
     out = tmp_path / "train.json"
     result = runner.invoke(app, ["train", "--dataset", "digits", "--ranks", "2", "--epochs", "2", "--batch", "16",
                                  "--hidden", "32", "--algorithms", "dense,gtopk", "--densities", "0.01",
-                                 "--density-schedule", "accordion-dense", "--json", str(out)], env={"COLUMNS": "80"})
+                                 "--density-schedule", "accordion-dense", "--baselines", "none", "--hooks", "none",
+                                 "--json", str(out)], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     dense, accordion = json.loads(out.read_text())["rows"]
     assert "density_schedule" not in dense and dense["critical_epochs"] == []

@@ -40,6 +40,7 @@ def test_the_flags_reach_the_optimizer_of_every_rank(tmp_path: Path) -> None:
     out = tmp_path / "train.json"
     result = runner.invoke(app, ["train", "--dataset", "digits", "--ranks", "2", "--epochs", "1", "--batch", "16",
                                  "--algorithms", "dense,cltk", "--densities", "0.01", "--memory-beta", "1,0.1",
+                                 "--baselines", "none", "--hooks", "none",
                                  "--no-momentum-correction", "--json", str(out)], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     dense, plain, filtered = json.loads(out.read_text())["rows"]
