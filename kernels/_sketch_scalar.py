@@ -32,19 +32,19 @@ def hot_words(columns: int) -> int:
     return -(-columns // HOT_WORD_BITS)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def bucket_unsigned(a, b, i, columns):
     """``sketch_bucket`` as an unsigned index (an index Numba knows is >= 0 skips the wraparound)."""
     return (((np.uint64(a) * np.uint64(i) + np.uint64(b)) >> _S32) * np.uint64(columns)) >> _S32
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def sign_is_negative(a, b, i):
     """``sketch_sign(a, b, i) < 0`` as a flag, so a value is negated instead of multiplied."""
     return ((np.uint64(a) * np.uint64(i) + np.uint64(b)) >> _S63) != 0
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def hot_word(table, j, word, threshold):
     """Bits of counters ``32 word .. 32 word + 31`` of row ``j`` whose ``|value| >= threshold``."""
     bits = np.uint32(0)
@@ -56,7 +56,7 @@ def hot_word(table, j, word, threshold):
     return bits
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def cold_rows_exceed(hot, hashes, i, columns, allowed):
     """True when more than ``allowed`` rows put coordinate ``i`` in a cold bucket (it cannot pass)."""
     cold = 0
@@ -69,7 +69,7 @@ def cold_rows_exceed(hot, hashes, i, columns, allowed):
     return False
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def row_estimate(table, hashes, i, buf):
     """Median over rows of the signed counters of coordinate ``i``; ``buf`` holds >= rows floats."""
     rows = table.shape[0]
@@ -79,7 +79,7 @@ def row_estimate(table, hashes, i, buf):
     return median_of_first(buf, rows)
 
 
-@njit(cache=True)
+@njit(nogil=True, cache=True)
 def allowed_cold_rows(rows):
     """Rows that may be cold for a coordinate whose median can still reach the threshold."""
     return rows - (rows + 1) // 2
