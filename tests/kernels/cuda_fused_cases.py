@@ -1,8 +1,8 @@
 """The fused pass's CUDA kernel against its CPU kernel, bit for bit.
 
-Not collected by a plain ``pytest``: ``test_fused_cuda.py`` runs this file in a subprocess
-under Numba's CUDA simulator (and on a GPU where one is present), as ``test_cuda.py`` does for
-the other kernels. The simulator runs every thread in Python, so the buffers stay small.
+Not collected by a plain ``pytest``: ``test_cuda.py`` runs this file in a subprocess
+under Numba's CUDA simulator (and on a GPU where one is present), with the other kernels'
+cases. The simulator runs every thread in Python, so the buffers stay small.
 """
 
 from __future__ import annotations

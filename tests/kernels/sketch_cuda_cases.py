@@ -1,4 +1,4 @@
-"""The CUDA sketch recovery against the CPU one, bit for bit (run by ``test_sketch_cuda.py``).
+"""The CUDA sketch recovery against the CPU one, bit for bit (run by ``test_cuda.py``).
 
 Not collected by a plain ``pytest``: it needs ``NUMBA_ENABLE_CUDASIM=1`` (or a GPU) set before
 numba is imported. The simulator runs every thread in Python, so sizes stay in the thousands;

@@ -1,7 +1,8 @@
 """Runs the CUDA kernel cases in their own process: under the simulator always, on a GPU if present.
 
 ``NUMBA_ENABLE_CUDASIM`` is read when numba is imported, so it cannot be switched inside this
-process; a subprocess with the variable set runs ``cuda_cases.py`` and must pass.
+process; one subprocess with the variable set runs every case file (the kernels', the fused
+pass's, the sketch recovery's) and must pass.
 """
 
 from __future__ import annotations
@@ -13,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
-CASES = Path(__file__).with_name("cuda_cases.py")
+CASES = [Path(__file__).with_name(name) for name in ("cuda_cases.py", "cuda_fused_cases.py", "sketch_cuda_cases.py")]
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_cases(simulate: bool) -> None:
     env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1" if simulate else "0")
-    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(CASES)]
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *map(str, CASES)]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=280)
     report = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0, report
