@@ -23,9 +23,11 @@ from sparsecoll.bench.cli_support import (
     PlotFile,
     QuantizeBits,
     Ranks,
+    RanksPerHost,
     Wide,
     clean_errors,
     console,
+    errors,
     report,
     save,
     starting,
@@ -63,12 +65,13 @@ def main(imports: Imports = None,
 
 
 def _sweep(ranks: int, cases: list, iterations: int | None, warmup: int, with_gloo: bool, backend: str,
-           link: str | None, json_file: str | None, plot_file: str | None, title: str, wide: bool) -> None:
+           link: str | None, json_file: str | None, plot_file: str | None, title: str, wide: bool,
+           ranks_per_host: int = 1) -> None:
     from sparsecoll.bench import collectives
 
     starting(world_size(ranks))
     rank, rows = run_ranks(ranks, collectives.run_rank, cases, iterations, warmup, with_gloo,
-                           console.is_terminal, backend=backend, link=link)
+                           console.is_terminal, backend=backend, link=link, ranks_per_host=ranks_per_host)
     if rank != 0:
         return
     world = rows[0]["ranks"]
@@ -80,19 +83,42 @@ def _sweep(ranks: int, cases: list, iterations: int | None, warmup: int, with_gl
     save("collectives", rows, json_file, plot_file, ranks=world, backend=backend, link=link or "loopback")
 
 
-@app.command(short_help="4 ranks: dense and sparse allreduce vs Gloo")
-def demo(ranks: Ranks = 4, json_file: JsonFile = None, plot_file: PlotFile = None, wide: Wide = False,
-         imports: Imports = None) -> None:
-    """The README's first command: local ranks run dense and sparse collectives against Gloo."""
-    from sparsecoll.bench import collectives
-
+@app.command(short_help="4 ranks, a ResNet-50's gradient: dense and Gloo vs gTop-k and CLT-k")
+def demo(
+    ranks: Ranks = 4,
+    link: Annotated[str | None, typer.Option(metavar="RATE", help="emulated links of this rate, e.g. 1gbit (root "
+                                                                  "and tc tbf), or loopback (default: 1gbit links "
+                                                                  "where this machine can build them, else "
+                                                                  "loopback)")] = None,
+    size: Annotated[str, typer.Option("--size", "-d", metavar="COUNT", help="gradient elements (25M: a "
+                                                                            "ResNet-50's)")] = "25M",
+    iterations: Annotated[int, typer.Option("--iters", "-n", metavar="N", help="timed calls per algorithm "
+                                                                              "(after one untimed)")] = 2,
+    json_file: JsonFile = None,
+    plot_file: PlotFile = None,
+    wide: Wide = False,
+    imports: Imports = None,
+) -> None:
+    """The README's first command: dense allreduce (ours and Gloo's) against gTop-k and CLT-k at 0.1%
+    on one gradient, over emulated 1 Gbit/s links where the machine allows, and the ratio in a sentence."""
     with clean_errors():
         import_plugins(imports or [])
         checks.positive("--ranks", ranks)
-        cases = collectives.plan_cases(["allreduce"], ["dense", "gloo", "allgather", "gtopk", "cltk"],
-                                       [4 << 10, 256 << 10, 4 << 20], [0.01], [None])
-        _sweep(ranks, cases, 10, 2, True, "tcp", None, json_file, plot_file, "allreduce, dense and sparse vs Gloo",
-               wide)
+        elements = checks.positive("--size", parse_count(size))
+        checks.positive("--iters", iterations)
+        from sparsecoll.bench.demo import DENSITY, LOOPBACK, TABLE, choose_where, conclusion, run_demo
+
+        where = choose_where(link)
+        if where.fallback is not None:
+            errors.print(f"running on loopback: {where.fallback}", markup=False)
+        rows = run_demo(world_size(ranks), elements, iterations, where)
+    if this_rank() != 0:
+        return
+    place = f"{where.link} links" if where.link else "torchrun's network" if under_launcher() else LOOPBACK
+    sentence = conclusion(rows, where)
+    report("sparse", f"demo over {place}", TABLE, rows, json_file, plot_file, wide,
+           command="demo", link=where.link or LOOPBACK, density=DENSITY, backend="tcp", conclusion=sentence)
+    console.print(sentence, highlight=False, soft_wrap=True)  # one line in logs; a terminal wraps it
 
 
 @app.command("collectives", short_help="nccl-tests style size sweep vs Gloo")
@@ -109,11 +135,12 @@ def collectives_command(
                                                           "barrier")] = "allreduce",
     algorithms: Annotated[str, typer.Option(metavar="LIST", help="for allreduce, comma-separated: dense, gloo "
                                                                  "(the baseline of every row), allgather, gtopk, "
-                                                                 "sketch, cltk or a registered name")] = "dense,gloo",
+                                                                 "sketch, cltk, oktopk or a registered name")] = "dense,gloo",
     density: Density = "0.01",
     quantize_bits: QuantizeBits = "0",
     backend: Backend = "tcp",
     link: Link = None,
+    ranks_per_host: RanksPerHost = 1,
     json_file: JsonFile = None,
     plot_file: PlotFile = None,
     wide: Wide = False,
@@ -141,8 +168,9 @@ def collectives_command(
         from sparsecoll.bench import collectives  # after the checks: it loads the kernels
 
         cases = collectives.plan_cases(checks.listed("--ops", ops), names, sizes, densities, bits)
+        checks.ranks_per_host(ranks_per_host, [ranks])
         _sweep(ranks, cases, iterations or None, warmup, "gloo" in names, backend, link, json_file, plot_file,
-               "sparsecoll collectives", wide)
+               "sparsecoll collectives", wide, ranks_per_host)
 
 
 @app.command("soak", short_help="many small allreduces: leaks and errors")
@@ -178,11 +206,16 @@ def sparse_command(
     iterations: Annotated[int, typer.Option("--iters", "-n", metavar="N", help="timed calls per algorithm "
                                                                               "(after one untimed)")] = 3,
     algorithms: Annotated[str, typer.Option(metavar="LIST", help="comma-separated: dense, gloo, allgather, gtopk, "
-                                                                 "sketch, cltk, selection (the local top-k alone) "
+                                                                 "sketch, cltk, oktopk, selection (the local top-k "
+                                                                 "alone) "
                                                                  "or a registered name")] =
-        "dense,gloo,allgather,gtopk,sketch,cltk,selection",
+        "dense,gloo,allgather,gtopk,sketch,cltk,oktopk,selection",
     backend: Backend = "tcp",
     link: Link = None,
+    ranks_per_host: RanksPerHost = 1,
+    hierarchical: Annotated[str, typer.Option(metavar="off|on|both", help="dense, allgather, gtopk and cltk flat "
+                                                                          "(off), in two levels (on), or "
+                                                                          "both")] = "off",
     auto: Annotated[bool, typer.Option(help="also show what algorithm='auto' would pick (calibrated cost "
                                             "model, else defaults) against the fastest measured")] = True,
     json_file: JsonFile = None,
@@ -201,6 +234,9 @@ def sparse_command(
                                                             for value in checks.listed("--ranks", ranks, int)]
         checks.backend(backend)
         checks.link(link)
+        checks.ranks_per_host(ranks_per_host, worlds)
+        if hierarchical not in ("off", "on", "both"):
+            raise ValueError(f"--hierarchical must be off, on or both, not {hierarchical!r}")
         from sparsecoll.bench import sparse  # after the checks: it loads the kernels
 
         rank, rows = 0, []
@@ -208,11 +244,13 @@ def sparse_command(
             starting(world)
             with status(f"{world} ranks: {', '.join(names)} at d={size}..."):
                 rank, world_rows = run_ranks(world, sparse.run_rank, elements, density, names, iterations,
-                                             backend=backend, link=link)
+                                             ranks_per_host, hierarchical, backend=backend, link=link,
+                                             ranks_per_host=ranks_per_host)
             rows += world_rows
     if rank != 0:
         return
-    where = f"{backend.upper()}, {link + ' links' if link else 'loopback'}"
+    where = f"{backend.upper()}, {link + ' links' if link else 'loopback'}" + (
+        f", hosts of {ranks_per_host} ranks" if ranks_per_host > 1 else "")
     report("sparse", f"sparse vs dense, density {100 * density:g}%, {where}", sparse.TABLE, rows, json_file,
             plot_file, wide, link=link or "loopback", density=density, backend=backend)
     if auto:
