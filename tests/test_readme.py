@@ -59,12 +59,14 @@ EXPECTED_OUTPUT = [
     r"^(\d) \[[-0-9. e]+\] (\d+) bytes sent$",                      # asyncio allreduce
     r"^(\d) (\d+) bytes sent, 4194304 in the dense array$",          # the blocking calls
     r"^(\d) (\d+) bytes sent instead of 4194304$",                   # sparse and compressed
+    r"^(\d) \(\([\d, ]+\),\) (\d+) of (\d+) bytes to other hosts$",      # two-level (one host here)
     r"^rank (\d): loss ([0-9.]+), (\d+) bytes sent last step, a dense allreduce sends ([0-9,]+)$",  # training
     (r"^server: (\d+) updates, (\d+) refused as too stale$",                                          # AsyLPG:
      r"^worker (\d): loss ([0-9.]+), (\d+) bytes pushed instead of (\d+)$"),                          # by role
 ]
-TRAINING = 3
-PARAMETER_SERVER = 4
+HOSTS = 3
+TRAINING = 4
+PARAMETER_SERVER = 5
 
 
 def test_the_readme_has_the_blocks_this_test_knows() -> None:
@@ -88,6 +90,8 @@ def test_readme_api_blocks_run_verbatim_on_two_ranks(tmp_path: Path) -> None:
     _matches(EXPECTED_OUTPUT[0], stdout)
     for index in (1, 2):  # sparse: a small fraction of what the dense allreduce would send
         assert all(0 < int(match.group(2)) < 4194304 / 20 for match in _matches(EXPECTED_OUTPUT[index], stdout))
+    for match in _matches(EXPECTED_OUTPUT[HOSTS], stdout):  # both ranks on this host: flat, nothing between hosts
+        assert int(match.group(2)) == 0 < int(match.group(3)) < 4194304 / 20, match.group(0)
     server, worker = (re.search(pattern, stdout, re.M) for pattern in EXPECTED_OUTPUT[PARAMETER_SERVER])
     assert server and int(server.group(1)) == 200, stdout  # one worker's 200 pushes, all applied
     assert worker and float(worker.group(2)) < 1.0, stdout  # it learned through 8-bit parameters
