@@ -16,6 +16,7 @@ from numba import njit, prange
 
 from ._fused_scalar import corrected, folded_gradient, load, rounded, step_element, stored_bits
 from ._scalar import uniform01
+from ._select_cpu import scan_run
 
 RUN = 1024  # elements computed, then scanned, while they are in L1/L2
 
@@ -55,21 +56,9 @@ def accumulate(grad, param, momentum, residual, send_bits, send_to_grad, zero_gr
             for j in range(stop - start):
                 step_element(grad_run, param_run, momentum_run, residual_run, j, send_to_grad, zero_grad, scale,
                              weight_decay, momentum_factor, nesterov, beta, with_decay, with_momentum)
-            keys = send_bits[start:stop]
-            top = keys[0] & mask
-            for j in range(keys.size):
-                top = max(top, keys[j] & mask)
-            if top < scan_from:
-                continue
-            for j in range(keys.size):
-                raw = keys[j]
-                key = raw & mask
-                if key >= key_min:
-                    if kept < cap:
-                        slot_idx[base + kept] = start + j
-                        slot_bits[base + kept] = raw
-                    kept += 1
-                nonfinite += key >= inf_key
+            kept, found = scan_run(send_bits[start:stop], start, mask, key_min, inf_key, scan_from, slot_idx,
+                                   slot_bits, base, kept, cap)
+            nonfinite += found
         counts[c] = kept
         bad[c] = nonfinite
     return slot_idx, slot_bits, counts, bad.sum()

@@ -64,6 +64,31 @@ def write_at_least(bits, mask, key_min, chunk, counts):
     return out_idx, out_bits
 
 
+@njit(nogil=True, cache=True)
+def scan_run(run, first, mask, key_min, inf_key, scan_from, slot_idx, slot_bits, base, kept, cap):
+    """One run of keys (element ``first`` of the vector onward) into a chunk's slots from
+    ``base``: the run is first reduced to its maximum (a branch-free loop LLVM vectorizes) and
+    scanned only when that reaches ``scan_from``; keys >= ``key_min`` fill the slots up to
+    ``cap`` and are all counted. Returns the chunk's new count and the run's NaN/inf count.
+    Shared by ``select_capped`` and the fused pass (:mod:`._fused_cpu`)."""
+    top = run[0] & mask
+    for j in range(run.size):
+        top = max(top, run[j] & mask)
+    if top < scan_from:
+        return kept, 0
+    nonfinite = 0
+    for j in range(run.size):
+        raw = run[j]
+        key = raw & mask
+        if key >= key_min:
+            if kept < cap:
+                slot_idx[base + kept] = first + j
+                slot_bits[base + kept] = raw
+            kept += 1
+        nonfinite += key >= inf_key
+    return kept, nonfinite
+
+
 @njit(parallel=True, nogil=True, cache=True)
 def select_capped(bits, mask, key_min, inf_key, chunk, cap):
     """One-pass compaction of keys >= key_min into ``cap`` slots per chunk.
@@ -88,21 +113,9 @@ def select_capped(bits, mask, key_min, inf_key, chunk, cap):
         kept = 0
         nonfinite = 0
         for start in range(0, view.size, RUN):
-            run = view[start : min(start + RUN, view.size)]
-            top = run[0] & mask
-            for j in range(run.size):
-                top = max(top, run[j] & mask)
-            if top < scan_from:
-                continue
-            for j in range(run.size):
-                raw = run[j]
-                key = raw & mask
-                if key >= key_min:
-                    if kept < cap:
-                        slot_idx[base + kept] = lo + start + j
-                        slot_bits[base + kept] = raw
-                    kept += 1
-                nonfinite += key >= inf_key
+            kept, found = scan_run(view[start : min(start + RUN, view.size)], lo + start, mask, key_min, inf_key,
+                                   scan_from, slot_idx, slot_bits, base, kept, cap)
+            nonfinite += found
         counts[c] = kept
         bad[c] = nonfinite
     return slot_idx, slot_bits, counts, bad.sum()
