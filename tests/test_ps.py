@@ -33,7 +33,7 @@ def least_squares_shard(rank: int) -> tuple[np.ndarray, np.ndarray]:
     return features, features @ truth + 0.1 * rng.normal(size=ROWS)
 
 
-STALE_TAG = 77
+STALE_TAG, PULLED_TAG = 77, 78
 
 
 async def train_least_squares(group, sessions: list[dict], steps: int):
@@ -41,7 +41,8 @@ async def train_least_squares(group, sessions: list[dict], steps: int):
 
     A session's ``stale_rank`` (not a config field) pulls, then waits until every other worker
     has finished before its first push, so that push is exactly as stale as the others' pushes
-    together; ``steps`` overrides the pushes per worker.
+    together; the others start pushing only once its pull is served (else a push can land
+    first and the stale push is one update younger). ``steps`` overrides the pushes per worker.
     """
     results = []
     for options in sessions:
@@ -55,9 +56,14 @@ async def train_least_squares(group, sessions: list[dict], steps: int):
             features, targets = least_squares_shard(group.rank)
             worker = Worker(group, DIM, config, timeout=60)
             params = await worker.pull()
+            others = set(range(1, group.size)) - {stale_rank}
             if group.rank == stale_rank:
-                for other in set(range(1, group.size)) - {stale_rank}:
+                for other in others:  # its pull is served: now the others may push
+                    await group.send(np.zeros(1), other, PULLED_TAG)
+                for other in others:
                     await group.recv(other, STALE_TAG, timeout=60)
+            elif stale_rank > 0:
+                await group.recv(stale_rank, PULLED_TAG, timeout=60)
             for _ in range(pushes):
                 params = await worker.push(features.T @ (features @ params - targets) / ROWS)
             if 0 < stale_rank != group.rank:
