@@ -74,6 +74,9 @@ def train_command(
                                                    "fixed,accordion runs each compressed row both ways")] = "fixed",
     lr_scale: Annotated[str, typer.Option(
         "--lr-scale", metavar="LIST", help="multiply the compressed rows' learning rate, e.g. 1,2")] = "1",
+    momentum_masking: Annotated[str, typer.Option(
+        "--momentum-masking", metavar="LIST", help="off (the default) or on (DGC's momentum factor masking); "
+                                                   "off,on runs each compressed row both ways")] = "off",
     backend: Backend = "tcp",
     link: Link = None,
     json_file: Annotated[str | None, typer.Option("--json", metavar="FILE", help="also write every row and field "
@@ -106,6 +109,7 @@ def train_command(
         betas = checks.memory_betas("--memory-beta", memory_beta)
         schedules = checks.choices("--density-schedule", density_schedule, checks.DENSITY_SCHEDULES)
         lr_scales = checks.positives("--lr-scale", lr_scale)
+        maskings = [choice == "on" for choice in checks.choices("--momentum-masking", momentum_masking, ("off", "on"))]
         checks.backend(backend)
         checks.link(link)
         from sparsecoll.bench import train  # after the checks: it loads torch
@@ -114,7 +118,7 @@ def train_command(
         if partial and os.path.exists(partial):
             os.remove(partial)
         configs = configurations(baselines, algorithms, densities, hooks, betas, not no_momentum_correction,
-                                 schedules, lr_scales)
+                                 schedules, lr_scales, maskings)
         starting(world_size(ranks))
         with status(f"training {len(configs)} configurations ({model})..."):
             rows = train.run(dataset, ranks, configs, epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed,
@@ -139,14 +143,14 @@ def train_command(
 
 def configurations(baselines: str, algorithms: str, densities: str, hooks: str, betas: Sequence[float | None],
                    momentum_correction: bool, schedules: Sequence[str] = ("fixed",),
-                   lr_scales: Sequence[float] = (1.0,)) -> list[dict[str, Any]]:
+                   lr_scales: Sequence[float] = (1.0,), maskings: Sequence[bool] = (False,)) -> list[dict[str, Any]]:
     """Every row's configuration, in table order: torch's baselines, the optimizer's, the hook's
     (density schedules and learning-rate scales are the optimizer's levers: the hook rows take
     its fixed-density rows)."""
     from sparsecoll.bench import train
 
     optimizer = train.parse_configs(algorithms, densities, betas, momentum_correction=momentum_correction,
-                                    schedules=schedules, lr_scales=lr_scales)
+                                    schedules=schedules, lr_scales=lr_scales, maskings=maskings)
     plain = [config for config in optimizer if "density_schedule" not in config and "lr_scale" not in config]
     return [*train.parse_baselines(baselines), *optimizer, *train.hook_configs(plain, hooks)]
 

@@ -95,13 +95,15 @@ def _optimizer(model: Any, sync: Any, config: dict[str, Any], hyper: Hyper) -> S
                                     error_feedback=config.get("error_feedback"),
                                     memory_beta=config.get("memory_beta"),
                                     momentum_correction=config.get("momentum_correction", True),
+                                    momentum_masking=config.get("momentum_masking", False),
                                     algorithm_options=config.get("options"),
                                     warmup_steps=warmup_steps if algorithm != "dense" else 0,
                                     seed=hyper.seed, residual_dtype=residual_dtype,
                                     **config.get("optimizer_options", {}))
     info = {"error_feedback_used": bool(optimizer.compression.error_feedback),
             "memory_beta_used": optimizer.compression.filter_factor(),
-            "momentum_correction_used": bool(optimizer.momentum_correction)}
+            "momentum_correction_used": bool(optimizer.momentum_correction),
+            "momentum_masking_used": optimizer.momentum_masking if optimizer.momentum_correction else None}
     return StepMethod(model, model, optimizer, info, lambda: optimizer.last_stats.bytes_sent)
 
 
@@ -138,11 +140,13 @@ def _ddp(method: str, model: Any, sync: Any, config: dict[str, Any], hyper: Hype
         state = CommHookState(sync, config["algorithm"], config["density"], momentum=MOMENTUM if corrected else 0.0,
                               warmup_steps=hyper.warmup_steps, seed=hyper.seed, module=wrapped,
                               error_feedback=config.get("error_feedback"), memory_beta=config.get("memory_beta"),
+                              momentum_masking=config.get("momentum_masking", False),
                               **config.get("hook_options", {}))
         wrapped.register_comm_hook(state, comm_hook)
         momentum = 0.0 if corrected else MOMENTUM  # with momentum correction the hook keeps it (DGC)
         info = {"error_feedback_used": bool(state.compression.error_feedback),
-                "memory_beta_used": state.compression.filter_factor(), "momentum_correction_used": corrected}
+                "memory_beta_used": state.compression.filter_factor(), "momentum_correction_used": corrected,
+                "momentum_masking_used": state.momentum_masking if corrected else None}
         last_bytes = lambda: sum(stats.bytes_sent for stats in state.last_stats.values())  # noqa: E731
         close = state.close
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=hyper.lr, momentum=momentum)

@@ -9,7 +9,8 @@ torch's default process group (e.g. Gloo) carries only what DDP itself sends (th
 parameter broadcast, unused-parameter maps); gradients travel over the sparsecoll group. The
 hook keeps the same error-feedback state as :class:`~sparsecoll.torch.SparseCollOptimizer`, per
 DDP bucket. Momentum correction needs the hook to own the momentum: give ``momentum=`` here
-and build the optimizer with ``momentum=0``.
+and build the optimizer with ``momentum=0``; ``momentum_masking=True`` adds DGC's masking (off by
+default, as for SparseCollOptimizer).
 """
 
 # no ``from __future__ import annotations``: DDP checks the hook's annotations as objects
@@ -65,11 +66,11 @@ class CommHookState:
 
     __slots__ = ("group", "compression", "momentum", "nesterov", "warmup_steps", "start_iter",
                  "iteration", "memories", "algorithm_states", "last_stats", "skip_nonfinite", "skipped_steps", "residual_dtype",
-                 "_lanes", "_in_flight", "_names", "_layouts", "_saved", "_skipped_at", "density_schedule", "_scheduled")
+                 "momentum_masking", "_lanes", "_in_flight", "_names", "_layouts", "_saved", "_skipped_at", "density_schedule", "_scheduled")
 
     def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: "float | DensitySchedule" = 0.001, *,
                  quantize_bits: int | None = None, error_feedback: bool | None = None, momentum: float = 0.0,
-                 nesterov: bool = False, warmup_steps: int = 0, start_iter: int = 1,
+                 nesterov: bool = False, momentum_masking: bool = False, warmup_steps: int = 0, start_iter: int = 1,
                  dense_above: float = 0.25, seed: int = 0,
                  algorithm_options: dict[str, Any] | None = None, module: Any = None,
                  memory_beta: float | None = None, skip_nonfinite: bool = True,
@@ -92,6 +93,7 @@ class CommHookState:
         self.compression.validate()
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
+        self.momentum_masking = bool(momentum_masking)
         self.warmup_steps = int(warmup_steps)
         self.start_iter = int(start_iter)
         self.iteration = 0
@@ -178,7 +180,7 @@ class CommHookState:
         self._saved = {name: {key: None if value is None else value.clone() for key, value in saved.items()}
                        for name, saved in state.get("parameters", {}).items()}
         for index, saved in state.get("memories", {}).items():
-            memory = ErrorFeedback(saved["residual"])
+            memory = ErrorFeedback(saved["residual"], momentum_masking=self.momentum_masking)
             memory.load_state_dict(saved)
             self.memories[int(index)] = memory
 
@@ -198,7 +200,7 @@ class CommHookState:
                           if other != index and old and names & {name for name, _ in old}]:
                 self.memories.pop(other, None)
                 self._layouts.pop(other, None)
-        memory = self.memories[index] = ErrorFeedback(work, self.residual_dtype)
+        memory = self.memories[index] = ErrorFeedback(work, self.residual_dtype, self.momentum_masking)
         self.algorithm_states[index] = self.compression.new_state()
         self._layouts[index] = layout
         if layout is not None:

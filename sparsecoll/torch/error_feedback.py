@@ -9,8 +9,12 @@ Deep Gradient Compression (Lin et al. 2018) in four pieces, per flat buffer:
    carries the momentum it would have had;
 3. error feedback: ``v`` is what is compressed; what this rank contributed is subtracted from it,
    the rest waits for a later step;
-4. momentum factor masking: ``u`` is zeroed where ``v`` was sent, so stale momentum is not
-   applied twice.
+4. momentum factor masking (opt-in, ``momentum_masking=True``): ``u`` is zeroed where ``v`` was
+   sent. DGC masks so that a late coordinate's stale momentum does not keep pushing it; but a
+   coordinate sent every step then gets no momentum at all (at density 1 the step is plain SGD),
+   and measured on MNIST it costs the compressed runs most of their epochs (README, "Epochs to
+   accuracy"). Unmasked, what every rank sends over the steps plus its residual is exactly the
+   sum of dense momentum SGD's updates (``tests/torch/test_error_feedback.py``), so it is the default.
 
 ScaleCom (Chen et al. 2020, Algorithm 1) filters the memory with a factor ``memory_beta`` (β):
 with ``p = m + u`` compressed to ``C(p)``, the new memory is ``m' = (1 - β) m + β (p - C(p))``
@@ -46,10 +50,12 @@ class ErrorFeedback:
     ``dtype`` asks for another (float32 residuals for a bfloat16 model, as DeepSpeed keeps)."""
 
     __slots__ = ("residual", "momentum", "previous", "grad_scale", "weight_decay", "parameters",
-                 "filtered_in_pass", "update_indices")
+                 "filtered_in_pass", "update_indices", "momentum_masking")
 
-    def __init__(self, like: torch.Tensor, dtype: torch.dtype | None = None) -> None:
+    def __init__(self, like: torch.Tensor, dtype: torch.dtype | None = None, momentum_masking: bool = False) -> None:
         self.residual = torch.zeros_like(like, dtype=dtype)
+        self.momentum_masking = bool(momentum_masking)
+        """Step 4, DGC's momentum factor masking: zero ``u`` where ``v`` was sent."""
         self.momentum: torch.Tensor | None = None
         self.previous: torch.Tensor | None = None
         """ScaleCom's filter: the memory before this step's gradient was added (β < 1, unfused only)."""
@@ -142,7 +148,7 @@ class ErrorFeedback:
         sent_at = to_tensor(result.sent_indices, self.residual)
         contribution = to_tensor(result.sent_values, self.residual).to(self.residual.dtype)
         self.residual.index_add_(0, sent_at, contribution, alpha=-memory_beta)
-        if self.momentum is not None:
+        if self.momentum_masking and self.momentum is not None:
             self.momentum.index_fill_(0, sent_at, 0)
 
     def accumulate(self, grad: torch.Tensor, momentum: float = 0.0, nesterov: bool = False,
@@ -168,8 +174,11 @@ class ErrorFeedback:
             self.residual.add_(grad)
         return self.residual
 
-    def sent(self, result: SparseResult, mask_momentum: bool = True) -> None:
-        """Steps 3 and 4: subtract this rank's contribution; mask momentum where it was sent."""
+    def sent(self, result: SparseResult, mask_momentum: bool | None = None) -> None:
+        """Steps 3 and 4: subtract this rank's contribution; mask momentum where it was sent when
+        ``mask_momentum`` (default: this memory's ``momentum_masking``)."""
+        if mask_momentum is None:
+            mask_momentum = self.momentum_masking
         if result.sent_indices is None:  # a dense contribution: keep what its codec lost
             self.residual.sub_(to_tensor(result.sent_values, self.residual).to(self.residual.dtype).view_as(self.residual))
             return

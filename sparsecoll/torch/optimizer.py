@@ -62,7 +62,9 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
     (e.g. :class:`~sparsecoll.torch.density.Accordion`). With ``momentum_correction`` and a wrapped
     ``torch.optim.SGD``, the wrapper keeps SGD's momentum (and folds its weight decay into the
     gradient) itself, as DGC does, and runs SGD without them; other optimizers get error
-    feedback only. Parameters for which ``dense_if`` is true (default: at most one dimension,
+    feedback only. ``momentum_masking=True`` adds DGC's momentum factor masking (momentum zeroed
+    where a value was sent); off by default, since it leaves often-sent coordinates without
+    momentum and costs epochs (README, "Epochs to accuracy"). Parameters for which ``dense_if`` is true (default: at most one dimension,
     i.e. biases and norms) are reduced dense. ``warmup_steps`` moves the density exponentially
     from 1 to ``density``; steps denser than ``dense_above`` use a dense allreduce. ``lazy`` (a
     :class:`~sparsecoll.collectives.lazy.LazyState` used as a template, one copy per bucket)
@@ -117,7 +119,7 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
     def __init__(self, optimizer: torch.optim.Optimizer, group: SyncGroup, algorithm: str = "gtopk",
                  density: float | DensitySchedule = 0.001, *, quantize_bits: int | None = None,
                  error_feedback: bool | None = None, momentum_correction: bool = True, warmup_steps: int = 0,
-                 lazy: LazyState | None = None,
+                 momentum_masking: bool = False, lazy: LazyState | None = None,
                  clip_norm: float | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  dense_if: Callable[[torch.Tensor], bool] | None = small_parameters,
                  dense_above: float = 0.25, seed: int = 0, grad_scaler: Any = None,
@@ -152,6 +154,7 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         self.grad_scaler = grad_scaler
         self.skip_nonfinite = skip_nonfinite
         self.momentum_correction = momentum_correction and isinstance(optimizer, torch.optim.SGD)
+        self.momentum_masking = bool(momentum_masking)
         if self.momentum_correction:
             for param_group in optimizer.param_groups:
                 if param_group.get("dampening", 0) != 0:
@@ -235,7 +238,7 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
     def _add_buckets(self, buckets: list[Bucket]) -> None:
         for bucket in buckets:
             self.buckets.append(bucket)
-            self.memories.append(ErrorFeedback(bucket.flat, self.residual_dtype))
+            self.memories.append(ErrorFeedback(bucket.flat, self.residual_dtype, self.momentum_masking))
             lazy = self._lazy
             self.lazy_states.append(None if lazy is None else lazy.fresh())
             self.algorithm_states.append(self.compression.new_state())

@@ -1,4 +1,5 @@
-"""``sparsecoll-bench train --density-schedule/--lr-scale``: the convergence levers from the command line."""
+"""``sparsecoll-bench train --density-schedule/--lr-scale/--momentum-masking``: the convergence levers from the
+command line."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ runner = CliRunner()
 
 @pytest.mark.parametrize(("option", "value"), [("--density-schedule", "bogus"), ("--density-schedule", ""),
                                                ("--lr-scale", "0"), ("--lr-scale", "-1"), ("--lr-scale", "x"),
-                                               ("--lr-scale", "inf")])
+                                               ("--lr-scale", "inf"), ("--momentum-masking", "maybe")])
 def test_a_bad_lever_is_refused_before_any_rank_starts(option: str, value: str) -> None:
     result = runner.invoke(app, ["train", "--dataset", "digits", option, value])
     output = result.output.strip()
@@ -32,6 +33,9 @@ def test_configurations_take_each_schedule_and_scale_and_dense_runs_once_plain()
                        {"algorithm": "gtopk", "density": 0.001, "lr_scale": 2.0},
                        {"algorithm": "gtopk", "density": 0.001, "density_schedule": "accordion"},
                        {"algorithm": "gtopk", "density": 0.001, "density_schedule": "accordion", "lr_scale": 2.0}]
+    assert train.parse_configs("dense,gtopk", "0.001", maskings=[False, True]) == [
+        {"algorithm": "dense", "density": 1.0}, {"algorithm": "gtopk", "density": 0.001},
+        {"algorithm": "gtopk", "density": 0.001, "momentum_masking": True}]
 
 
 @pytest.mark.parametrize(("name", "density", "critical"), [("accordion", 0.001, 0.01), ("accordion", 0.2, 1.0),
@@ -47,11 +51,13 @@ def test_accordion_reaches_every_rank_and_spends_dense_bytes_in_critical_epochs(
     out = tmp_path / "train.json"
     result = runner.invoke(app, ["train", "--dataset", "digits", "--ranks", "2", "--epochs", "2", "--batch", "16",
                                  "--hidden", "32", "--algorithms", "dense,gtopk", "--densities", "0.01",
-                                 "--density-schedule", "accordion-dense", "--baselines", "none", "--hooks", "none",
+                                 "--density-schedule", "accordion-dense", "--momentum-masking", "on",
+                                 "--baselines", "none", "--hooks", "none",
                                  "--json", str(out)], env={"COLUMNS": "80"})
     assert result.exit_code == 0, result.output
     dense, accordion = json.loads(out.read_text())["rows"]
     assert "density_schedule" not in dense and dense["critical_epochs"] == []
+    assert (dense["momentum_masking_used"], accordion["momentum_masking_used"]) == (False, True)
     assert accordion["density_schedule"] == "accordion-dense" and accordion["critical_epochs"] == [0, 1]
     for epoch in accordion["critical_epochs"]:  # dense epochs send what the dense row sends
         assert accordion["epoch_bytes"][epoch] == pytest.approx(dense["epoch_bytes"][epoch], rel=0.01)

@@ -40,7 +40,7 @@ def test_nothing_is_lost_sent_plus_residual_equals_all_gradients(size: int, step
 
 def test_momentum_correction_and_masking_follow_dgc() -> None:
     m = 0.9
-    memory = ErrorFeedback(torch.zeros(4, dtype=torch.float64))
+    memory = ErrorFeedback(torch.zeros(4, dtype=torch.float64), momentum_masking=True)
     g1 = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
     outgoing = memory.accumulate(g1, momentum=m)
     assert torch.equal(memory.momentum, g1) and torch.equal(outgoing, g1)
@@ -52,6 +52,26 @@ def test_momentum_correction_and_masking_follow_dgc() -> None:
     expected_u = np.array([1.9, 2.8, 3.7, 1.0])
     np.testing.assert_allclose(memory.momentum.numpy(), expected_u)
     np.testing.assert_allclose(memory.residual.numpy(), np.array([1.0, 2.0, 3.0, 0.0]) + expected_u)
+
+
+@settings(max_examples=25, deadline=None)
+@given(size=st.integers(1, 60), steps=st.integers(1, 12), seed=st.integers(0, 2**31 - 1))
+def test_unmasked_momentum_correction_sends_dense_momentum_sgds_updates(size: int, steps: int, seed: int) -> None:
+    """The default (no masking): what was sent plus the residual is the sum of every step's
+    momentum ``u_t`` (what dense momentum SGD applies), whatever top-k picked; DGC's masking
+    would drop the momentum of every sent coordinate from then on."""
+    rng = np.random.default_rng(seed)
+    memory = ErrorFeedback(torch.zeros(size, dtype=torch.float64))
+    velocity, applied_dense, sent_total = np.zeros(size), np.zeros(size), np.zeros(size)
+    for _ in range(steps):
+        grad = rng.standard_normal(size)
+        velocity = 0.9 * velocity + grad
+        applied_dense += velocity
+        result = top_k_result(memory.accumulate(torch.from_numpy(grad), momentum=0.9), max(1, size // 5))
+        sent_total[result.sent_indices] += result.sent_values
+        memory.sent(result)
+    np.testing.assert_allclose(sent_total + memory.residual.numpy(), applied_dense, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(memory.momentum.numpy(), velocity, rtol=1e-12, atol=1e-12)
 
 
 def test_nesterov_momentum_correction() -> None:

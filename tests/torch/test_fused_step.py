@@ -31,6 +31,8 @@ CONFIGS = {
     "gtopk-bf16-wide": ("gtopk", 0.02, {"momentum": 0.9}, {"residual_dtype": torch.float32, "bf16": True}, True),
     "gtopk-decay-clip": ("gtopk", 0.02, {"momentum": 0.9, "weight_decay": 1e-2}, {"clip_norm": 0.5}, False),
     "gtopk-warmup": ("gtopk", 0.02, {"momentum": 0.9}, {"warmup_steps": 3}, True),
+    "gtopk-masked": ("gtopk", 0.02, {"momentum": 0.9}, {"momentum_masking": True}, True),
+    "gtopk-beta-masked": ("gtopk", 0.02, {"momentum": 0.9}, {"memory_beta": 0.5, "momentum_masking": True}, False),
 }
 
 
@@ -111,6 +113,18 @@ def test_fused_step_equals_unfused_step(per_rank: list[dict], name: str) -> None
     initial = torch.cat([p.detach().reshape(-1) for p in net(bf16).parameters()]).float().numpy()
     assert not np.array_equal(per_rank[0][name][0]["params"][-1], initial), f"{name}: nothing was trained"
     np.testing.assert_array_equal(per_rank[0][name][0]["params"][-1], per_rank[1][name][0]["params"][-1])
+
+
+def test_momentum_is_masked_where_sent_only_when_asked(per_rank: list[dict]) -> None:
+    """DGC's masking zeroes the momentum of the last step's k sent coordinates (tanh: no exact
+    zeros otherwise); by default the momentum keeps them (the fused pass settles both ways)."""
+    for results in per_rank:
+        for name, masked in (("gtopk-masked", True), ("gtopk-momentum", False)):
+            for run in results[name]:
+                momentum = run["momenta"][-1][0]
+                k = int(0.02 * momentum.size)
+                zeros = int((momentum == 0).sum())
+                assert (zeros >= k // 2) if masked else (zeros < k // 10), (name, zeros, k)
 
 
 def test_clip_scale_reads_each_buffer_once_and_matches_torch() -> None:

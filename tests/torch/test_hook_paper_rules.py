@@ -86,6 +86,9 @@ def paper_rules_rank(rank: int, world: int) -> dict:
                     results["refused"][name] = str(error)
             for algorithm in ("cltk", "gtopk", "allgather"):
                 results["default_beta"][algorithm] = CommHookState(sync, algorithm, DENSITY).compression.filter_factor()
+            results["masking"] = [CommHookState(sync, "gtopk", DENSITY, momentum=0.9, **options)
+                                  .memory_for(0, torch.zeros(8), []).momentum_masking
+                                  for options in ({}, {"momentum_masking": True})]
             for name, (algorithm, options) in HOOK_CASES.items():
                 results[name] = hook_steps(rank, sync, algorithm, options)
     finally:
@@ -107,6 +110,10 @@ def filtered_memory(record: dict, beta: float) -> np.ndarray:
 
 def test_the_hooks_default_beta_is_the_papers_for_cltk_and_plain_for_the_others(per_rank) -> None:
     assert all(results["default_beta"] == {"cltk": 0.1, "gtopk": 1.0, "allgather": 1.0} for results in per_rank)
+
+
+def test_the_hooks_memories_mask_momentum_only_when_asked(per_rank) -> None:
+    assert all(results["masking"] == [False, True] for results in per_rank)
 
 
 @pytest.mark.parametrize("name, beta", [("cltk-default", 0.1), ("cltk-plain", 1.0)])

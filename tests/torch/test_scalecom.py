@@ -22,11 +22,11 @@ def top_k(values: np.ndarray, k: int) -> np.ndarray:
 
 @settings(max_examples=30, deadline=None)
 @given(size=st.integers(2, 300), steps=st.integers(1, 8), beta=st.sampled_from([0.05, 0.1, 0.3, 0.7, 1.0]),
-       momentum=st.sampled_from([0.0, 0.9]), seed=st.integers(0, 2**31 - 1))
+       momentum=st.sampled_from([0.0, 0.9]), masking=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_filtered_memory_matches_the_papers_update(size: int, steps: int, beta: float, momentum: float,
-                                                   seed: int) -> None:
+                                                   masking: bool, seed: int) -> None:
     rng = np.random.default_rng(seed)
-    memory = ErrorFeedback(torch.zeros(size, dtype=torch.float64))
+    memory = ErrorFeedback(torch.zeros(size, dtype=torch.float64), momentum_masking=masking)
     reference_m, reference_u = np.zeros(size), np.zeros(size)
     k = max(1, size // 10)
     for _ in range(steps):
@@ -38,7 +38,8 @@ def test_filtered_memory_matches_the_papers_update(size: int, steps: int, beta: 
         compressed = np.zeros(size)
         compressed[chosen] = p[chosen]
         reference_m = (1 - beta) * reference_m + beta * (p - compressed)
-        reference_u[chosen] = 0.0  # momentum factor masking
+        if masking:
+            reference_u[chosen] = 0.0  # DGC's momentum factor masking
         # the implementation, as reduce_buffer drives it
         outgoing = memory.accumulate(torch.from_numpy(grad), momentum, memory_beta=beta)
         np.testing.assert_allclose(outgoing.numpy(), p, atol=1e-12)
