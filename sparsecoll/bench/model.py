@@ -252,7 +252,9 @@ COMPARE_TABLE = [
     Column("measured_bytes", "wire B/rank", nbytes), Column("model_bytes", "model B/rank", nbytes),
     Column("bytes_ratio", "B model/measured", lambda value: f"{value:.3f}"),
 ]
-"""Bytes are to other hosts for two-level rows, all bytes for flat ones."""
+"""Bytes are to other hosts for two-level rows, all bytes for flat ones; the model's are the
+mean rank's, the sparse bench's rank 0's (the same for every rank but CLT-k, whose leader sends
+the indices too, and recursive doubling at P not a power of two)."""
 
 
 # ---------------------------------------------------------------------------- the plot

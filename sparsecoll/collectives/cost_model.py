@@ -224,13 +224,14 @@ class CostModel:
 
     def choose(self, ranks: int, size: int, k: int, candidates: Sequence[str] = ALGORITHMS,
                quantize_bits: int | None = None, *, itemsize: int = 4,
-               two_level: tuple[int, int] | None = None) -> str:
+               two_level: tuple[int, int] | None = None, intra: CostModel | None = None) -> str:
         """The candidate with the smallest predicted time (ties go to the earlier candidate);
-        with ``two_level`` = (hosts, ranks a host), those that run two-level are priced so."""
+        with ``two_level`` = (hosts, ranks a host), those that run two-level are priced so
+        (with ``intra``'s link inside a host, default this model's)."""
         if not candidates:
             raise InvalidArgumentError("choose needs at least one candidate algorithm")
-        costs = [self.price(name, ranks, size, k, quantize_bits, itemsize=itemsize, two_level=two_level)
-                 for name in candidates]
+        costs = [self.price(name, ranks, size, k, quantize_bits, itemsize=itemsize, two_level=two_level,
+                            intra=intra) for name in candidates]
         return candidates[int(np.argmin(costs))]
 
     # ------------------------------------------------------------------ persistence
