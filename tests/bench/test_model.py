@@ -128,3 +128,12 @@ def test_a_document_that_is_not_the_sparse_bench_is_refused(tmp_path: Path) -> N
     wrong.write_text(json.dumps({"benchmark": "kernels", "rows": []}))
     result = runner.invoke(app, ["model", "--measured", str(wrong)])
     assert_one_line_error(result.output, result.exit_code, "is not a `sparsecoll-bench sparse --json` document")
+
+
+def test_a_flat_algorithm_is_priced_on_the_link_it_crosses() -> None:
+    """Inside one host (P <= L) on the link inside it, across hosts on the link between them."""
+    priced = links(5e-5, 8e-9, 5e-6, 8e-11)
+    for world, model in ((4, priced.intra), (8, priced.inter)):
+        point = cost_view.price(priced, "dense", world, 4, 2_000_000, 2_000)
+        assert point["seconds"] == model.predict("dense", world, 2_000_000, 2_000)
+    assert cost_view.price(priced, "dense 2-level", 4, 4, 2_000_000, 2_000)["inter_host_bytes"] == 0
