@@ -135,6 +135,7 @@ def two_level_bytes(algorithm: str, hosts: int, per_host: int, size: int, k: int
        owner (dense and CLT-k the whole shard; allgather and gTop-k its top-k pairs in it).
     2. Between hosts: the flat algorithm on ``hosts`` ranks over the rank's own shard.
     3. Allgather inside the host: each owner sends its shard's result to the L-1 others.
+
     With one host or one rank a host the call is the flat algorithm (as at run time).
     """
     check_two_level(algorithm, hosts, per_host)

@@ -188,6 +188,7 @@ class CostModel:
         2. Between hosts: the flat algorithm on H ranks over the shard (:meth:`predict`); the L
            collectives run at once, one a local rank, each on its own rank's link.
         3. Allgather inside the host: L-1 messages of the shard's result (and its host mask).
+
         One host, or one rank a host, is the flat algorithm, as at run time.
         """
         check_two_level(algorithm, hosts, per_host)
