@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from sparsecoll.bench import checks
+from sparsecoll.bench.checks import BUILTIN_ALGORITHMS
 from sparsecoll.bench.cli_support import Imports, JsonFile, PlotFile, Wide, clean_errors, console, save, status
 from sparsecoll.bench.common import parse_count
 from sparsecoll.bench.ranks import import_plugins
@@ -35,7 +36,7 @@ def model_command(
                                                                                     "P <= L ranks is one "
                                                                                     "host)")] = 1,
     algorithms: Annotated[str, typer.Option(metavar="LIST", help="of dense, allgather, gtopk, sketch, cltk, "
-                                                                 "oktopk")] = "dense,allgather,gtopk,sketch,cltk,oktopk",
+                                                                 "oktopk")] = ",".join(BUILTIN_ALGORITHMS),
     link: Annotated[str | None, typer.Option(metavar="RATE", help="link between hosts, e.g. 1gbit: sets its "
                                                                   "beta (default: the calibration's, else "
                                                                   "10gbit)")] = None,

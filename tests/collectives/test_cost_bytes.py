@@ -1,10 +1,10 @@
 """The cost model's bytes (:mod:`sparsecoll.collectives.cost_bytes`) against what real ranks'
-CommStats count, and its two-level prices against its flat ones.
+CommStats count, flat and two-level.
 
 One spawn of 6 ranks in 3 hosts of 2 (SPARSECOLL_HOST_ID); its first P ranks form the group
-of each P = 2..6 (powers of two and not: the folds of recursive doubling, uneven ring chunks). Every flat algorithm the model prices exactly (dense by recursive doubling
-and by the ring, allgather, gTop-k, CLT-k, sketch) must send, summed over the ranks, P times
-the model's mean; the two-level calls on 2 and 3 hosts must send between hosts exactly what
+of each P = 2..6 (powers of two and not: the folds of recursive doubling, uneven ring chunks).
+Every flat algorithm the model prices exactly (dense by recursive doubling and by the ring,
+allgather, gTop-k, CLT-k, sketch) must send, summed over the ranks, P times the model's mean; the two-level calls on 2 and 3 hosts must send between hosts exactly what
 the model says (inside the host too, for dense and CLT-k, whose step 1 sends whole shards).
 """
 
@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 
 from sparsecoll.collectives.cost_bytes import bytes_sent, two_level_bytes
-from sparsecoll.collectives.cost_model import DEFAULT_MODEL
 from tests.ranks import run_ranks
 
 WORLD, PER_HOST = 6, 2
