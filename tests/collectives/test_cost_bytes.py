@@ -13,7 +13,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sparsecoll.collectives.cost_bytes import bytes_sent, two_level_bytes
+from sparsecoll.collectives.auto import shared_cost_model
+from sparsecoll.collectives.cost_bytes import TWO_LEVEL_ALGORITHMS, bytes_sent, two_level_bytes
+from sparsecoll.collectives.cost_model import CostModel
+from sparsecoll.collectives.reduce import pick_algorithm
 from tests.ranks import run_ranks
 
 WORLD, PER_HOST = 6, 2
@@ -22,6 +25,8 @@ SMALL, LARGE, K = 3000, 40_000, 30
 FLAT = (("dense", SMALL), ("dense", LARGE), ("allgather", SMALL), ("gtopk", SMALL), ("cltk", SMALL),
         ("sketch", LARGE))
 TWO_LEVEL = (("dense", LARGE), ("allgather", SMALL), ("gtopk", SMALL), ("cltk", SMALL))
+AUTO_MODEL, AUTO_DENSITY = CostModel(alpha=1e-6, beta=8e-9), 0.01
+"""A link on which 2 hosts of 2 change algorithm="auto"'s pick (flat: CLT-k; two-level: gTop-k)."""
 
 
 def gradient(rank: int, size: int) -> np.ndarray:
@@ -42,6 +47,11 @@ async def measure(group) -> dict:
             for algorithm, size in TWO_LEVEL:
                 _, stats = await sub.reduce_gradient(gradient(group.rank, size), algorithm, k=K, hierarchical=True)
                 sent[world, algorithm, size, True] = (stats.bytes_sent, stats.inter_host_bytes_sent)
+        if world == 4:
+            await shared_cost_model(sub, AUTO_MODEL)
+            grad = gradient(group.rank, LARGE)
+            sent["auto"] = [await pick_algorithm(sub, grad, density=AUTO_DENSITY, hierarchical=mode)
+                            for mode in (False, "auto", True)]
     return sent
 
 
@@ -67,3 +77,14 @@ def test_two_level_bytes_are_what_ranks_send(measured: list[dict], algorithm: st
         assert inter == pytest.approx(world * model.inter_host, rel=1e-12), (world, inter)
         if algorithm in ("dense", "cltk"):  # step 1 sends whole shards: no data-dependent piece sizes
             assert total == pytest.approx(world * model.total, rel=1e-12), (world, total)
+
+
+def test_auto_prices_a_two_level_call_two_level(measured: list[dict]) -> None:
+    """On 2 hosts of 2, "auto" picks by the two-level prices when the call will run two-level,
+    among the two-level algorithms only with hierarchical=True; the same pick on every rank."""
+    k = round(LARGE * AUTO_DENSITY)
+    flat = AUTO_MODEL.choose(4, LARGE, k)
+    two_level = AUTO_MODEL.choose(4, LARGE, k, two_level=(2, 2))
+    only = AUTO_MODEL.choose(4, LARGE, k, TWO_LEVEL_ALGORITHMS, two_level=(2, 2))
+    assert flat != two_level  # the link is chosen so that the prices matter
+    assert all(measured[rank]["auto"] == [flat, two_level, only] for rank in range(4))
