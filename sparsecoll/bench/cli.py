@@ -13,7 +13,7 @@ from typing import Annotated
 
 import typer
 
-from sparsecoll.bench import checks, train_cli
+from sparsecoll.bench import checks, model_cli, train_cli
 from sparsecoll.bench.cli_support import (
     Backend,
     Density,
@@ -306,6 +306,7 @@ def kernels_command(
 
 
 app.command("train", short_help="time to accuracy vs DDP, fp16 and PowerSGD")(train_cli.train_command)
+app.command("model", short_help="the cost model's time and bytes, P = 2..1024")(model_cli.model_command)
 
 
 @app.command("calibrate", short_help="measure the cost model \"auto\" uses")

@@ -182,13 +182,15 @@ async def _median_allreduce(group: Group, array: np.ndarray, timeout: float | No
 
 async def choose_algorithm(group: Group, size: int, k: int, *, quantize_bits: int | None = None,
                            model: CostModel | None = None, candidates: Sequence[str] = ALGORITHMS,
-                           itemsize: int = 4, timeout: float | None = None) -> str:
+                           itemsize: int = 4, two_level: tuple[int, int] | None = None,
+                           timeout: float | None = None) -> str:
     """The builtin algorithm predicted fastest for a ``size``-element gradient sending ``k``
     elements on this group (values of ``itemsize`` bytes); the same name on every rank (see the
-    module docstring).
+    module docstring). With ``two_level`` = (hosts, ranks a host), the algorithms that will run
+    in two levels are priced so (:meth:`CostModel.price`).
 
     ``candidates`` and the arguments must be the same on every rank (a flat gradient's size and
     k are). The first call on a group is collective: it shares rank 0's model.
     """
     shared = await shared_cost_model(group, model, timeout=timeout)
-    return shared.choose(group.size, size, k, candidates, quantize_bits, itemsize=itemsize)
+    return shared.choose(group.size, size, k, candidates, quantize_bits, itemsize=itemsize, two_level=two_level)

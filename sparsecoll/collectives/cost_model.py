@@ -23,6 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
+from sparsecoll.collectives.cost_bytes import (
+    SKETCH_ROWS,
+    TWO_LEVEL_ALGORITHMS,
+    Shards,
+    check_two_level,
+    two_level_result_count,
+)
 from sparsecoll.collectives.dense import SEGMENT_BYTES, SMALL_ALLREDUCE_BYTES
 from sparsecoll.collectives.doubling import DoublingPlan
 from sparsecoll.collectives.oktopk_state import DEFAULT_INTERVAL, LEVEL_BITS, index_bins
@@ -35,8 +42,6 @@ ALGORITHMS = ("dense", "allgather", "gtopk", "sketch", "cltk", "oktopk")
 """What the model can price, in the order that breaks ties."""
 QUANTIZE_BITS = (1, 2, 4, 8)
 """``quantize_bits`` every algorithm takes (dense, CLT-k and sketch through the quantized ring)."""
-SKETCH_ROWS = 5
-"""Rows of sketch_allreduce's count sketch (its default)."""
 PARAMETERS = ("alpha", "beta", "select_per_element", "select_fixed", "lone_select_ratio",
               "sketch_per_element", "reduce_per_element", "merge_per_pair", "quantize_per_element")
 """The model's numbers, in the order of :meth:`CostModel.to_array`."""
@@ -170,12 +175,64 @@ class CostModel:
             + 2 * self.doubling_allreduce(ranks, 1 << LEVEL_BITS, 8)
         return steady + estimation / DEFAULT_INTERVAL
 
+    def predict_two_level(self, algorithm: str, hosts: int, per_host: int, size: int, k: int, *,
+                          intra: CostModel | None = None, itemsize: int = 4) -> float:
+        """Seconds of one two-level call (:mod:`sparsecoll.collectives.hierarchical`) on ``hosts``
+        hosts of ``per_host`` ranks: this model's link between hosts, ``intra``'s α and β inside
+        a host (default: this model's), this model's local costs. The slowest rank owns the
+        largest shard (length d/L, k/L entries); each step waits for the one before:
+
+        1. Reduce-scatter inside the host: L-1 messages a rank (dense and CLT-k: a shard, then
+           its L-1 adds; allgather and gTop-k: a top-k selection over d first, then k/L pairs,
+           then merging L parts of k/L pairs).
+        2. Between hosts: the flat algorithm on H ranks over the shard (:meth:`predict`); the L
+           collectives run at once, one a local rank, each on its own rank's link.
+        3. Allgather inside the host: L-1 messages of the shard's result (and its host mask).
+
+        One host, or one rank a host, is the flat algorithm, as at run time.
+        """
+        check_two_level(algorithm, hosts, per_host)
+        local = intra or self
+        if hosts == 1:
+            return local.predict(algorithm, per_host, size, k, itemsize=itemsize)
+        if per_host == 1:
+            return self.predict(algorithm, hosts, size, k, itemsize=itemsize)
+        _check_call(hosts * per_host, size, k)
+        shards = Shards.of(per_host, size, k)
+        length, count = shards.lengths[0], max(1, shards.counts[0])
+        others = per_host - 1
+        dtype = np.dtype(f"f{itemsize}")
+        if algorithm in ("dense", "cltk"):
+            scatter = others * (local.message(length * itemsize) + length * self.reduce_per_element)
+        else:
+            scatter = self.select(size) + others * local.message(sparse_payload_size(count, length, dtype, None)) \
+                + per_host * count * self.merge_per_pair
+        between = self.predict(algorithm, hosts, length, min(count, length), itemsize=itemsize)
+        if algorithm == "dense":
+            result_bytes = length * itemsize
+        else:
+            result = two_level_result_count(algorithm, hosts, length, count)
+            result_bytes = sparse_payload_size(result, length, dtype, None) + (result + 7) // 8
+        return scatter + between + others * local.message(result_bytes)
+
+    def price(self, algorithm: str, ranks: int, size: int, k: int, quantize_bits: int | None = None, *,
+              itemsize: int = 4, two_level: tuple[int, int] | None = None, intra: CostModel | None = None) -> float:
+        """What a call costs as it will run: two-level on ``two_level`` = (hosts, ranks a host)
+        where the algorithm runs so (unquantized :data:`TWO_LEVEL_ALGORITHMS`), else flat."""
+        if two_level is not None and algorithm in TWO_LEVEL_ALGORITHMS and quantize_bits is None:
+            return self.predict_two_level(algorithm, *two_level, size, k, intra=intra, itemsize=itemsize)
+        return self.predict(algorithm, ranks, size, k, quantize_bits, itemsize=itemsize)
+
     def choose(self, ranks: int, size: int, k: int, candidates: Sequence[str] = ALGORITHMS,
-               quantize_bits: int | None = None, *, itemsize: int = 4) -> str:
-        """The candidate with the smallest predicted time (ties go to the earlier candidate)."""
+               quantize_bits: int | None = None, *, itemsize: int = 4,
+               two_level: tuple[int, int] | None = None, intra: CostModel | None = None) -> str:
+        """The candidate with the smallest predicted time (ties go to the earlier candidate);
+        with ``two_level`` = (hosts, ranks a host), those that run two-level are priced so
+        (with ``intra``'s link inside a host, default this model's)."""
         if not candidates:
             raise InvalidArgumentError("choose needs at least one candidate algorithm")
-        costs = [self.predict(name, ranks, size, k, quantize_bits, itemsize=itemsize) for name in candidates]
+        costs = [self.price(name, ranks, size, k, quantize_bits, itemsize=itemsize, two_level=two_level,
+                            intra=intra) for name in candidates]
         return candidates[int(np.argmin(costs))]
 
     # ------------------------------------------------------------------ persistence

@@ -45,6 +45,7 @@ import numpy as np
 
 from sparsecoll.call import Call, CollectiveResult, CommStats
 from sparsecoll.collectives.cltk import cltk
+from sparsecoll.collectives.cost_bytes import TWO_LEVEL_ALGORITHMS
 from sparsecoll.collectives.dense import allreduce, chunk_bounds
 from sparsecoll.collectives.gtopk import gtopk
 from sparsecoll.collectives.sparse_allgather import sparse_allgather
@@ -73,7 +74,7 @@ if TYPE_CHECKING:
     from sparsecoll.group import Group
     from sparsecoll.topology import HostTable
 
-HIERARCHICAL_ALGORITHMS = ("dense", "allgather", "gtopk", "cltk")
+HIERARCHICAL_ALGORITHMS = TWO_LEVEL_ALGORITHMS  # one tuple: what runs two-level is what the cost model prices so
 SPARSE_SCATTER = ("allgather", "gtopk")
 """Algorithms whose step 1 sums the ranks' top-k selections instead of whole shards."""
 MODES = (True, False, "auto")

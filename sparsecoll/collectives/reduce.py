@@ -47,6 +47,7 @@ from sparsecoll.call import CollectiveResult
 from sparsecoll.collectives.auto import choose_algorithm
 from sparsecoll.collectives.cltk import cltk
 from sparsecoll.collectives.compressed import compressed_allgather, make_codec
+from sparsecoll.collectives.cost_bytes import TWO_LEVEL_ALGORITHMS
 from sparsecoll.collectives.cost_model import ALGORITHMS
 from sparsecoll.collectives.dense import allreduce
 from sparsecoll.collectives.gtopk import gtopk
@@ -94,14 +95,24 @@ def check_algorithm_name(algorithm: str) -> None:
 
 
 async def pick_algorithm(group: Group, grad: np.ndarray, *, density: float | None = None, k: int | None = None,
-                         quantize_bits: int | None = None, lazy: bool = False,
+                         quantize_bits: int | None = None, lazy: bool = False, hierarchical: bool | str = False,
                          timeout: float | None = None) -> str:
     """The builtin that rank 0's cost model prices fastest for this call (``algorithm="auto"``),
-    among those that take ``lazy``; the same on every rank (see :mod:`.auto`)."""
+    among those that take ``lazy``; the same on every rank (see :mod:`.auto`). Where the call
+    will run in two levels (``hierarchical`` not False, several hosts of several ranks), the
+    two-level algorithms are priced so; ``hierarchical=True`` picks only among them."""
     flat = float_vector(grad)
     candidates = [name for name in BUILTIN if not (lazy and name in LAZY_REFUSED)]
+    two_level = None
+    if hierarchical is not False and quantize_bits is None and not lazy:
+        table = (await group.topology.discover(timeout)).table
+        if table.hierarchical_helps():
+            two_level = (table.host_count, table.shard_count)
+        if hierarchical is True:
+            candidates = [name for name in candidates if name in TWO_LEVEL_ALGORITHMS]
     return await choose_algorithm(group, flat.size, resolve_k(flat.size, k, density), quantize_bits=quantize_bits,
-                                  candidates=candidates, itemsize=flat.itemsize, timeout=timeout)
+                                  candidates=candidates, itemsize=flat.itemsize, two_level=two_level,
+                                  timeout=timeout)
 
 
 async def reduce_gradient(group: Group, grad: np.ndarray, algorithm: str = "gtopk", *,
@@ -117,7 +128,7 @@ async def reduce_gradient(group: Group, grad: np.ndarray, algorithm: str = "gtop
     try:
         if algorithm == "auto":
             algorithm = await pick_algorithm(group, grad, density=density, k=k, quantize_bits=quantize_bits,
-                                             lazy=lazy is not None, timeout=timeout)
+                                             lazy=lazy is not None, hierarchical=hierarchical, timeout=timeout)
         _check_options(algorithm, quantize_bits, lazy)
         if ticket is not None and await use_hierarchical(group, algorithm, hierarchical,
                                                          quantize_bits=quantize_bits, lazy=lazy, timeout=timeout):
