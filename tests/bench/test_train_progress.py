@@ -11,10 +11,12 @@ from tests.bench.test_train_baselines import group_of_one  # noqa: F401  (the fi
 
 
 @pytest.mark.parametrize("model", ["mlp", "mlp25m"])
-def test_progress_is_reported_at_the_warm_up_every_step_and_every_evaluation(group_of_one, model: str) -> None:  # noqa: F811
+def test_progress_is_reported_at_the_warm_up_every_step_and_every_evaluation(group_of_one,  # noqa: F811
+                                                                            model: str) -> None:
     stages: list[str] = []
     if model == "mlp":
-        data, plan, steps = load_dataset("digits"), Plan(epochs=1, batch=64, evals_per_epoch=2, compute_steps=2), 1437 // 64
+        data, plan = load_dataset("digits"), Plan(epochs=1, batch=64, evals_per_epoch=2, compute_steps=2)
+        steps = 1437 // 64
     else:
         data, plan, steps = None, Plan(model=model, steps=2, warmup=1, compute_steps=2), 3
     row = train_configuration(group_of_one, data, {"algorithm": "dense", "density": 1.0}, plan, WireCounter(None),
