@@ -15,7 +15,7 @@ from sparsecoll.bench import train_methods
 from sparsecoll.bench.train_models import make_cnn
 from tests.ranks import run_ranks
 
-STEPS = 8
+STEPS = 5
 TOTAL_STEPS = 20
 """The run's length as PowerSGD's start sees it: compression from step 2 (10%, at least 2)."""
 
