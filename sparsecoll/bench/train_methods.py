@@ -11,8 +11,10 @@ it put on the wire in a step (``bytes_sent``, this rank's payload):
   ``powersgd``: torch's ``powerSGD_hook`` with error feedback and warm start (its defaults),
   ``start_powerSGD_iter`` = 10% of the run's steps (at least 2), as torch's docs advise, and
   the whole gradient in one DDP bucket (:func:`one_bucket_mb`): the hook issues its P and Q
-  allreduces from future callbacks, so with two buckets in flight the ranks issue Gloo's
-  collectives in different orders (Gloo aborts on the size mismatch, or every rank waits).
+  allreduces from future callbacks run on Gloo's two worker threads, so with two buckets in
+  flight the ranks issue the collectives in different orders (Gloo aborts on the size
+  mismatch) or both threads block in those waits, the allreduces queued behind them (every
+  rank idles, past any Gloo timeout).
   Their bytes are a ring allreduce's payload, 2(P-1)/P of what they reduce (PowerSGD's own
   count of the elements it reduces, the whole bucket before ``start_powerSGD_iter``).
 """
