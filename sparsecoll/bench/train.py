@@ -20,6 +20,7 @@ import numpy as np
 
 from sparsecoll.bench.common import parse_list
 from sparsecoll.bench.ranks import RankPlace, run_ranks
+from sparsecoll.bench.stall import StallWatchdog
 from sparsecoll.bench.table import Column, cell, nbytes, number, percent, seconds
 from sparsecoll.bench.time_to_accuracy import add_time_to_target
 from sparsecoll.bench.train_loop import Plan, WireCounter, train_configuration
@@ -105,7 +106,8 @@ def train_rank(rank: int, world: int, place: RankPlace, dataset: str | None, con
     try:
         with init_group(store=store, rank=rank, world_size=world, timeout=300, kernel_threads=1) as sync:
             for config in configs:
-                row = train_configuration(sync, data, dict(config), plan, wire)
+                with StallWatchdog(plan.stall_seconds, f"rank {rank}, row {run_label(config)!r},") as watchdog:
+                    row = train_configuration(sync, data, dict(config), plan, wire, watchdog.beat)
                 present = [key for key in _AVERAGED if row.get(key) is not None]
                 local = np.array([row[key] for key in present] + row.get("epoch_loss", []), np.float64)
                 mean, _ = sync.allreduce(local, op="mean")

@@ -5,7 +5,8 @@ epoch (and at every epoch's end); each rank scores its share of the test set and
 summed over the sparsecoll group. The clock of the curve counts training steps only: evaluation
 is excluded. Step-time models (``mlp25m``) take ``warmup`` untimed steps and ``steps`` timed ones.
 A configuration that passes ``cap_seconds`` (training and evaluation) stops at the next check,
-which all ranks agree on, and says ``cut``.
+which all ranks agree on, and says ``cut``. A rank that makes no progress (no step, evaluation
+or warm-up) for ``stall_seconds`` ends with a message that names the row (:mod:`.stall`).
 
 Compute-only time is measured afterwards in the same process, all ranks at once (so under the
 load of the run): forward, backward and a plain SGD step on a copy of the model, no communication;
@@ -17,7 +18,7 @@ from __future__ import annotations
 import copy
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,6 +50,9 @@ class Plan:
     compute_steps: int = COMPUTE_ONLY_STEPS
     rows_file: str | None = None
     """Rank 0 appends each finished row here (JSON lines), so a long run killed midway keeps them."""
+    stall_seconds: float = 360.0
+    """A rank that takes no step (or warm-up, or evaluation) for this long ends with a named message
+    (:mod:`sparsecoll.bench.stall`); a minute past the collectives' own 300 s, so theirs come first."""
 
 
 class WireCounter:
@@ -82,9 +86,15 @@ class _Clock:
             self.wire_bytes += self.wire.read() - self._bytes
 
 
+def _no_progress_report(stage: str) -> None:
+    """Where ``train_configuration`` reports progress when no watchdog listens."""
+
+
 def train_configuration(sync: Any, data: Sequence[np.ndarray] | None, config: dict[str, Any], plan: Plan,
-                        wire: WireCounter) -> dict[str, Any]:
-    """Train (or step) one configuration on this rank; the accuracies are the same on every rank."""
+                        wire: WireCounter, progress: Callable[[str], None] = _no_progress_report) -> dict[str, Any]:
+    """Train (or step) one configuration on this rank; the accuracies are the same on every rank.
+    ``progress`` hears of every step, evaluation and the warm-up (a :class:`~sparsecoll.bench.stall.StallWatchdog`'s
+    ``beat``)."""
     import torch
 
     spec = MODELS[plan.model]
@@ -110,12 +120,13 @@ def train_configuration(sync: Any, data: Sequence[np.ndarray] | None, config: di
         hyper.warmup_steps = 0
     batches = batches_of(data, spec, plan, sync.rank)
     _warm_up(sync, model, config, hyper, batches)
+    progress("the warm-up step")
     method = train_methods.build(config.get("method", "optimizer"), model, sync, config, hyper)
     try:
         if spec.step_time_only:
-            row = _step_only(sync, method, batches, plan, wire)
+            row = _step_only(sync, method, batches, plan, wire, progress)
         else:
-            row = _train(sync, method, data, plan, steps_per_epoch, wire)
+            row = _train(sync, method, data, plan, steps_per_epoch, wire, progress)
     finally:
         method.close()
     row["compute_seconds_per_step"] = compute_only(sync, compute_copy, batches, plan.lr, plan.compute_steps)
@@ -149,7 +160,7 @@ def _warm_up(sync: Any, model: Any, config: dict[str, Any], hyper: train_methods
 
 
 def _train(sync: Any, method: train_methods.StepMethod, data: Sequence[Any], plan: Plan, steps_per_epoch: int,
-           wire: WireCounter) -> dict[str, Any]:
+           wire: WireCounter, progress: Callable[[str], None] = _no_progress_report) -> dict[str, Any]:
     """Epochs of training with evaluations; the curve holds (step, training seconds, accuracy)."""
     import torch
 
@@ -166,6 +177,7 @@ def _train(sync: Any, method: train_methods.StepMethod, data: Sequence[Any], pla
             with clock:
                 loss = _step(method, train_x[chosen], train_y[chosen])
             steps += 1
+            progress(f"step {steps}")
             losses.append(loss)
             sent = method.last_bytes()
             bytes_sent += sent
@@ -174,6 +186,7 @@ def _train(sync: Any, method: train_methods.StepMethod, data: Sequence[Any], pla
                 accuracy, cut = _evaluate(sync, method.forward, test_x, test_y, time.perf_counter() - started,
                                           plan.cap_seconds)
                 curve.append([steps, clock.seconds, accuracy])
+                progress(f"the evaluation after step {steps}")
                 if cut:
                     break
         epoch_loss.append(float(np.mean(losses[-steps_per_epoch:])))
@@ -192,7 +205,7 @@ def _train(sync: Any, method: train_methods.StepMethod, data: Sequence[Any], pla
 
 
 def _step_only(sync: Any, method: train_methods.StepMethod, batches: list, plan: Plan,
-               wire: WireCounter) -> dict[str, Any]:
+               wire: WireCounter, progress: Callable[[str], None] = _no_progress_report) -> dict[str, Any]:
     """``warmup`` untimed steps, then ``steps`` timed ones on random data; no accuracy."""
     clock, started = _Clock(wire), time.perf_counter()
     bytes_sent, timed, cut = 0.0, 0, False
@@ -205,6 +218,7 @@ def _step_only(sync: Any, method: train_methods.StepMethod, batches: list, plan:
                 _step(method, inputs, labels)
             timed += 1
             bytes_sent += method.last_bytes()
+        progress(f"step {step + 1}")
         over = np.array([time.perf_counter() - started > plan.cap_seconds], np.float64)
         if sync.allreduce(over)[0][0] > 0:
             cut = True

@@ -9,13 +9,19 @@ it put on the wire in a step (``bytes_sent``, this rank's payload):
   as its momentum correction needs; the buckets' CommStats.
 - ``ddp``: DDP's own allreduce over Gloo; ``fp16``: torch's ``fp16_compress_hook``;
   ``powersgd``: torch's ``powerSGD_hook`` with error feedback and warm start (its defaults),
-  ``start_powerSGD_iter`` = 10% of the run's steps (at least 2), as torch's docs advise.
+  ``start_powerSGD_iter`` = 10% of the run's steps (at least 2), as torch's docs advise, and
+  the whole gradient in one DDP bucket (:func:`one_bucket_mb`): the hook issues its P and Q
+  allreduces from future callbacks run on Gloo's two worker threads, so with two buckets in
+  flight the ranks issue the collectives in different orders (Gloo aborts on the size
+  mismatch) or both threads block in those waits, the allreduces queued behind them (every
+  rank idles, past any Gloo timeout).
   Their bytes are a ring allreduce's payload, 2(P-1)/P of what they reduce (PowerSGD's own
   count of the elements it reduces, the whole bucket before ``start_powerSGD_iter``).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +74,13 @@ def powersgd_start(total_steps: int) -> int:
     return max(2, total_steps // 10)
 
 
+def one_bucket_mb(model: Any) -> int:
+    """A DDP ``bucket_cap_mb`` that holds all of ``model``'s gradients in one bucket (given
+    explicitly, it also caps DDP's first bucket, 1 MiB by default)."""
+    size = sum(parameter.numel() * parameter.element_size() for parameter in model.parameters())
+    return math.ceil(size / 2**20) + 1
+
+
 def build(method: str, model: Any, sync: Any, config: dict[str, Any], hyper: Hyper) -> StepMethod:
     """``model`` (freshly built, the same on every rank) made ready to train by ``method``."""
     if method == "optimizer":
@@ -114,7 +127,8 @@ def _ddp(method: str, model: Any, sync: Any, config: dict[str, Any], hyper: Hype
 
     from sparsecoll.torch.ddp_hook import CommHookState, comm_hook
 
-    wrapped = DistributedDataParallel(model)
+    wrapped = DistributedDataParallel(model, **({"bucket_cap_mb": one_bucket_mb(model)} if method == "powersgd"
+                                                 else {}))
     numel = sum(parameter.numel() for parameter in model.parameters())
     element = next(model.parameters()).element_size()
     info: dict[str, Any] = {}

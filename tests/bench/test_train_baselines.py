@@ -68,14 +68,22 @@ def test_a_configuration_past_the_cap_stops_at_the_next_check_and_says_cut(group
     row = train_configuration(group_of_one, data, {"algorithm": "dense", "density": 1.0}, plan, WireCounter(None))
     every = (1437 // 64) // 2
     assert row["cut"] and row["steps"] == every and row["epochs_run"] == 1 and len(row["curve"]) == 1
+    stages: list[str] = []  # what the stall watchdog hears: the warm-up, every step, every evaluation
     uncapped = train_configuration(group_of_one, data, {"algorithm": "dense", "density": 1.0},
-                                   Plan(epochs=1, batch=64, evals_per_epoch=2, compute_steps=2), WireCounter(None))
+                                   Plan(epochs=1, batch=64, evals_per_epoch=2, compute_steps=2), WireCounter(None),
+                                   stages.append)
     assert not uncapped["cut"] and uncapped["steps"] == 1437 // 64 and len(uncapped["curve"]) == 2
+    steps = [f"step {n}" for n in range(1, 1437 // 64 + 1)]
+    assert stages == ["the warm-up step", *steps[:11], "the evaluation after step 11", *steps[11:],
+                      "the evaluation after step 22"]
 
 
 def test_the_25m_mlp_takes_timed_steps_on_random_data_and_reports_no_accuracy(group_of_one) -> None:
     plan = Plan(model="mlp25m", steps=2, warmup=1, compute_steps=2)
-    row = train_configuration(group_of_one, None, {"algorithm": "dense", "density": 1.0}, plan, WireCounter(None))
+    stages: list[str] = []
+    row = train_configuration(group_of_one, None, {"algorithm": "dense", "density": 1.0}, plan, WireCounter(None),
+                              stages.append)
+    assert stages == ["the warm-up step", "step 1", "step 2", "step 3"]  # the untimed one too
     assert row["parameters"] == 5000 * 5000 + 5000 + 5000 * 10 + 10
     assert row["accuracy"] is None and row["steps"] == 2 and not row["cut"] and "curve" not in row
     assert row["seconds_per_step"] > 0 and row["compute_seconds_per_step"] > 0
