@@ -125,9 +125,19 @@ def train_rank(rank: int, world: int, place: RankPlace, dataset: str | None, con
     return rows
 
 
+STARTUP_SECONDS, ROW_SLACK = 300.0, 120.0
+"""The job's deadline: start-up, then per row its cap and what the cap does not cover (warm-up,
+compute-only steps, the last evaluation)."""
+
+
+def job_deadline(rows: int, cap_seconds: float) -> float:
+    """Seconds the whole job may take: start-up, then each row's cap and its slack."""
+    return STARTUP_SECONDS + rows * (cap_seconds + ROW_SLACK)
+
+
 def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, float] | dict] = DEFAULT_CONFIGS,
         epochs: int = 30, batch: int = 32, lr: float = 0.1, hidden: int = 128, seed: int = 0,
-        warmup_epochs: float = 1.0, timeout: float = 1800.0, backend: str = "tcp",
+        warmup_epochs: float = 1.0, timeout: float | None = None, backend: str = "tcp",
         link: str | None = None, *, model: str = "mlp", evals_per_epoch: int = 4, cap_seconds: float = 600.0,
         steps: int = 20, rows_file: str | None = None) -> list[dict[str, Any]]:
     """Rows of the report (every process gets them; under torchrun each runs one rank).
@@ -137,6 +147,8 @@ def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, flo
     ``error_feedback``, ``memory_beta``, ``momentum_correction``, ``dtype`` (the model's, e.g.
     "bfloat16"), ``residual_dtype`` and ``optimizer_options`` (more SparseCollOptimizer keywords).
     ``rows_file`` gets each row as it finishes (JSON lines, before time to target is known).
+    ``timeout`` (default: every row's cap plus ``ROW_SLACK`` seconds, and a start-up) bounds the
+    whole job, so a long run of healthy rows is never cut by a flat deadline.
     """
     if model not in MODELS:
         raise InvalidArgumentError(f"--model: unknown {model!r}; choose from {', '.join(MODELS)}")
@@ -145,6 +157,8 @@ def run(dataset: str = "mnist", world: int = 4, configs: Sequence[tuple[str, flo
     chosen = [dict(config) if isinstance(config, dict) else {"algorithm": config[0], "density": config[1]}
               for config in configs]
     real_data = None if MODELS[model].step_time_only else dataset
+    if timeout is None:
+        timeout = job_deadline(len(chosen), cap_seconds)
     try:
         _, rows = run_ranks(world, train_rank, real_data, chosen, plan, backend=backend, link=link, timeout=timeout)
     except InvalidArgumentError as error:  # EmulatedNetwork removed what it had built (netem names the step)

@@ -61,3 +61,9 @@ def test_accordion_reaches_every_rank_and_spends_dense_bytes_in_critical_epochs(
     assert accordion["density_schedule"] == "accordion-dense" and accordion["critical_epochs"] == [0, 1]
     for epoch in accordion["critical_epochs"]:  # dense epochs send what the dense row sends
         assert accordion["epoch_bytes"][epoch] == pytest.approx(dense["epoch_bytes"][epoch], rel=0.01)
+
+
+def test_the_jobs_deadline_grows_with_its_rows_and_their_cap() -> None:
+    """A 21-row run capped at 10 minutes a row must not be cut at a flat 30 minutes."""
+    assert train.job_deadline(21, 600.0) > 21 * 600.0
+    assert train.job_deadline(1, 60.0) < train.job_deadline(2, 60.0) < train.job_deadline(2, 120.0)
