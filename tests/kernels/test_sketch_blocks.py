@@ -8,9 +8,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sparsecoll.kernels import sketch_hashes
+from sparsecoll.kernels import sketch_hashes, sketch_insert_dense, sketch_query
 from sparsecoll.kernels._scalar import sketch_block_shift, sketch_bucket, sketch_sign
 from sparsecoll.kernels._sketch_scalar import block_hot_bits
+from sparsecoll.kernels.sketch import SMALLEST_POSITIVE, _candidates_host
 
 
 def buckets(hashes: np.ndarray, row: int, coordinates: np.ndarray, columns: int) -> np.ndarray:
@@ -64,3 +65,16 @@ def test_a_blocks_hot_window_is_its_columns_bits_wrapping_around_the_row(columns
     window = int(block_hot_bits(hot_row, first, count, columns))
     expected = sum(int(bits[(first + t) % columns]) << t for t in range(count))
     assert window == expected
+
+
+@pytest.mark.parametrize("size", [40_001, 40_063])
+def test_the_candidate_pass_stops_at_the_vector_end_inside_a_block(size):
+    """A last, partial block: its columns past the vector's end hold other blocks' values, and
+    no coordinate at or past ``size`` may come out as a candidate."""
+    x = np.random.default_rng(size).standard_t(2, size).astype(np.float32)
+    hashes = sketch_hashes(5, 2)
+    table = sketch_insert_dense(np.zeros((5, 4000), np.float32), hashes, x)
+    idx, est = _candidates_host(table, hashes, size, SMALLEST_POSITIVE, 0)
+    every = sketch_query(table, hashes, np.arange(size))
+    np.testing.assert_array_equal(idx, np.flatnonzero(every))
+    assert est.tobytes() == every[idx].tobytes()
