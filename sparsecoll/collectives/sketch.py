@@ -34,8 +34,8 @@ def default_columns(k: int) -> int:
     """Columns for k heavy hitters: 20 buckets per wanted coordinate.
 
     On heavy-tailed (Student t, 2 d.o.f.) gradients, 4 ranks, d = 2.5M, 0.1%, this with 4k
-    candidates finds 79% of the true top-k's indices, 97% of their summed magnitude (the misses
-    are the smallest of the k); 10 buckets find 50%.
+    candidates finds 79% of the true top-k's indices, 97% of their summed magnitude (the misses lie
+    near the k-th largest); 10 buckets find 50%.
     """
     return max(64, 20 * k)
 
