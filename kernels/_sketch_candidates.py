@@ -91,20 +91,17 @@ def _gather_rows_cpu(table, hashes, survivors, offsets, indices, values):
                     if column >= columns:
                         column -= columns
                     value = np.float64(table[j, column])
-                    values[j, slot] = -value if negative else value
+                    values[slot, j] = -value if negative else value
                     indices[slot] = block * width + t
                     slot += 1
 
 
 @njit(parallel=True, nogil=True, cache=True)
 def _medians_cpu(values, threshold, estimates, passed):
-    rows, total = values.shape
+    total = values.shape[0]
     for c in prange((total + MEDIAN_BATCH - 1) // MEDIAN_BATCH):
-        buf = np.empty(rows, np.float64)
         for s in range(c * MEDIAN_BATCH, min((c + 1) * MEDIAN_BATCH, total)):
-            for j in range(rows):
-                buf[j] = values[j, s]
-            estimates[s] = median_of_first(buf, rows)
+            estimates[s] = median_of_first(values[s], values.shape[1])  # sorts the scratch row in place
             passed[s] = abs(estimates[s]) >= threshold
 
 
@@ -120,7 +117,7 @@ def candidates_host(table: np.ndarray, hashes: np.ndarray, size: int,
     offsets = np.zeros(counts.size + 1, np.int64)
     np.cumsum(counts, out=offsets[1:])
     indices = np.empty(offsets[-1], np.int64)
-    values = np.empty((rows, offsets[-1]), np.float64)
+    values = np.empty((offsets[-1], rows), np.float64)
     _gather_rows_cpu(table, hashes, survivors, offsets, indices, values)
     estimates = np.empty(offsets[-1], np.float64)
     passed = np.empty(offsets[-1], np.bool_)
