@@ -39,16 +39,42 @@ def uniform01(seed, i):
 
 
 @njit(nogil=True, cache=True)
-def sketch_bucket(a, b, i, columns):
-    """Column of coordinate ``i`` in one sketch row: multiply-add-shift hash, then fast range."""
-    h = (np.uint64(a) * np.uint64(i) + np.uint64(b)) >> _S32
-    return np.int64((h * np.uint64(columns)) >> _S32)
+def sketch_block_shift(columns):
+    """log2 of a sketch block's width: 64 coordinates, or the largest power of two <= columns.
+
+    A block of consecutive coordinates lands on consecutive columns of a row (see
+    ``sketch_bucket``); a block never wider than the row keeps its coordinates apart.
+    """
+    shift = 6
+    while shift > 0 and (1 << shift) > columns:
+        shift -= 1
+    return np.uint64(shift)
 
 
 @njit(nogil=True, cache=True)
-def sketch_sign(a, b, i):
-    """Sign (+1.0 or -1.0) of coordinate ``i`` in one sketch row: top bit of a second hash."""
-    h = (np.uint64(a) * np.uint64(i) + np.uint64(b)) >> _S63
+def sketch_bucket(a, b, i, columns):
+    """Column of coordinate ``i`` in one sketch row: its block's multiply-add-shift hash (fast
+    range to a start column) plus its offset in the block, wrapping around the row.
+
+    Two coordinates of different blocks share a column with probability 1/columns, as with a
+    hash per coordinate, and two of one block never do: the count sketch's error bound holds,
+    while an insert adds a block as one contiguous run and recovery tests 64 coordinates a word.
+    """
+    shift = sketch_block_shift(columns)
+    block = np.uint64(i) >> shift
+    start = (((np.uint64(a) * block + np.uint64(b)) >> _S32) * np.uint64(columns)) >> _S32
+    column = start + (np.uint64(i) & ((np.uint64(1) << shift) - np.uint64(1)))
+    if column >= np.uint64(columns):
+        column -= np.uint64(columns)
+    return np.int64(column)
+
+
+@njit(nogil=True, cache=True)
+def sketch_sign(a, b, i, columns):
+    """Sign (+1.0 or -1.0) of coordinate ``i`` in one sketch row: top bit of a second hash of its
+    block (coordinates of one block never collide, so one sign a block keeps signs pairwise
+    independent across the coordinates that do)."""
+    h = (np.uint64(a) * (np.uint64(i) >> sketch_block_shift(columns)) + np.uint64(b)) >> _S63
     return 1.0 - 2.0 * np.float64(h)
 
 

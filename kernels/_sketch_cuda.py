@@ -41,7 +41,7 @@ def _insert_kernel(table, hashes, idx, val, dense, bad):
             cuda.atomic.add(bad, 0, 1)
         for j in range(table.shape[0]):
             col = sketch_bucket(hashes[j, 0], hashes[j, 1], i, table.shape[1])
-            cuda.atomic.add(table, (j, col), sketch_sign(hashes[j, 2], hashes[j, 3], i) * value)
+            cuda.atomic.add(table, (j, col), sketch_sign(hashes[j, 2], hashes[j, 3], i, table.shape[1]) * value)
 
 
 @cuda.jit(device=True)
@@ -49,7 +49,7 @@ def _estimate(table, hashes, i):
     buf = cuda.local.array(MAX_ROWS, float64)
     for j in range(table.shape[0]):
         col = sketch_bucket(hashes[j, 0], hashes[j, 1], i, table.shape[1])
-        buf[j] = sketch_sign(hashes[j, 2], hashes[j, 3], i) * table[j, col]
+        buf[j] = sketch_sign(hashes[j, 2], hashes[j, 3], i, table.shape[1]) * table[j, col]
     return median_of_first(buf, table.shape[0])
 
 

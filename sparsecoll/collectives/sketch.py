@@ -33,8 +33,9 @@ ROUND_TWO_TAGS = 1 << 20
 def default_columns(k: int) -> int:
     """Columns for k heavy hitters: 20 buckets per wanted coordinate.
 
-    On heavy-tailed (Student t, 2 d.o.f.) gradients this, with 4k candidates, recovers 98-100%
-    of the true top-k at 1-8 ranks; 10 buckets and 2k candidates recover only 76-82%.
+    On heavy-tailed (Student t, 2 d.o.f.) gradients, 4 ranks, d = 2.5M, 0.1%, this with 4k
+    candidates finds 79% of the true top-k's indices, 97% of their summed magnitude (the misses lie
+    near the k-th largest); 10 buckets find 50%.
     """
     return max(64, 20 * k)
 

@@ -126,7 +126,7 @@ def test_a_candidate_chunk_that_overflows_its_slots_is_redone():
 
 
 def test_blocked_insert_matches_the_per_element_insert_bit_for_bit():
-    x = np.random.default_rng(3).standard_t(2, 3 * sketch.INSERT_BLOCK + 17).astype(np.float32)
+    x = np.random.default_rng(3).standard_t(2, 3 * 4096 + 17).astype(np.float32)
     hashes = sketch_hashes(5, 8)
     threads = numba.get_num_threads()
     numba.set_num_threads(1)  # one part: each counter takes its values in index order, as below
