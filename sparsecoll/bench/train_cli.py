@@ -74,6 +74,9 @@ def train_command(
                                                    "fixed,accordion runs each compressed row both ways")] = "fixed",
     lr_scale: Annotated[str, typer.Option(
         "--lr-scale", metavar="LIST", help="multiply the compressed rows' learning rate, e.g. 1,2")] = "1",
+    warmup_epochs: Annotated[float, typer.Option(
+        "--warmup-epochs", metavar="E", help="DGC's density warm-up of the compressed rows, in epochs "
+                                             "(0: compressed from the first step)")] = 1.0,
     momentum_masking: Annotated[str, typer.Option(
         "--momentum-masking", metavar="LIST", help="off (the default) or on (DGC's momentum factor masking); "
                                                    "off,on runs each compressed row both ways")] = "off",
@@ -102,6 +105,8 @@ def train_command(
             checks.positive(option, value)
         if not lr > 0:
             raise InvalidArgumentError(f"--lr must be positive, not {lr}")
+        if not 0 <= warmup_epochs <= epochs:
+            raise InvalidArgumentError(f"--warmup-epochs must be between 0 and --epochs ({epochs}), not {warmup_epochs}")
         if not cap_minutes > 0:
             raise InvalidArgumentError(f"--cap must be positive minutes, not {cap_minutes}")
         checks.algorithms("--algorithms", algorithms, ())
@@ -123,6 +128,7 @@ def train_command(
         with status(f"training {len(configs)} configurations ({model})..."):
             rows = train.run(dataset, ranks, configs, epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed,
                              backend=backend, link=link, model=model, evals_per_epoch=evals_per_epoch,
+                             warmup_epochs=warmup_epochs,
                              cap_seconds=60 * cap_minutes, steps=steps, rows_file=partial)
     if this_rank() != 0:
         return
@@ -135,7 +141,7 @@ def train_command(
     columns, title = train.table_view(rows, title)
     report("train", title, columns, rows, json_file, plot_file if model != "mlp25m" else None, wide,
            dataset=dataset, model=model, world=world, epochs=epochs, steps=steps, batch=batch, lr=lr,
-           hidden=hidden, seed=seed, backend=backend, link=link or "loopback", evals_per_epoch=evals_per_epoch,
+           hidden=hidden, seed=seed, warmup_epochs=warmup_epochs, backend=backend, link=link or "loopback", evals_per_epoch=evals_per_epoch,
            cap_minutes=cap_minutes, target_accuracy=target)
     if partial and os.path.exists(partial):
         os.remove(partial)  # the whole run is in --json now

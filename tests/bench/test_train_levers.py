@@ -18,7 +18,8 @@ runner = CliRunner()
 
 @pytest.mark.parametrize(("option", "value"), [("--density-schedule", "bogus"), ("--density-schedule", ""),
                                                ("--lr-scale", "0"), ("--lr-scale", "-1"), ("--lr-scale", "x"),
-                                               ("--lr-scale", "inf"), ("--momentum-masking", "maybe")])
+                                               ("--lr-scale", "inf"), ("--momentum-masking", "maybe"),
+                                               ("--warmup-epochs", "-1")])
 def test_a_bad_lever_is_refused_before_any_rank_starts(option: str, value: str) -> None:
     result = runner.invoke(app, ["train", "--dataset", "digits", option, value])
     output = result.output.strip()
