@@ -174,18 +174,16 @@ class ErrorFeedback:
             self.residual.add_(grad)
         return self.residual
 
-    def sent(self, result: SparseResult, mask_momentum: bool | None = None) -> None:
-        """Steps 3 and 4: subtract this rank's contribution; mask momentum where it was sent when
-        ``mask_momentum`` (default: this memory's ``momentum_masking``)."""
-        if mask_momentum is None:
-            mask_momentum = self.momentum_masking
+    def sent(self, result: SparseResult) -> None:
+        """Steps 3 and 4: subtract this rank's contribution; with ``momentum_masking``, mask
+        momentum where it was sent."""
         if result.sent_indices is None:  # a dense contribution: keep what its codec lost
             self.residual.sub_(to_tensor(result.sent_values, self.residual).to(self.residual.dtype).view_as(self.residual))
             return
         indices = to_tensor(result.sent_indices, self.residual)
         values = to_tensor(result.sent_values, self.residual).to(self.residual.dtype)
         self.residual.index_add_(0, indices, values, alpha=-1)
-        if mask_momentum and self.momentum is not None:
+        if self.momentum_masking and self.momentum is not None:
             self.momentum.index_fill_(0, indices, 0)
 
     def low_pass(self, memory_beta: float) -> None:
