@@ -176,7 +176,6 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         self.algorithm_states: list = []
         """Per bucket, the algorithm's memory between steps (Ok-Topk's thresholds), else None."""
         self._bucketed: set[int] = set()
-        self._view_hooks: list = []
         self._add_buckets(build_buckets(optimizer.param_groups, self._bucket_bytes, dense_if))
         self.steps = 0
         """Steps taken (skipped AMP steps do not count); drives the warm-up and the seeds."""
@@ -243,16 +242,17 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
             self.lazy_states.append(None if lazy is None else lazy.fresh())
             self.algorithm_states.append(self.compression.new_state())
             self._bucketed.update(id(param) for param in bucket.params)
-            if self._scheduler is not None:  # its guard must run before the rebinding hook
+            if self._scheduler is not None:
                 self._scheduler.add([bucket])
-            self._view_hooks.extend(bucket.bind_on_backward())
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's optimizers: every gradient becomes None (or zero, with ``set_to_none=False``).
 
-        Either way the next backward accumulates straight into the buckets (see
-        :meth:`~sparsecoll.torch.buckets.Bucket.bind_on_backward`). With overlap, reductions
-        that a backward launched but no ``step()`` used are completed and dropped first.
+        After the default, backward writes each gradient into a tensor of its own, which the
+        step takes as its bucket's buffer or copies in once (see
+        :meth:`~sparsecoll.torch.buckets.Bucket.gather_grads`); with ``set_to_none=False``
+        backward accumulates into the zeroed bucket regions. With overlap, reductions that a
+        backward launched but no ``step()`` used are completed and dropped first.
         """
         if self._scheduler is not None:
             self._scheduler.abandon()

@@ -177,11 +177,7 @@ class OverlapScheduler:
 
     # ----------------------------------------------------------------------- set-up
     def add(self, buckets: Sequence[Bucket]) -> None:
-        """Give ``buckets`` lanes and hooks; every rank adds the same buckets in the same order.
-
-        Call it before :meth:`Bucket.bind_on_backward`, so that the guard runs before the
-        rebinding hook touches a buffer that a reduction in flight owns.
-        """
+        """Give ``buckets`` lanes and hooks; every rank adds the same buckets in the same order."""
         for bucket in buckets:
             if bucket.index != len(self.buckets):
                 raise ValueError(f"buckets are added in index order: expected {len(self.buckets)}, got {bucket.index}")

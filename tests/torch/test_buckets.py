@@ -1,4 +1,5 @@
-"""Bucketing: layout, zero-copy views, missing gradients, refused gradient kinds."""
+"""Bucketing: layout, adopted and copied gradients, views after a step, missing gradients,
+refused gradient kinds."""
 
 from __future__ import annotations
 
@@ -50,10 +51,33 @@ def test_gradients_become_views_of_the_bucket() -> None:
     for position, param in enumerate(net.parameters()):
         assert param.grad.data_ptr() == buckets[0].slice(position).data_ptr()
     buckets[0].zero_grads()
-    backward(net)  # accumulates straight into the bucket
+    backward(net)  # autograd's own tensors: the bucket of several parameters copies them in
+    before = buckets[0].flat.data_ptr()
     buckets[0].gather_grads()
+    assert buckets[0].flat.data_ptr() == before
     assert not torch.equal(buckets[0].flat, torch.zeros_like(buckets[0].flat))
     assert all(p.grad.data_ptr() == buckets[0].slice(i).data_ptr() for i, p in enumerate(net.parameters()))
+
+
+def test_a_one_parameter_bucket_takes_autograds_gradient_as_its_buffer() -> None:
+    net = model()
+    (bucket,) = build_buckets([{"params": [net[0].weight]}], dense_if=None)
+    old_buffer = bucket.flat
+    backward(net)
+    produced = net[0].weight.grad
+    bucket.gather_grads()
+    assert bucket.flat.data_ptr() == produced.data_ptr() != old_buffer.data_ptr()  # nothing copied
+    bucket.flat.mul_(2)
+    bucket.scatter_grads()
+    assert net[0].weight.grad.data_ptr() == bucket.flat.data_ptr()
+    assert torch.equal(net[0].weight.grad, produced)
+
+    transposed = torch.randn(6, 5).t()  # not contiguous: copied into the buffer, which stays
+    net[0].weight.grad = transposed
+    kept = bucket.flat.data_ptr()
+    bucket.gather_grads()
+    assert bucket.flat.data_ptr() == kept and torch.equal(bucket.slice(0), transposed)
+    assert net[0].weight.grad.data_ptr() == kept
 
 
 def test_missing_gradient_counts_as_zero() -> None:

