@@ -292,19 +292,26 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
             return loss
         for bucket in self.buckets:
             bucket.gather_grads()
-        if self._skip_this_step(stray):
+        # one round trip to the loop, unless a density schedule must agree on the step's density first
+        scheduled = self.density_schedule is not None
+        agreed, stats = self.sync.run(self._agree_then_exchange(self._local_flags(stray), exchange=not scheduled))
+        if self._skip_this_step(agreed, stray):
             self.skipped_steps += 1
         else:
-            if self.clip_norm is not None:
-                # the factor rides on the fused pass (ErrorFeedback.fold)
-                _, scale = clip_scale([bucket.flat for bucket in self.buckets], self.clip_norm, self.sync.size)
-                for memory in self.memories:
-                    memory.fold(grad_scale=scale)
-            hyper = [self._momentum_of(bucket) for bucket in self.buckets]
-            self.last_stats = self._exchange(hyper)
+            self.last_stats = stats if stats is not None else self.sync.run(self._exchange(self.density_now()))
             self._apply()
         self._start_overlap()
         return loss
+
+    async def _agree_then_exchange(self, local_flags: tuple[bool, bool, bool], exchange: bool = True
+                                   ) -> tuple[tuple[bool, bool, bool], CommStats | None]:
+        """On the group's loop: agree on the flags, then, with ``exchange`` and unless the step is
+        off (or will raise), exchange every bucket. Returns the agreed flags and the exchange's
+        statistics (None when nothing was exchanged)."""
+        agreed = await any_rank_flags(self.sync.group, *local_flags)
+        if any(agreed) or not exchange:
+            return agreed, None
+        return agreed, await self._exchange(self.density_now())
 
     def _apply(self) -> None:
         """The reduced gradients into ``.grad``, then the wrapped optimizer's step."""
@@ -344,12 +351,10 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
                     return f"parameter {position} of param group {group_index} (shape {tuple(param.shape)})"
         return ""
 
-    def _skip_this_step(self, stray: str = "") -> bool:
-        """Unscale under AMP, then agree with the other ranks (one allreduce of three flags) whether
-        to step: True on every rank alike when any rank overflowed (AMP) or, with ``skip_nonfinite``,
-        holds a NaN/inf gradient; NonFiniteGradientError on every rank when one does and the step
-        is not to be skipped; InvalidArgumentError on every rank when a rank has a gradient of a
-        parameter in no bucket (``stray``). Nothing has touched the residuals or momentum yet."""
+    def _local_flags(self, stray: str) -> tuple[bool, bool, bool]:
+        """This rank's (overflowed, nonfinite, strayed), after unscaling under AMP: whether AMP
+        found an overflow, whether a bucket holds NaN/inf (one read, before anything touches the
+        residuals or momentum), and whether a gradient has no bucket (``stray``)."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if grad_scale is not None:
@@ -358,8 +363,15 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
                 bucket.flat.mul_(inverse)
         overflowed = bool(found_inf is not None and float(found_inf) > 0)
         nonfinite = not overflowed and not all(all_finite(bucket.flat) for bucket in self.buckets)
-        overflowed, nonfinite, strayed = self.sync.run(any_rank_flags(self.sync.group, overflowed, nonfinite,
-                                                                      bool(stray)))
+        return overflowed, nonfinite, bool(stray)
+
+    def _skip_this_step(self, agreed: tuple[bool, bool, bool], stray: str = "") -> bool:
+        """The flags agreed over the ranks (one allreduce): True on every rank alike when any rank
+        overflowed (AMP) or, with ``skip_nonfinite``, holds a NaN/inf gradient;
+        NonFiniteGradientError on every rank when one does and the step is not to be skipped;
+        InvalidArgumentError on every rank when a rank has a gradient of a parameter in no bucket
+        (``stray``). Nothing has touched the residuals or momentum then."""
+        overflowed, nonfinite, strayed = agreed
         if strayed:
             raise self._stray_error(stray)
         if overflowed and self.grad_scaler is not None:
@@ -390,25 +402,28 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
                         parameters=list(zip(bucket.offsets, bucket.params)))
         return float(param_group.get("momentum", 0.0)), bool(param_group.get("nesterov", False))
 
-    def _exchange(self, hyper: list[tuple[float, bool]]) -> CommStats:
-        density = self.density_now()
+    async def _exchange(self, density: float) -> CommStats:
+        """On the group's loop: local clipping's factor and weight decay folded into the pass,
+        then every bucket reduced at ``density``; their statistics summed."""
+        if self.clip_norm is not None:  # the factor rides on the fused pass (ErrorFeedback.fold)
+            _, scale = clip_scale([bucket.flat for bucket in self.buckets], self.clip_norm, self.sync.size)
+            for memory in self.memories:
+                memory.fold(grad_scale=scale)
+        hyper = [self._momentum_of(bucket) for bucket in self.buckets]
         group = self.sync.group
         compression = self.compression
-
-        async def all_buckets() -> list[CommStats]:
-            if compression.algorithm == "auto":  # its first use is a collective: before the buckets'
-                await shared_cost_model(group)
-            # tasks start in bucket order on every rank, so the collectives' sequence numbers match
-            return await asyncio.gather(*(
-                reduce_buffer(group, bucket.flat, memory, compression, density=density, step=self.steps,
-                              seed=compression.seed + 1000003 * bucket.index, compressed=bucket.compressed,
-                              momentum=momentum, nesterov=nesterov, lazy=lazy, backend=self._backend,
-                              algorithm_state=algorithm_state)
-                for bucket, memory, lazy, algorithm_state, (momentum, nesterov)
-                in zip(self.buckets, self.memories, self.lazy_states, self.algorithm_states, hyper)))
-
+        if compression.algorithm == "auto":  # its first use is a collective: before the buckets'
+            await shared_cost_model(group)
+        # tasks start in bucket order on every rank, so the collectives' sequence numbers match
+        per_bucket = await asyncio.gather(*(
+            reduce_buffer(group, bucket.flat, memory, compression, density=density, step=self.steps,
+                          seed=compression.seed + 1000003 * bucket.index, compressed=bucket.compressed,
+                          momentum=momentum, nesterov=nesterov, lazy=lazy, backend=self._backend,
+                          algorithm_state=algorithm_state)
+            for bucket, memory, lazy, algorithm_state, (momentum, nesterov)
+            in zip(self.buckets, self.memories, self.lazy_states, self.algorithm_states, hyper)))
         total = CommStats()
-        for stats in self.sync.run(all_buckets()):
+        for stats in per_bucket:
             total += stats
         return total
 
