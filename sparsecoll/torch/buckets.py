@@ -1,14 +1,15 @@
 """Flatten parameters' gradients into contiguous buckets that the collectives read as numpy arrays.
 
 A bucket holds parameters of one param group, dtype and device, in order, up to a byte budget.
-Its gradient buffer is one flat tensor, and after a step every parameter's ``.grad`` is a view
-into it. Backward itself is left alone: after ``zero_grad()`` autograd writes each gradient into a
-tensor of its own (no zeroing, no accumulation into the buffer), and :meth:`Bucket.gather_grads`
-then takes that tensor *as* the buffer when it is the bucket's only parameter (no copy: the
-largest layers, which fill a bucket alone), or copies it in once. Pointing ``.grad`` at the
-buffer before backward instead (what DDP's ``gradient_as_bucket_view`` does) costs a zeroing
-pass and an accumulating add over the gradient: 4 memory streams where adopting costs none and
-copying 2. On CPU the buffer and ``.numpy()`` share memory. A bucket keeps its parameters' dtype:
+Its buffer is one flat tensor, and after a step every parameter's ``.grad`` is a view into it
+holding the reduced mean. Backward itself is left alone: after ``zero_grad()`` autograd writes
+each gradient into a tensor of its own (no zeroing, no accumulation into the buffer). A bucket
+of one parameter reads that tensor where it is (its :attr:`Bucket.source`: nothing copied, the
+largest layers fill a bucket alone), so its buffer only ever receives results, and after a
+sparse step holds k nonzeros that the next sparse step clears at those k entries (the step
+writes no zeros over the whole gradient); the other buckets copy their gradients in once.
+Pointing ``.grad`` at the buffer before backward instead (DDP's ``gradient_as_bucket_view``)
+costs a zeroing pass and an accumulating add over the gradient: 4 memory streams. On CPU the buffer and ``.numpy()`` share memory. A bucket keeps its parameters' dtype:
 ``float16`` and ``bfloat16`` (numpy's view of it is ml_dtypes' ``bfloat16``) buckets send 2 bytes
 a value, and the collectives widen to float32 only where they add.
 
@@ -48,6 +49,14 @@ class Bucket:
     compressed: bool
     flat: torch.Tensor
     offsets: list[int] = field(default_factory=list)
+    source: torch.Tensor | None = None
+    """This step's gradient where autograd wrote it (flat), when the step reads it there rather
+    than from :attr:`flat`; None otherwise (see :meth:`gather_grads`)."""
+
+    @property
+    def gradient(self) -> torch.Tensor:
+        """This step's gradient, flat: :attr:`source`, else the buffer."""
+        return self.flat if self.source is None else self.source
 
     @property
     def size(self) -> int:
@@ -64,8 +73,10 @@ class Bucket:
         """Bring every gradient into the buffer; a missing gradient counts as zero (as in DDP).
 
         A bucket of one parameter whose gradient is a contiguous tensor of the buffer's dtype and
-        device takes that tensor as its buffer (nothing copied); otherwise each gradient is
-        copied into its region once and ``.grad`` becomes the region."""
+        device keeps that tensor as :attr:`source` (nothing copied; the buffer is left as it
+        is, for the result); otherwise each gradient is copied into its region once and ``.grad``
+        becomes the region."""
+        self.source = None
         for position, param in enumerate(self.params):
             grad = param.grad
             region = self.slice(position)
@@ -75,20 +86,22 @@ class Bucket:
             check_gradient(grad)
             if _is_view_of(grad, region):
                 continue
-            if self._adoptable(grad):
-                self.flat = grad.detach().view(-1)
+            if self._readable_in_place(grad):
+                self.source = grad.detach().view(-1)
                 continue
             region.copy_(grad)
             if grad.dtype == region.dtype:
                 param.grad = region
 
-    def _adoptable(self, grad: torch.Tensor) -> bool:
-        """Whether ``grad`` can become the buffer itself: the only parameter's, laid out as it."""
+    def _readable_in_place(self, grad: torch.Tensor) -> bool:
+        """Whether the step can read ``grad`` where it is: the only parameter's, laid out as the buffer."""
         return (len(self.params) == 1 and grad.dtype == self.flat.dtype and grad.device == self.flat.device
                 and grad.is_contiguous() and not grad.requires_grad)
 
     def scatter_grads(self) -> None:
-        """Make every ``.grad`` hold the reduced gradient now in the buffer."""
+        """Make every ``.grad`` hold the reduced gradient now in the buffer (the step's source,
+        if any, is released)."""
+        self.source = None
         for position, param in enumerate(self.params):
             region = self.slice(position)
             if param.dtype == region.dtype:

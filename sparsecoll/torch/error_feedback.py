@@ -50,7 +50,7 @@ class ErrorFeedback:
     ``dtype`` asks for another (float32 residuals for a bfloat16 model, as DeepSpeed keeps)."""
 
     __slots__ = ("residual", "momentum", "previous", "grad_scale", "weight_decay", "parameters",
-                 "filtered_in_pass", "update_indices", "momentum_masking")
+                 "filtered_in_pass", "update_indices", "result_version", "momentum_masking")
 
     def __init__(self, like: torch.Tensor, dtype: torch.dtype | None = None, momentum_masking: bool = False) -> None:
         self.residual = torch.zeros_like(like, dtype=dtype)
@@ -69,6 +69,9 @@ class ErrorFeedback:
         """Whether the last :meth:`prepare` applied ScaleCom's filter already (the fused pass)."""
         self.update_indices: torch.Tensor | None = None
         """Where the last reduced gradient may be nonzero (None: anywhere); see ``reduce_buffer``."""
+        self.result_version = -1
+        """The buffer's ``_version`` right after the last sparse result was written into it: while
+        it is unchanged, the buffer is zero outside ``update_indices``."""
 
     def fold(self, *, grad_scale: float = 1.0, weight_decay: float = 0.0,
              parameters: Sequence[tuple[int, torch.Tensor]] = ()) -> None:

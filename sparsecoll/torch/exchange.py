@@ -110,8 +110,13 @@ class Compression:
 async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback, compression: Compression,
                         *, density: float, step: int, seed: int, compressed: bool = True,
                         momentum: float = 0.0, nesterov: bool = False, lazy: LazyState | None = None,
-                        backend: str = "tcp", algorithm_state: OkTopkState | None = None) -> CommStats:
+                        backend: str = "tcp", algorithm_state: OkTopkState | None = None,
+                        source: torch.Tensor | None = None) -> CommStats:
     """Replace ``grad`` (this rank's gradient) by the mean over ranks of what was sent.
+
+    With ``source`` the gradient is read there and ``grad`` only receives the result; a sparse
+    result then clears the entries the previous sparse result left in ``grad`` (k writes instead
+    of zeroing the whole buffer), unless ``grad`` was written since (its version moved).
 
     Dense buffers, the "dense" algorithm and warm-up steps denser than ``dense_above`` use an
     allreduce of ``residual + momentum-corrected gradient`` (nothing is left behind); the others
@@ -130,7 +135,10 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
     memory_beta = compression.filter_factor()
     sparse = compressed and compression.algorithm != "dense" and density < compression.dense_above
     k = local_topk(compression, group, grad.numel(), density, step) if sparse else 0
-    outgoing, selection = memory.prepare(grad, momentum, nesterov, memory_beta, k=k, seed=seed, zero_grad=sparse)
+    source = grad if source is None else source
+    outgoing, selection = memory.prepare(source, momentum, nesterov, memory_beta, k=k, seed=seed,
+                                         zero_grad=sparse and source is grad)
+    previous = memory.update_indices if memory.result_version == grad._version else None
     memory.update_indices = None
     array = as_array(outgoing, backend)
     if not sparse:
@@ -164,11 +172,14 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
         grad.copy_(values.view_as(grad)).div_(group.size)
     else:
         mean = values / group.size  # a new k-sized tensor: the values may view the buffer cleared next
-        if outgoing is grad:  # it held what was sent; otherwise the pass zeroed it
+        if source is not grad and previous is not None:
+            grad.index_fill_(0, previous, 0)  # the buffer is zero elsewhere: nothing wrote it since
+        elif source is not grad or outgoing is grad:  # else the pass zeroed it
             grad.zero_()
         indices = to_tensor(result.indices, grad).long()
         grad.index_copy_(0, indices, mean)
         memory.update_indices = indices
+        memory.result_version = grad._version
     memory.settle(result, memory_beta)
     if not compression.error_feedback:
         memory.forget()

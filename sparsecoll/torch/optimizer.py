@@ -271,7 +271,7 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         schedule's choice (with a schedule this is part of the step: it sees the gradients and may
         agree with the other ranks)."""
         target = self.compression.density if self.density_schedule is None else self.density_schedule.for_step(
-            self.steps, [bucket.flat for bucket in self.buckets], self.sync)
+            self.steps, [bucket.gradient for bucket in self.buckets], self.sync)
         return warmup_density(self.steps, target, self.warmup_steps)
 
     # ------------------------------------------------------------------------ the step
@@ -360,9 +360,9 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         if grad_scale is not None:
             inverse = 1.0 / float(grad_scale)
             for bucket in self.buckets:
-                bucket.flat.mul_(inverse)
+                bucket.gradient.mul_(inverse)
         overflowed = bool(found_inf is not None and float(found_inf) > 0)
-        nonfinite = not overflowed and not all(all_finite(bucket.flat) for bucket in self.buckets)
+        nonfinite = not overflowed and not all(all_finite(bucket.gradient) for bucket in self.buckets)
         return overflowed, nonfinite, bool(stray)
 
     def _skip_this_step(self, agreed: tuple[bool, bool, bool], stray: str = "") -> bool:
@@ -406,7 +406,7 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         """On the group's loop: local clipping's factor and weight decay folded into the pass,
         then every bucket reduced at ``density``; their statistics summed."""
         if self.clip_norm is not None:  # the factor rides on the fused pass (ErrorFeedback.fold)
-            _, scale = clip_scale([bucket.flat for bucket in self.buckets], self.clip_norm, self.sync.size)
+            _, scale = clip_scale([bucket.gradient for bucket in self.buckets], self.clip_norm, self.sync.size)
             for memory in self.memories:
                 memory.fold(grad_scale=scale)
         hyper = [self._momentum_of(bucket) for bucket in self.buckets]
@@ -419,7 +419,7 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
             reduce_buffer(group, bucket.flat, memory, compression, density=density, step=self.steps,
                           seed=compression.seed + 1000003 * bucket.index, compressed=bucket.compressed,
                           momentum=momentum, nesterov=nesterov, lazy=lazy, backend=self._backend,
-                          algorithm_state=algorithm_state)
+                          algorithm_state=algorithm_state, source=bucket.source)
             for bucket, memory, lazy, algorithm_state, (momentum, nesterov)
             in zip(self.buckets, self.memories, self.lazy_states, self.algorithm_states, hyper)))
         total = CommStats()

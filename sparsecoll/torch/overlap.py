@@ -359,7 +359,7 @@ class OverlappedSteps:
     async def _reduce_on_lane(self, bucket: Bucket, lane: Group) -> CommStats | None:
         """One bucket's reduction under overlap: agree that it is finite on every rank (else
         None, residual untouched), fold weight decay and momentum in, reduce."""
-        if await any_rank_flags(lane, not all_finite(bucket.flat)):
+        if await any_rank_flags(lane, not all_finite(bucket.gradient)):
             return None
         momentum, nesterov = self._momentum_of(bucket)
         compression = self.compression
@@ -367,5 +367,6 @@ class OverlappedSteps:
                                    density=self.density_now(), step=self.steps,
                                    seed=compression.seed + 1000003 * bucket.index, compressed=bucket.compressed,
                                    momentum=momentum, nesterov=nesterov, lazy=self.lazy_states[bucket.index],
-                                   backend=self._backend, algorithm_state=self.algorithm_states[bucket.index])
+                                   backend=self._backend, algorithm_state=self.algorithm_states[bucket.index],
+                                   source=bucket.source)
 

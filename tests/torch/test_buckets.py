@@ -59,25 +59,25 @@ def test_gradients_become_views_of_the_bucket() -> None:
     assert all(p.grad.data_ptr() == buckets[0].slice(i).data_ptr() for i, p in enumerate(net.parameters()))
 
 
-def test_a_one_parameter_bucket_takes_autograds_gradient_as_its_buffer() -> None:
+def test_a_one_parameter_bucket_reads_autograds_gradient_where_it_is() -> None:
     net = model()
     (bucket,) = build_buckets([{"params": [net[0].weight]}], dense_if=None)
-    old_buffer = bucket.flat
+    buffer = bucket.flat.data_ptr()
     backward(net)
     produced = net[0].weight.grad
     bucket.gather_grads()
-    assert bucket.flat.data_ptr() == produced.data_ptr() != old_buffer.data_ptr()  # nothing copied
-    bucket.flat.mul_(2)
+    assert bucket.gradient.data_ptr() == produced.data_ptr() != buffer  # nothing copied
+    assert bucket.flat.data_ptr() == buffer and not bucket.flat.any()  # the buffer waits for the result
+    bucket.flat.fill_(3.0)
     bucket.scatter_grads()
-    assert net[0].weight.grad.data_ptr() == bucket.flat.data_ptr()
-    assert torch.equal(net[0].weight.grad, produced)
+    assert bucket.source is None and net[0].weight.grad.data_ptr() == buffer
+    assert torch.all(net[0].weight.grad == 3.0)
 
-    transposed = torch.randn(6, 5).t()  # not contiguous: copied into the buffer, which stays
+    transposed = torch.randn(6, 5).t()  # not contiguous: copied into the buffer
     net[0].weight.grad = transposed
-    kept = bucket.flat.data_ptr()
     bucket.gather_grads()
-    assert bucket.flat.data_ptr() == kept and torch.equal(bucket.slice(0), transposed)
-    assert net[0].weight.grad.data_ptr() == kept
+    assert bucket.source is None and bucket.gradient.data_ptr() == buffer
+    assert torch.equal(bucket.slice(0), transposed) and net[0].weight.grad.data_ptr() == buffer
 
 
 def test_missing_gradient_counts_as_zero() -> None:
@@ -96,7 +96,8 @@ def test_half_precision_parameters_keep_their_dtype_in_the_buffer() -> None:
     (bucket,) = build_buckets([{"params": [param]}])
     assert bucket.flat.dtype == torch.bfloat16
     bucket.gather_grads()
-    bucket.flat.mul_(2)
+    assert bucket.gradient.dtype == torch.bfloat16
+    torch.mul(bucket.gradient, 2, out=bucket.flat)  # as a reduction writes its result
     bucket.scatter_grads()
     assert param.grad.dtype == torch.bfloat16 and torch.all(param.grad == 1)
     assert param.grad.data_ptr() == bucket.flat.data_ptr()  # a view: no copy per step
