@@ -3,14 +3,14 @@
 Five steps, each in its own process with its own timeout (a hang costs that step, never the
 run), inside an overall budget so the whole call holds its 8 minutes:
 
-1. ``gpu-tests``: the tests marked ``gpu`` with Numba's CUDA simulator off;
-2. ``topk``: our CUDA top-k against ``torch.topk`` and against a read floor measured here;
-3. ``quantize-sketch``: CUDA quantize, dequantize and count-sketch throughput, checked against
+1. ``topk``: our CUDA top-k against ``torch.topk`` and against a read floor measured here;
+2. ``quantize-sketch``: CUDA quantize, dequantize and count-sketch throughput, checked against
    the CPU kernels;
-4. ``ucx``: two ranks on one GPU over UCX: device buffers point to point against staging through
+3. ``ucx``: two ranks on one GPU over UCX: device buffers point to point against staging through
    host, a ring allreduce and a gTop-k on device arrays, checked against numpy;
-5. ``train``: two ranks train a CUDA model with SparseCollOptimizer and with the DDP hook
-   (gtopk, 0.1%): replicas identical, d-sized host copies counted.
+4. ``train``: two ranks train a CUDA model with SparseCollOptimizer and with the DDP hook
+   (gtopk, 0.1%): replicas identical, d-sized host copies counted, against plain SGD's step;
+5. ``gpu-tests``: the tests marked ``gpu`` with Numba's CUDA simulator off.
 
 ``--dry-run`` runs on a machine without a GPU: kernels under the simulator at small sizes,
 ranks over UCX on loopback TCP with host arrays, and every device-only row says
@@ -28,8 +28,10 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,12 +71,14 @@ class Step:
 
 
 STEPS = (
-    Step("gpu-tests", None, 180.0),
     Step("topk", "sparsecoll.bench.gpu_check_kernels", 100.0, simulator_in_dry_run=True),
     Step("quantize-sketch", "sparsecoll.bench.gpu_check_kernels", 60.0, simulator_in_dry_run=True),
     Step("ucx", "sparsecoll.bench.gpu_check_ranks", 90.0, ucx=True),
     Step("train", "sparsecoll.bench.gpu_check_train", 120.0, ucx=True),
+    Step("gpu-tests", None, 240.0),
 )
+"""In the order they run: the measurements the issue asks for first, then the tests, which
+take what is left of the budget (compiling every CUDA kernel case is the long part)."""
 
 
 def emit(row: Row) -> None:
@@ -123,7 +127,7 @@ def gpu_tests(dry_run: bool, timeout_s: float) -> list[Row]:
     files = sorted(str(path.relative_to(ROOT)) for path in (ROOT / "tests").rglob("test_*.py")
                    if "mark.gpu" in path.read_text())
     command = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider", *files]
-    output, code, timed_out = _run(command, step_environment(STEPS[0], dry_run=False), timeout_s)
+    output, code, timed_out = _run(command, step_environment(Step("gpu-tests", None, timeout_s), False), timeout_s)
     summary = _pytest_summary(output)
     skipped = [line for line in output.splitlines() if line.startswith("SKIPPED")]
     if timed_out:
@@ -134,22 +138,29 @@ def gpu_tests(dry_run: bool, timeout_s: float) -> list[Row]:
     return [Row("gpu-tests", "pytest -m gpu", status, summary, note=note, metrics={"files": files})]
 
 
-def run_all(steps: Sequence[Step], dry_run: bool, budget_s: float) -> list[Row]:
-    """Each step in turn, each under ``min(its timeout, what is left of the budget)``."""
+def run_all(steps: Sequence[Step], dry_run: bool, budget_s: float, jobs: int = 1) -> list[Row]:
+    """Each step under ``min(its timeout, what is left of the budget)``; in turn, or ``jobs`` at a
+    time (for a dry run, whose timings mean nothing: the steps then share the cores)."""
     deadline = time.monotonic() + budget_s
-    rows: list[Row] = []
-    for step in steps:
+    printed = threading.Lock()
+    header = [True]
+
+    def one(step: Step) -> list[Row]:
         left = deadline - time.monotonic()
         if left < 5:
-            rows.append(Row(step.name, "step", SKIP, note="the run's budget is spent"))
-            continue
-        started = time.monotonic()
-        step_rows = run_step(step, dry_run, min(step.timeout_s, left))
-        for row in step_rows:
-            row.metrics.setdefault("step_seconds", round(time.monotonic() - started, 2))
-        rows.extend(step_rows)
-        print_rows(step_rows, header=not rows[:-len(step_rows)])
-    return rows
+            step_rows = [Row(step.name, "step", SKIP, note="the run's budget is spent")]
+        else:
+            started = time.monotonic()
+            step_rows = run_step(step, dry_run, min(step.timeout_s, left))
+            for row in step_rows:
+                row.metrics.setdefault("step_seconds", round(time.monotonic() - started, 2))
+        with printed:
+            print_rows(step_rows, header=header[0])
+            header[0] = False
+        return step_rows
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return [row for step_rows in pool.map(one, steps) for row in step_rows]
 
 
 def _run(command: list[str], env: dict[str, str], timeout_s: float) -> tuple[str, int, bool]:
@@ -226,10 +237,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="write gpu_check.json and gpu_check.md here (default: $OUT when set)")
     parser.add_argument("--budget", type=float, default=DEFAULT_BUDGET_S, help="seconds for all steps together")
     parser.add_argument("--steps", nargs="+", choices=names, default=names, help="run only these steps")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="steps at a time (default 1: a GPU run's timings need the machine to themselves)")
     args = parser.parse_args(argv)
     if args.budget <= 0:
         parser.error(f"--budget must be positive, got {args.budget}")
-    rows = run_all([step for step in STEPS if step.name in args.steps], args.dry_run, args.budget)
+    if args.jobs < 1 or (args.jobs > 1 and not args.dry_run):
+        parser.error(f"--jobs must be 1, or more with --dry-run (timings on a GPU need one step at a time), got {args.jobs}")
+    rows = run_all([step for step in STEPS if step.name in args.steps], args.dry_run, args.budget, args.jobs)
     print_table(rows, args.dry_run)
     if args.out is not None:
         write_reports(rows, args.out, args.dry_run)

@@ -52,8 +52,11 @@ def topk_rows(dry_run: bool) -> None:
         elif floor_ms is not None:
             emit(Row("topk", f"read floor {count(size)}", OK, f"{floor_ms:.3f} ms",
                      note=f"{4 * size / floor_ms / 1e6:.0f} GB/s read", metrics={"floor_ms": floor_ms}))
-        for row in kernels_gpu.gpu_selection_rows([size], densities, repeats=1 if dry_run else 5):
-            emit(selection_row(row, floor_ms, dry_run))
+        try:
+            for row in kernels_gpu.gpu_selection_rows([size], densities, repeats=1 if dry_run else 5):
+                emit(selection_row(row, floor_ms, dry_run))
+        except Exception as error:  # the next size still runs
+            emit(Row("topk", f"top-k {count(size)}", FAIL, note=f"{type(error).__name__}: {error}"[:600]))
 
 
 def selection_row(row: dict[str, Any], floor_ms: float | None, dry_run: bool) -> Row:
@@ -109,8 +112,16 @@ def quantize_sketch_rows(dry_run: bool) -> None:
     device = cuda.to_device(host)
     repeats = 1 if dry_run else 5
     for bits in (8,) if dry_run else (8, 4, 2, 1):
-        emit(quantize_row(host, device, bits, repeats, cuda.synchronize, dry_run))
-    emit(sketch_row(host, device, repeats, cuda, dry_run))
+        guarded(f"quantize {bits}-bit", lambda: quantize_row(host, device, bits, repeats, cuda.synchronize, dry_run))
+    guarded("sketch insert", lambda: sketch_row(host, device, repeats, cuda, dry_run))
+
+
+def guarded(check: str, make_row: Callable[[], Row]) -> None:
+    """Print the row ``make_row`` builds, or a FAIL row with the error it raised."""
+    try:
+        emit(make_row())
+    except Exception as error:  # the next check still runs
+        emit(Row("quantize-sketch", check, FAIL, note=f"{type(error).__name__}: {error}"[:600]))
 
 
 def quantize_row(host: np.ndarray, device: Any, bits: int, repeats: int, synchronize: Callable[[], Any],

@@ -63,12 +63,15 @@ class HostCopyAudit:
 
     def __exit__(self, *exc_info: Any) -> None:
         for owner, name, original in reversed(self._restore):
-            setattr(owner, name, original)
+            if original is None:
+                delattr(owner, name)  # it was inherited: the base class's attribute shows again
+            else:
+                setattr(owner, name, original)
         self._restore.clear()
 
     def _wrap(self, owner: Any, name: str, make: Callable[[Any], Any]) -> None:
         original = getattr(owner, name)
-        self._restore.append((owner, name, original))
+        self._restore.append((owner, name, vars(owner).get(name) if isinstance(owner, type) else original))
         setattr(owner, name, functools.wraps(original)(make(original)))
 
     def _wrap_torch(self) -> None:

@@ -28,7 +28,7 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comple
     out = tmp_path_factory.mktemp("gpu_check")
     env = dict(os.environ, PYTHON=sys.executable)
     env.pop("OUT", None)
-    proc = subprocess.run([str(ROOT / "tools" / "gpu_check.sh"), "--dry-run", "--out", str(out)], env=env,
+    proc = subprocess.run([str(ROOT / "tools" / "gpu_check.sh"), "--dry-run", "--jobs", "5", "--out", str(out)], env=env,
                           capture_output=True, text=True, timeout=240)
     report = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").exists() else {}
     markdown = (out / "gpu_check.md").read_text() if (out / "gpu_check.md").exists() else ""
@@ -45,6 +45,7 @@ def test_dry_run_skips_every_device_row_and_passes_the_rest(dry_run) -> None:
     assert report["dry_run"] is True
     rows = by_check(report)
     assert [step.name for step in gpu_check.STEPS] == list(dict.fromkeys(row["step"] for row in report["rows"]))
+    assert all(row["metrics"]["step_seconds"] > 0 for row in report["rows"] if row["status"] != DRY)
     for device_row in ("pytest -m gpu", "top-k 25M", "top-k 100M", "quantize/sketch 25M", "p2p device 256 MiB",
                        "CUDA model, 2 ranks on one GPU"):
         assert rows[device_row]["status"] == DRY, rows[device_row]
@@ -68,7 +69,7 @@ def test_dry_run_prints_the_table_and_the_markdown_holds_every_row(dry_run) -> N
 
 def test_a_step_past_its_timeout_is_killed_with_its_children_and_keeps_its_rows() -> None:
     started = time.monotonic()
-    rows = gpu_check.run_step(Step("sleep", SLEEPER, 4.0), dry_run=True, timeout_s=4.0)
+    rows = gpu_check.run_step(Step("sleep", SLEEPER, 3.0), dry_run=True, timeout_s=3.0)
     assert time.monotonic() - started < 30
     assert [(row.check, row.status) for row in rows] == [("first", OK), ("step", TIMEOUT)], rows
     child = int(rows[-1].note.split("child ")[1].split()[0])
@@ -89,7 +90,7 @@ def test_a_spent_budget_skips_the_remaining_steps() -> None:
 
 
 def test_bad_arguments_are_refused(capsys) -> None:
-    for argv in (["--budget", "0"], ["--steps", "nonsense"]):
+    for argv in (["--budget", "0"], ["--steps", "nonsense"], ["--jobs", "2"], ["--dry-run", "--jobs", "0"]):
         with pytest.raises(SystemExit) as raised:
             gpu_check.main(argv)
         assert raised.value.code == 2
