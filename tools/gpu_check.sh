@@ -4,11 +4,12 @@
 #
 #   tools/gpu_check.sh             on the GPU machine, from any directory
 #   tools/gpu_check.sh --dry-run   anywhere without a GPU: simulator, host arrays, device rows skipped
+#   (other arguments go to sparsecoll.bench.gpu_check: --steps, --budget, --out, --jobs)
 #
-# Set-up, offline: the wheels in .whl/ (ucxx-cu13 and its libraries, shared/GPU.md; a numpy
-# 2.4 wheel if numba.cuda needs one) go into a private site folder; sparsecoll runs from this
-# tree (PYTHONPATH), with sparsecoll/kernels linked to kernels/ where the copy lost the link.
-# Rows and reports go to stdout and, when $OUT or --out is set, to gpu_check.{json,md} there.
+# Set-up, offline: the wheels in .whl/ (tools/gpu_wheels.sh fetches ucxx-cu13 and its libraries
+# beforehand; carry .whl) go into a private site folder; sparsecoll runs from this tree
+# (PYTHONPATH), with sparsecoll/kernels linked to kernels/ where the copy lost the link.
+# Rows go to stdout and, when $OUT or --out is set, gpu_check.{json,md,log} are written there.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 started=$SECONDS
@@ -16,17 +17,26 @@ total_s=${GPU_CHECK_TOTAL_S:-480}
 python=${PYTHON:-python3}
 dry_run=0
 for argument in "$@"; do [ "$argument" = --dry-run ] && dry_run=1; done
+if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
+    exec > >(tee "$OUT/gpu_check.log") 2>&1
+fi
 
 [ -e sparsecoll/kernels ] || ln -s ../kernels sparsecoll/kernels || { echo "cannot link sparsecoll/kernels" >&2; exit 2; }
-if [ "$dry_run" = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
+GPU_CHECK_SETUP="no .whl folder: ucxx must already be importable"
+if [ "$dry_run" = 1 ]; then
+    GPU_CHECK_SETUP="dry run: the Python that runs this script, no wheels installed"
+elif compgen -G ".whl/*.whl" >/dev/null; then
     site=${GPU_CHECK_SITE:-/tmp/sparsecoll-gpu-site}
-    if timeout 120 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-            --target "$site" .whl/*.whl; then
+    if log=$(timeout 120 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+            --upgrade --target "$site" .whl/*.whl 2>&1); then
         export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+        GPU_CHECK_SETUP="installed $(ls .whl/*.whl | wc -l) wheels from .whl into $site in $((SECONDS - started)) s"
     else
-        echo "SETUP: the wheels in .whl/ did not install; steps that need them will say SKIP" >&2
+        GPU_CHECK_SETUP="the wheels in .whl did not install: ${log: -300}"
     fi
 fi
+export GPU_CHECK_SETUP
+echo "setup: $GPU_CHECK_SETUP"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 budget=$(( total_s - (SECONDS - started) - 20 ))  # 20 s for the table, the reports and exits
-exec timeout -k 5 $(( budget + 15 )) "$python" -m sparsecoll.bench.gpu_check --budget "$budget" "$@"
+timeout -k 5 $(( budget + 15 )) "$python" -m sparsecoll.bench.gpu_check --budget "$budget" "$@"

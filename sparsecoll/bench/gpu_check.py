@@ -1,7 +1,8 @@
 """The GPU check: one call on a lent GPU machine, one summary table (``tools/gpu_check.sh``).
 
-Five steps, each in its own process with its own timeout (a hang costs that step, never the
-run), inside an overall budget so the whole call holds its 8 minutes:
+Five steps after a ``setup`` row group (versions, devices, what imports), each in its own
+process with its own timeout (a hang costs that step, never the run), inside an overall budget so
+the whole call holds its 8 minutes:
 
 1. ``topk``: our CUDA top-k against ``torch.topk`` and against a read floor measured here;
 2. ``quantize-sketch``: CUDA quantize, dequantize and count-sketch throughput, checked against
@@ -71,6 +72,7 @@ class Step:
 
 
 STEPS = (
+    Step("setup", "sparsecoll.bench.gpu_check_setup", 60.0, simulator_in_dry_run=True),
     Step("topk", "sparsecoll.bench.gpu_check_kernels", 100.0, simulator_in_dry_run=True),
     Step("quantize-sketch", "sparsecoll.bench.gpu_check_kernels", 60.0, simulator_in_dry_run=True),
     Step("ucx", "sparsecoll.bench.gpu_check_ranks", 90.0, ucx=True),

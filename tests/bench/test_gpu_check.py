@@ -18,6 +18,7 @@ from sparsecoll.bench import gpu_check
 from sparsecoll.bench.gpu_check import DRY, FAIL, OK, SKIP, TIMEOUT, Row, Step
 from sparsecoll.bench.gpu_check_train import rows_from
 from sparsecoll.bench.host_copy_audit import DEVICE_TO_HOST, HOST_TO_DEVICE, HostCopyAudit
+from tests.conftest import ucx_required, ucx_unavailable
 
 ROOT = Path(__file__).resolve().parents[2]
 SLEEPER = "tests.bench.gpu_check_sleeper"
@@ -46,11 +47,14 @@ def test_dry_run_skips_every_device_row_and_passes_the_rest(dry_run) -> None:
     rows = by_check(report)
     assert [step.name for step in gpu_check.STEPS] == list(dict.fromkeys(row["step"] for row in report["rows"]))
     assert all(row["metrics"]["step_seconds"] > 0 for row in report["rows"] if row["status"] != DRY)
-    for device_row in ("pytest -m gpu", "top-k 25M", "top-k 100M", "quantize/sketch 25M", "p2p device 256 MiB",
+    for device_row in ("cupy", "pytest -m gpu", "top-k 25M", "top-k 100M", "quantize/sketch 25M", "p2p device 256 MiB",
                        "CUDA model, 2 ranks on one GPU"):
         assert rows[device_row]["status"] == DRY, rows[device_row]
     ran = [row for row in report["rows"] if row["status"] != DRY]
+    if ucx_unavailable() and not ucx_required():
+        ran = [row for row in ran if row["step"] not in ("ucx", "train") and row["check"] != "ucxx"]
     assert all(row["status"] == OK for row in ran), ran
+    assert {"python", "torch", "numba.cuda", "numpy"} <= set(rows)
     assert rows["top-k 1.02K 1%"]["metrics"]["correct"] is True
     assert rows["quantize 8-bit 1.02K"]["metrics"]["correct"] is True
     assert {"p2p-host 4MiB", "ring allreduce 256KiB float32", "gTop-k 65.5K x 0.1%"} <= set(rows)
