@@ -16,6 +16,8 @@ import torch
 
 from sparsecoll.bench import gpu_check
 from sparsecoll.bench.gpu_check import DRY, FAIL, OK, SKIP, TIMEOUT, Row, Step
+from sparsecoll.bench.gpu_check_kernels import selection_row
+from sparsecoll.bench.gpu_check_ranks import rows_from as ucx_rows_from
 from sparsecoll.bench.gpu_check_train import rows_from
 from sparsecoll.bench.host_copy_audit import DEVICE_TO_HOST, HOST_TO_DEVICE, HostCopyAudit
 from tests.conftest import ucx_required, ucx_unavailable
@@ -127,3 +129,26 @@ def test_the_copy_audit_counts_moves_between_devices_by_size_and_restores_torch(
     assert torch.Tensor.to is original
     assert audit.tally.count[HOST_TO_DEVICE] == 2 and audit.tally.large[HOST_TO_DEVICE] == 1, audit.tally
     assert audit.tally.bytes[HOST_TO_DEVICE] == 4040 and audit.tally.count[DEVICE_TO_HOST] == 0
+
+
+@pytest.mark.parametrize("size, density, fast_ms, correct, status", [
+    (25_000_000, 0.001, 0.10, True, OK), (25_000_000, 0.001, 0.30, True, gpu_check.MISS),
+    (25_000_000, 0.001, 0.10, False, FAIL), (100_000_000, 0.001, 0.30, True, OK)])
+def test_selection_rows_judge_correctness_and_the_floor_target(size, density, fast_ms, correct, status) -> None:
+    measured = {"size": size, "density": density, "k": int(size * density), "fast_ms": fast_ms, "exact_ms": 1.0,
+                "torch_topk_ms": 0.65, "fast_vs_torch": 0.65 / fast_ms, "correct": correct}
+    row = selection_row(measured, floor_ms=0.1, dry_run=False)
+    assert row.status == status, row
+    assert row.metrics["fast_vs_floor"] == pytest.approx(fast_ms / 0.1)
+
+
+@pytest.mark.parametrize("device_gbps, correct, status", [(500.0, True, OK), (50.0, True, gpu_check.MISS),
+                                                          (500.0, False, FAIL)])
+def test_ucx_rows_judge_the_device_bandwidth_against_staging_and_the_target(device_gbps, correct, status) -> None:
+    results = {"p2p-device": {"gbps": device_gbps, "seconds": 0.001, "correct": correct},
+               "p2p-staged": {"gbps": 0.5, "seconds": 1.0, "correct": True},
+               "gtopk": {"error": "InvalidArgumentError: cupy refused", "where": ["np.ascontiguousarray"]}}
+    rows = {row.check: row for row in ucx_rows_from(results, dry_run=False, tls="cuda_ipc,cuda_copy,tcp")}
+    assert rows["p2p device 256 MiB"].status == status and "staged through host 0.5 GB/s" in \
+        rows["p2p device 256 MiB"].baseline
+    assert rows["gtopk"].status == FAIL and "cupy refused" in rows["gtopk"].note
