@@ -74,7 +74,7 @@ class Step:
 STEPS = (
     Step("setup", "sparsecoll.bench.gpu_check_setup", 60.0, simulator_in_dry_run=True),
     Step("topk", "sparsecoll.bench.gpu_check_kernels", 100.0, simulator_in_dry_run=True),
-    Step("quantize-sketch", "sparsecoll.bench.gpu_check_kernels", 60.0, simulator_in_dry_run=True),
+    Step("quantize-sketch", "sparsecoll.bench.gpu_check_kernels", 90.0, simulator_in_dry_run=True),
     Step("ucx", "sparsecoll.bench.gpu_check_ranks", 90.0, ucx=True),
     Step("train", "sparsecoll.bench.gpu_check_train", 120.0, ucx=True),
     Step("gpu-tests", None, 240.0),

@@ -126,7 +126,7 @@ def train_rank(rank: int, world: int, dry_run: bool) -> dict[str, Any]:
     results: dict[str, Any] = {}
     dist.init_process_group("gloo")  # env://, the launcher's store, as under torchrun
     try:
-        with init_group(timeout=60) as sync:
+        with init_group(timeout=30) as sync:  # a peer that raised is noticed well inside the step timeout
             for mode in (BASELINE, *MODES):  # the baseline first: it also warms CUDA and cuBLAS up
                 try:
                     results[mode] = train_mode(sync, mode, device, widths, steps, rank)
