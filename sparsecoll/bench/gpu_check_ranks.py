@@ -5,7 +5,8 @@ Each rank, in order (a check that raises is recorded and the next one still runs
 1. point to point, 256 MiB of device memory each way (a ping-pong, so one rank's clock times
    both directions): ``group.send`` of a cupy array and ``group.recv(out=cupy array)``, against
    the same bytes staged through pinned host memory (device to host, host send and receive,
-   host to device), the path a transport without device support takes;
+   host to device), the path a transport without device support takes (the library's tally of
+   its own staging copies during the direct round trips is noted where the tree keeps one);
 2. a ring allreduce of a device array, checked against the numpy sum of both ranks' arrays;
 3. a gTop-k of a device array, checked against the numpy reference (each rank's exact top-k,
    exchanged, summed, top k of the union).
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from sparsecoll.bench.gpu_check import DRY, FAIL, MISS, OK, SKIP, Row, emit
+from sparsecoll.bench.host_copy_audit import library_copies
 from sparsecoll.bench.table import binary_size, count
 
 DEVICE_P2P_BYTES = 256 << 20
@@ -107,9 +109,14 @@ async def p2p_check(group: Any, xp: Any, nbytes: int, staged: bool) -> dict[str,
 
         async def receive() -> None:
             await group.recv(peer, out=target, timeout=RANK_TIMEOUT_S)
+    counted = library_copies()
+    if counted:
+        counted[1]()
     seconds = await ping_pong(group, send, receive)
+    copies = counted[0]()._asdict() if counted else None
     expected = xp.arange(count, dtype=xp.int32) * (peer + 1)
-    return {"gbps": 2 * nbytes / seconds / 1e9, "seconds": seconds, "correct": bool((target == expected).all())}
+    return {"gbps": 2 * nbytes / seconds / 1e9, "seconds": seconds, "correct": bool((target == expected).all()),
+            "library_copies": copies}
 
 
 async def allreduce_check(group: Any, xp: Any, count: int) -> dict[str, Any]:
@@ -183,6 +190,8 @@ def rows_from(results: dict[str, Any], dry_run: bool, tls: str) -> list[Row]:
                 status, note = MISS, note + f"; target {P2P_TARGET_GBPS:g} GB/s"
             if staged:
                 note += f"; {result['gbps'] / staged:.1f}x staged"
+            if result.get("library_copies"):
+                note += f"; library staging copies on rank 0: {result['library_copies']['count']}"
             rows.append(Row("ucx", "p2p device 256 MiB", status, f"{result['gbps']:.3g} GB/s", baseline, note,
                             result))
         elif name.startswith("p2p"):

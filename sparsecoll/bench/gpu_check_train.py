@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sparsecoll.bench.gpu_check import DRY, FAIL, OK, SKIP, Row, emit
-from sparsecoll.bench.host_copy_audit import DEVICE_TO_HOST, HOST_TO_DEVICE, HostCopyAudit
+from sparsecoll.bench.host_copy_audit import DEVICE_TO_HOST, HOST_TO_DEVICE, HostCopyAudit, library_copies
 
 DENSITY = 0.001
 DEVICE_STEPS, DRY_STEPS = 20, 2
@@ -50,14 +50,6 @@ def build_model(widths: Sequence[int], device: Any) -> Any:
     for inputs, outputs in zip(widths[:-1], widths[1:]):
         layers += [torch.nn.Linear(inputs, outputs), torch.nn.ReLU()]
     return torch.nn.Sequential(*layers[:-1]).to(device)
-
-
-def library_copies() -> Any:
-    """``(host_copies, reset_host_copies)`` from the transport layer, or None in a tree without them."""
-    from sparsecoll.transport import device
-
-    functions = getattr(device, "host_copies", None), getattr(device, "reset_host_copies", None)
-    return None if None in functions else functions
 
 
 def train_mode(sync: Any, mode: str, device: Any, widths: Sequence[int], steps: int, rank: int) -> dict[str, Any]:

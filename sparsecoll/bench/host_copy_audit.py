@@ -36,6 +36,15 @@ class CopyTally:
     largest: int = 0
 
 
+def library_copies() -> tuple[Callable[[], Any], Callable[[], None]] | None:
+    """``(host_copies, reset_host_copies)``, the library's own tally of its staging copies, or
+    None in a tree whose transport layer does not keep one."""
+    from sparsecoll.transport import device
+
+    functions = getattr(device, "host_copies", None), getattr(device, "reset_host_copies", None)
+    return None if None in functions else functions
+
+
 class HostCopyAudit:
     """A context manager that wraps the copy calls of the module docstring and tallies them."""
 
