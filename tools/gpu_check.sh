@@ -8,7 +8,8 @@
 #
 # Set-up, offline: the wheels in .whl/ (tools/gpu_wheels.sh fetches ucxx-cu13 and its libraries
 # beforehand; carry .whl) go into a private site folder; sparsecoll runs from this tree
-# (PYTHONPATH), with sparsecoll/kernels linked to kernels/ where the copy lost the link.
+# (PYTHONPATH), with sparsecoll/kernels linked to kernels/ where the copy lost the link. A dry
+# run changes nothing: it uses the package as installed where it runs (CI's editable install).
 # Rows go to stdout and, when $OUT or --out is set, gpu_check.{json,md,log} are written there.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
@@ -21,11 +22,13 @@ if [ -n "${OUT:-}" ] && [ -d "$OUT" ]; then
     exec > >(tee "$OUT/gpu_check.log") 2>&1
 fi
 
-[ -e sparsecoll/kernels ] || ln -s ../kernels sparsecoll/kernels || { echo "cannot link sparsecoll/kernels" >&2; exit 2; }
 GPU_CHECK_SETUP="no .whl folder: ucxx must already be importable"
 if [ "$dry_run" = 1 ]; then
-    GPU_CHECK_SETUP="dry run: the Python that runs this script, no wheels installed"
-elif compgen -G ".whl/*.whl" >/dev/null; then
+    GPU_CHECK_SETUP="dry run: the Python that runs this script, as installed (no link, no wheels)"
+else  # a copied tree has no installed package: sparsecoll.kernels is kernels/ through a link
+    [ -e sparsecoll/kernels ] || ln -s ../kernels sparsecoll/kernels || { echo "cannot link sparsecoll/kernels" >&2; exit 2; }
+fi
+if [ "$dry_run" = 0 ] && compgen -G ".whl/*.whl" >/dev/null; then
     site=${GPU_CHECK_SITE:-/tmp/sparsecoll-gpu-site}
     if log=$(timeout 120 "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
             --upgrade --target "$site" .whl/*.whl 2>&1); then
