@@ -10,7 +10,8 @@
 # beforehand; carry .whl) go into a private site folder; sparsecoll runs from this tree
 # (PYTHONPATH), with sparsecoll/kernels linked to kernels/ where the copy lost the link. A dry
 # run changes nothing: it uses the package as installed where it runs (CI's editable install).
-# Rows go to stdout and, when $OUT or --out is set, gpu_check.{json,md,log} are written there.
+# Rows go to stdout and, when $OUT or --out is set, gpu_check.{json,md,log} and
+# gpu_check_steps.log (every step's whole output, pytest's included) are written there.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 started=$SECONDS

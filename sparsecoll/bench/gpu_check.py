@@ -101,15 +101,18 @@ def step_environment(step: Step, dry_run: bool) -> dict[str, str]:
     return env
 
 
-def run_step(step: Step, dry_run: bool, timeout_s: float) -> list[Row]:
-    """Run one step in its own process session (killed whole at its timeout, ranks included)."""
+def run_step(step: Step, dry_run: bool, timeout_s: float, outputs: dict[str, str] | None = None) -> list[Row]:
+    """Run one step in its own process session (killed whole at its timeout, ranks included);
+    its whole output goes into ``outputs[step.name]`` when given (the table keeps only a tail)."""
     if step.module is None:
-        return gpu_tests(dry_run, timeout_s)
+        return gpu_tests(dry_run, timeout_s, outputs)
     # imported by name, not run as __main__: spawned ranks must find their functions by module
     launcher = f"import sys; from {step.module} import main; main(sys.argv[1:])"
     command = [sys.executable, "-c", launcher, step.name, *(["--dry-run"] if dry_run else [])]
     env = dict(step_environment(step, dry_run), GPU_CHECK_STEP_TIMEOUT=str(timeout_s))
     output, code, timed_out = _run(command, env, timeout_s)
+    if outputs is not None:
+        outputs[step.name] = output
     rows = [Row(**json.loads(line[len(ROW_PREFIX):])) for line in output.splitlines()
             if line.startswith(ROW_PREFIX)]
     if timed_out:
@@ -122,7 +125,7 @@ def run_step(step: Step, dry_run: bool, timeout_s: float) -> list[Row]:
     return rows
 
 
-def gpu_tests(dry_run: bool, timeout_s: float) -> list[Row]:
+def gpu_tests(dry_run: bool, timeout_s: float, outputs: dict[str, str] | None = None) -> list[Row]:
     """Every test marked ``gpu`` (found by its marker), with the CUDA simulator off."""
     if dry_run:
         return [Row("gpu-tests", "pytest -m gpu", DRY)]
@@ -130,6 +133,8 @@ def gpu_tests(dry_run: bool, timeout_s: float) -> list[Row]:
                    if "mark.gpu" in path.read_text())
     command = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "gpu", "-p", "no:cacheprovider", *files]
     output, code, timed_out = _run(command, step_environment(Step("gpu-tests", None, timeout_s), False), timeout_s)
+    if outputs is not None:
+        outputs["gpu-tests"] = output
     summary = _pytest_summary(output)
     skipped = [line for line in output.splitlines() if line.startswith("SKIPPED")]
     if timed_out:
@@ -140,9 +145,11 @@ def gpu_tests(dry_run: bool, timeout_s: float) -> list[Row]:
     return [Row("gpu-tests", "pytest -m gpu", status, summary, note=note, metrics={"files": files})]
 
 
-def run_all(steps: Sequence[Step], dry_run: bool, budget_s: float, jobs: int = 1) -> list[Row]:
+def run_all(steps: Sequence[Step], dry_run: bool, budget_s: float, jobs: int = 1,
+            outputs: dict[str, str] | None = None) -> list[Row]:
     """Each step under ``min(its timeout, what is left of the budget)``; in turn, or ``jobs`` at a
-    time (for a dry run, whose timings mean nothing: the steps then share the cores)."""
+    time (for a dry run, whose timings mean nothing: the steps then share the cores). Each
+    step's whole output goes into ``outputs`` when given."""
     deadline = time.monotonic() + budget_s
     printed = threading.Lock()
     header = [True]
@@ -153,7 +160,7 @@ def run_all(steps: Sequence[Step], dry_run: bool, budget_s: float, jobs: int = 1
             step_rows = [Row(step.name, "step", SKIP, note="the run's budget is spent")]
         else:
             started = time.monotonic()
-            step_rows = run_step(step, dry_run, min(step.timeout_s, left))
+            step_rows = run_step(step, dry_run, min(step.timeout_s, left), outputs)
             for row in step_rows:
                 row.metrics.setdefault("step_seconds", round(time.monotonic() - started, 2))
         with printed:
@@ -222,12 +229,16 @@ def print_table(rows: Sequence[Row], dry_run: bool) -> None:
     Console(width=160).print(table)
 
 
-def write_reports(rows: Sequence[Row], out_dir: Path, dry_run: bool) -> None:
-    """``gpu_check.json`` (every row with its raw metrics) and ``gpu_check.md`` in ``out_dir``."""
+def write_reports(rows: Sequence[Row], out_dir: Path, dry_run: bool, outputs: dict[str, str] | None = None) -> None:
+    """``gpu_check.json`` (every row with its raw metrics), ``gpu_check.md`` and, with
+    ``outputs``, ``gpu_check_steps.log`` (every step's whole output) in ``out_dir``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     document = {"dry_run": dry_run, "rows": [row.__dict__ for row in rows]}
     (out_dir / "gpu_check.json").write_text(json.dumps(document, indent=2, default=float))
     (out_dir / "gpu_check.md").write_text(markdown(rows, dry_run))
+    if outputs is not None:
+        (out_dir / "gpu_check_steps.log").write_text(
+            "".join(f"===== {name}\n{text}\n" for name, text in outputs.items()))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -246,10 +257,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--budget must be positive, got {args.budget}")
     if args.jobs < 1 or (args.jobs > 1 and not args.dry_run):
         parser.error(f"--jobs must be 1, or more with --dry-run (timings on a GPU need one step at a time), got {args.jobs}")
-    rows = run_all([step for step in STEPS if step.name in args.steps], args.dry_run, args.budget, args.jobs)
+    outputs: dict[str, str] = {}
+    rows = run_all([step for step in STEPS if step.name in args.steps], args.dry_run, args.budget, args.jobs,
+                   outputs)
     print_table(rows, args.dry_run)
     if args.out is not None:
-        write_reports(rows, args.out, args.dry_run)
+        write_reports(rows, args.out, args.dry_run, outputs)
     return 1 if any(row.status in FAILING for row in rows) else 0
 
 

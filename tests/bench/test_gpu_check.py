@@ -35,7 +35,8 @@ def dry_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Comple
                           capture_output=True, text=True, timeout=240)
     report = json.loads((out / "gpu_check.json").read_text()) if (out / "gpu_check.json").exists() else {}
     markdown = (out / "gpu_check.md").read_text() if (out / "gpu_check.md").exists() else ""
-    return proc, report, markdown
+    steps_log = (out / "gpu_check_steps.log").read_text() if (out / "gpu_check_steps.log").exists() else ""
+    return proc, report, markdown, steps_log
 
 
 def by_check(report: dict) -> dict[str, dict]:
@@ -43,7 +44,7 @@ def by_check(report: dict) -> dict[str, dict]:
 
 
 def test_dry_run_skips_every_device_row_and_passes_the_rest(dry_run) -> None:
-    proc, report, markdown = dry_run
+    proc, report, markdown, _ = dry_run
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert report["dry_run"] is True
     rows = by_check(report)
@@ -65,12 +66,15 @@ def test_dry_run_skips_every_device_row_and_passes_the_rest(dry_run) -> None:
     assert all(row["metrics"]["rank0"]["digest"] == row["metrics"]["rank1_digest"] for row in training)
 
 
-def test_dry_run_prints_the_table_and_the_markdown_holds_every_row(dry_run) -> None:
-    proc, report, markdown = dry_run
+def test_dry_run_prints_the_table_and_writes_every_row_and_every_step_output(dry_run) -> None:
+    proc, report, markdown, steps_log = dry_run
     assert "GPU check (dry run)" in proc.stdout
     assert markdown.count("\n| ") == len(report["rows"]) + 1  # the header and one line a row
     for row in report["rows"]:
         assert f"| {row['step']} | {row['check']} | {row['status']} |" in markdown
+    for step in gpu_check.STEPS[:-1]:  # every step with a process: its whole output, its rows in it
+        assert f"===== {step.name}\n" in steps_log
+    assert steps_log.count(gpu_check.ROW_PREFIX) == sum(row["step"] != "gpu-tests" for row in report["rows"])
 
 
 def test_a_step_past_its_timeout_is_killed_with_its_children_and_keeps_its_rows() -> None:
