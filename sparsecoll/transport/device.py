@@ -106,8 +106,8 @@ def is_writeable(buffer: Any) -> bool:
 
 def stage_to_host(buffer: Any) -> np.ndarray:
     """A host copy of a contiguous device array, flat, in pinned memory where CUDA allows."""
-    interface = interface_of(buffer)
-    host = _host_array(tuple(interface["shape"]), np.dtype(interface["typestr"]))
+    shape, dtype = _layout(buffer)
+    host = _host_array(shape, dtype)
     _copier(buffer).copy_to_host(host)
     count_host_copy(host.nbytes)
     return host.reshape(-1)
@@ -122,6 +122,25 @@ def copy_from_host(host: np.ndarray, buffer: Any) -> None:
     source = np.ascontiguousarray(host, dtype).reshape(shape)
     _copier(buffer).copy_to_device(source)
     count_host_copy(source.nbytes)
+
+
+def copy_to_device(host: np.ndarray, like: Any) -> Any:
+    """A new device array holding ``host`` (a k-sized result going back to the device), made by
+    the same library as ``like`` where it is Numba's (its simulator included), counted."""
+    from numba import cuda
+
+    device = cuda.to_device(np.ascontiguousarray(host))
+    count_host_copy(host.nbytes)
+    return device
+
+
+def _layout(buffer: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a device array: from its interface, or (Numba's CUDA simulator arrays,
+    which have none) from its own ``shape``/``dtype``."""
+    if is_device(buffer):
+        interface = interface_of(buffer)
+        return tuple(interface["shape"]), np.dtype(interface["typestr"])
+    return tuple(buffer.shape), np.dtype(buffer.dtype)
 
 
 def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
