@@ -124,6 +124,21 @@ def copy_from_host(host: np.ndarray, buffer: Any) -> None:
     count_host_copy(source.nbytes)
 
 
+def device_bytes(buffer: Any) -> Any:
+    """A flat uint8 view of a contiguous device array's memory (no copy): what a transport that
+    moves device memory receives into, sliced by byte offsets as a host ``memoryview`` is."""
+    shape, dtype = _layout(buffer)
+    return _copier(buffer).reshape(math.prod(shape)).view(np.uint8)
+
+
+def write_bytes(sink: Any, data: Any) -> None:
+    """Copy host bytes ``data`` (as long as ``sink``) into the uint8 device array ``sink``
+    (a payload that landed in host memory, going to a device receive buffer), counted."""
+    host = np.frombuffer(data, np.uint8)
+    _copier(sink).copy_to_device(host)
+    count_host_copy(host.nbytes)
+
+
 def copy_to_device(host: np.ndarray, like: Any) -> Any:
     """A new device array holding ``host`` (a k-sized result going back to the device), made by
     the same library as ``like`` where it is Numba's (its simulator included), counted."""

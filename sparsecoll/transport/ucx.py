@@ -104,6 +104,10 @@ class UcxTransport(Transport):
         """Connections whose payloads travel over a shared-memory payload endpoint."""
         return sum(connection.payload_endpoint is not None for connection in self._connections.values())
 
+    def receives_device_memory(self) -> bool:
+        """True when UCX_TLS enables a CUDA transport (``cuda_copy``, ``cuda_ipc``)."""
+        return ucx_runtime.cuda_support()
+
     # ----------------------------------------------------------------- set-up
     async def listen(self, host: str) -> str:
         self._mesh_changed = asyncio.Event()
