@@ -25,8 +25,8 @@ import numpy as np
 from sparsecoll import kernels
 from sparsecoll.call import Call
 from sparsecoll.errors import InvalidArgumentError
-from sparsecoll.kernels._dispatch import as_device_vector, is_cuda_array
-from sparsecoll.transport.device import copy_to_device, stage_to_host
+from sparsecoll.kernels._dispatch import as_device_vector, is_cuda_array, to_device, to_host
+from sparsecoll.transport.device import count_host_copy
 from sparsecoll.wire import QUANT_BLOCK, Algorithm, sparse_buffers, sparse_payload_size, split_sparse
 
 SELECTIONS = {"topk": Algorithm.TOPK, "topk-exact": Algorithm.TOPK, "threshold": Algorithm.THRESHOLD,
@@ -90,7 +90,7 @@ def float_vector(array: np.ndarray, on_device: bool = False) -> np.ndarray:
     reads it only through :func:`select` and :func:`gather_values` (``on_device``); otherwise it
     is staged to host memory whole (a d-sized copy, counted)."""
     if is_cuda_array(array):
-        flat = as_device_vector(array) if on_device else stage_to_host(array)
+        flat = as_device_vector(array) if on_device else device_to_host(array)
     else:
         flat = np.ascontiguousarray(array).reshape(-1)
     if flat.dtype.kind != "f" and flat.dtype != ml_dtypes.bfloat16:
@@ -139,8 +139,16 @@ def select(flat: np.ndarray, k: int, selection: str, threshold: float | None,
     """
     indices, values = _select(flat, k, selection, threshold, density, seed, variance_budget)
     if is_cuda_array(indices):  # a device gradient: only the selected pairs cross to the host
-        indices, values = np.asarray(stage_to_host(indices), np.int64), stage_to_host(values)
+        indices, values = np.asarray(device_to_host(indices), np.int64), device_to_host(values)
     return indices, values
+
+
+def device_to_host(array) -> np.ndarray:
+    """A flat host copy of a device array, made on the kernels' launch stream (torch's current
+    one in a training step) and complete on return; counted."""
+    host = to_host(as_device_vector(array))
+    count_host_copy(host.nbytes)
+    return host
 
 
 def gather_values(flat: np.ndarray, indices: np.ndarray) -> np.ndarray:
@@ -148,7 +156,9 @@ def gather_values(flat: np.ndarray, indices: np.ndarray) -> np.ndarray:
     gather runs there and the k values come back (never the buffer)."""
     if not is_cuda_array(flat):
         return flat[indices]
-    return stage_to_host(kernels.gather(flat, copy_to_device(np.asarray(indices, np.int64), flat)))
+    device_indices = to_device(np.ascontiguousarray(indices, np.int64))
+    count_host_copy(device_indices.size * 8)
+    return device_to_host(kernels.gather(flat, device_indices))
 
 
 def _select(flat, k: int, selection: str, threshold: float | None, density: float | None, seed: int,

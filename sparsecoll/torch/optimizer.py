@@ -35,6 +35,7 @@ from sparsecoll.errors import InvalidArgumentError, NonFiniteGradientError
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, Bucket, build_buckets, layout_signature, small_parameters
 from sparsecoll.torch.density import DensitySchedule
+from sparsecoll.torch.device_launch import capture
 from sparsecoll.torch.error_feedback import ErrorFeedback, clip_scale, warmup_density
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, check_layout, reduce_buffer, with_hierarchical
 from sparsecoll.torch.overlap import OverlappedSteps, OverlapScheduler, resolve_overlap
@@ -185,7 +186,6 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         """What the last step moved, all buckets together, as seen by this rank."""
         self._layout = layout_signature(self.buckets)
         self._layout_checked = False
-        self._backend = "ucx" if type(group.group.transport).__module__.endswith("ucx") else "tcp"
         self._check_layout()
         self.module = module
         self.broadcast_buffers = broadcast_buffers
@@ -395,6 +395,8 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         group = self.sync.group
         compression = self.compression
 
+        launches = [capture(bucket.flat) for bucket in self.buckets]  # this thread's device and stream
+
         async def all_buckets() -> list[CommStats]:
             if compression.algorithm == "auto":  # its first use is a collective: before the buckets'
                 await shared_cost_model(group)
@@ -402,10 +404,10 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
             return await asyncio.gather(*(
                 reduce_buffer(group, bucket.flat, memory, compression, density=density, step=self.steps,
                               seed=compression.seed + 1000003 * bucket.index, compressed=bucket.compressed,
-                              momentum=momentum, nesterov=nesterov, lazy=lazy, backend=self._backend,
-                              algorithm_state=algorithm_state)
-                for bucket, memory, lazy, algorithm_state, (momentum, nesterov)
-                in zip(self.buckets, self.memories, self.lazy_states, self.algorithm_states, hyper)))
+                              momentum=momentum, nesterov=nesterov, lazy=lazy, algorithm_state=algorithm_state,
+                              launch=launch)
+                for bucket, memory, lazy, algorithm_state, (momentum, nesterov), launch
+                in zip(self.buckets, self.memories, self.lazy_states, self.algorithm_states, hyper, launches)))
 
         total = CommStats()
         for stats in self.sync.run(all_buckets()):

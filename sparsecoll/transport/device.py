@@ -139,16 +139,6 @@ def write_bytes(sink: Any, data: Any) -> None:
     count_host_copy(host.nbytes)
 
 
-def copy_to_device(host: np.ndarray, like: Any) -> Any:
-    """A new device array holding ``host`` (a k-sized result going back to the device), made by
-    the same library as ``like`` where it is Numba's (its simulator included), counted."""
-    from numba import cuda
-
-    device = cuda.to_device(np.ascontiguousarray(host))
-    count_host_copy(host.nbytes)
-    return device
-
-
 def _layout(buffer: Any) -> tuple[tuple[int, ...], np.dtype]:
     """Shape and dtype of a device array: from its interface, or (Numba's CUDA simulator arrays,
     which have none) from its own ``shape``/``dtype``."""

@@ -4,7 +4,8 @@ to the host, counted by ``host_copies``; results equal the host gradient's, bit 
 
 The simulator's arrays have no ``__cuda_array_interface__`` (so no transport could mistake them
 for host memory either way); what is checked is where the line between device and host is drawn
-and how much crosses it, not the speed.
+and how much crosses it, not the speed. The dense collectives reduce on the host: a device array
+(the fake of ``tests/transport``, which refuses ``memoryview`` and numpy) is staged there once.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ async def device_and_host(group) -> dict:
     from numba import cuda
 
     from sparsecoll.transport.device import host_copies, reset_host_copies
+    from tests.transport.test_device_buffers import FakeDeviceArray
 
     grad = np.random.default_rng(group.rank).standard_normal(SIZE).astype(np.float32)
     outcome = {}
@@ -35,6 +37,10 @@ async def device_and_host(group) -> dict:
                 and np.array_equal(result.sent_indices, host.sent_indices)
                 and np.array_equal(result.sent_values, host.sent_values))
         outcome[algorithm] = (same, stats.bytes_sent == host_stats.bytes_sent, tuple(copies))
+    host_total, _ = await group.allreduce(grad)
+    reset_host_copies()
+    total, _ = await group.allreduce(FakeDeviceArray(grad.copy()))
+    outcome["allreduce"] = (np.array_equal(total, host_total), tuple(host_copies()))
     return outcome
 
 
@@ -50,3 +56,4 @@ def test_sparse_collectives_select_on_the_device_and_move_only_the_pairs(backend
         assert outcome["cltk"][2] == ((4, 2 * pairs, K * 8) if rank == 1 else (2, pairs, K * 8))
         # the sketch reduces on the host: the gradient is staged whole, once, and counted
         assert outcome["sketch"][2] == (1, SIZE * 4, SIZE * 4)
+        assert outcome["allreduce"] == (True, (1, SIZE * 4, SIZE * 4))
