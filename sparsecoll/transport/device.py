@@ -12,7 +12,14 @@ when it has them (Numba's device-array API), else Numba's view of the interface.
 
 Every staging copy between device and host memory that the library makes is counted
 (:func:`host_copies`, :func:`reset_host_copies`), so a GPU run can prove that a step moved only
-k-sized arrays across the bus and never a d-sized one.
+k-sized arrays across the bus and never a d-sized one. Counted: the transports' staging and
+device receives through host memory (this module, UCX's inline payloads, the mailbox), the
+collectives' (the k pairs and k values of the sparse ones, the whole array where one reduces on
+the host: ``arrays.to_host``, ``sparse_common.device_to_host``/``gather_values``) and the torch
+layer's (results to the device in ``buckets.to_tensor``, bfloat16 CUDA buckets, the replicas'
+broadcast). Not counted: the kernels' own small transfers (a histogram, block counts, a NaN
+flag, the top-k's candidates and k results: O(k) or constant) and torch's scalar reads
+(``all_finite``, the clipping norm).
 """
 
 from __future__ import annotations
@@ -140,12 +147,9 @@ def write_bytes(sink: Any, data: Any) -> None:
 
 
 def _layout(buffer: Any) -> tuple[tuple[int, ...], np.dtype]:
-    """Shape and dtype of a device array: from its interface, or (Numba's CUDA simulator arrays,
-    which have none) from its own ``shape``/``dtype``."""
-    if is_device(buffer):
-        interface = interface_of(buffer)
-        return tuple(interface["shape"]), np.dtype(interface["typestr"])
-    return tuple(buffer.shape), np.dtype(buffer.dtype)
+    """Shape and dtype of a contiguous device array, from its interface."""
+    interface = interface_of(buffer)
+    return tuple(interface["shape"]), np.dtype(interface["typestr"])
 
 
 def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:

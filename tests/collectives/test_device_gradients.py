@@ -14,7 +14,7 @@ import numpy as np
 
 from tests.ranks import run_ranks
 
-SIZE, K = 4096, 24
+SIZE, K = 1024, 12
 SIMULATOR = {"NUMBA_ENABLE_CUDASIM": "1"}
 
 
@@ -48,7 +48,8 @@ def test_sparse_collectives_select_on_the_device_and_move_only_the_pairs(backend
     ranks = run_ranks(2, device_and_host, timeout=150, env=SIMULATOR)
     pairs = K * (8 + 4)  # int64 indices and float32 values
     for rank, outcome in enumerate(ranks):
-        assert all(same and same_bytes for same, same_bytes, _ in outcome.values()), outcome
+        sparse = [outcome[name] for name in ("gtopk", "allgather", "cltk", "sketch")]
+        assert all(same and same_bytes for same, same_bytes, _ in sparse), outcome
         assert outcome["gtopk"][2] == (2, pairs, K * 8)
         assert outcome["allgather"][2] == (2, pairs, K * 8)
         # CLT-k: the leader (step 1: rank 1) selects; every rank sends the k indices down and
