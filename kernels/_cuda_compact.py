@@ -14,7 +14,7 @@ from typing import Any, Callable
 import numpy as np
 from numba import config, cuda, int64
 
-from ._dispatch import nonfinite_error
+from ._dispatch import launch_stream, nonfinite_error, to_device, to_host
 
 # threads per block; the shared-memory scan is sized by it. The simulator runs each thread as a
 # Python thread, so it gets small blocks (which also puts several blocks in its small tests).
@@ -101,19 +101,19 @@ def compact(
     n = x.size
     span = THREADS * TILES_PER_BLOCK
     blocks = max(1, -(-n // span))
-    counts = cuda.to_device(np.zeros(blocks, np.int64))
-    bad = cuda.to_device(np.zeros(1, np.int64))
+    counts = to_device(np.zeros(blocks, np.int64))
+    bad = to_device(np.zeros(1, np.int64))
     if n:
-        count_kernel[blocks, THREADS](x, a, b, c, span, counts, bad)
-    flagged = int(bad.copy_to_host()[0])
+        count_kernel[blocks, THREADS, launch_stream()](x, a, b, c, span, counts, bad)
+    flagged = int(to_host(bad)[0])
     if flagged:
         raise nonfinite_error(flagged, name)
-    host_counts = counts.copy_to_host()
+    host_counts = to_host(counts)
     offsets = np.zeros(blocks, np.int64)
     np.cumsum(host_counts[:-1], out=offsets[1:])
     total = int(host_counts.sum())
     out_idx = cuda.device_array(total, np.int64)
     out_val = cuda.device_array(total, x.dtype)
     if total:
-        write_kernel[blocks, THREADS](x, a, b, span, cuda.to_device(offsets), out_idx, out_val)
+        write_kernel[blocks, THREADS, launch_stream()](x, a, b, span, to_device(offsets), out_idx, out_val)
     return out_idx, out_val

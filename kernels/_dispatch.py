@@ -8,6 +8,9 @@ arrives, so importing ``sparsecoll.kernels`` needs no GPU and no CUDA toolkit.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,6 +64,41 @@ def cuda_module() -> Any:
     from numba import cuda
 
     return cuda
+
+
+_LAUNCH_STREAM: ContextVar[Any] = ContextVar("sparsecoll_kernel_stream", default=0)
+
+
+def launch_stream() -> Any:
+    """The CUDA stream this task's kernels and copies go on: the one :func:`on_stream` set, else
+    0 (Numba's default stream)."""
+    return _LAUNCH_STREAM.get()
+
+
+@contextmanager
+def on_stream(stream: Any) -> Iterator[None]:
+    """Within this context (this task and the tasks it starts), CUDA kernels launch and copy on
+    ``stream`` (a Numba stream, e.g. ``cuda.external_stream`` of torch's current stream), so
+    they are ordered with the caller's work on it without a synchronisation."""
+    token = _LAUNCH_STREAM.set(stream)
+    try:
+        yield
+    finally:
+        _LAUNCH_STREAM.reset(token)
+
+
+def to_device(host: np.ndarray) -> Any:
+    """``cuda.to_device`` on the launch stream (small arrays: counts, thresholds, indices)."""
+    return cuda_module().to_device(host, stream=launch_stream())
+
+
+def to_host(device: Any) -> np.ndarray:
+    """``copy_to_host`` on the launch stream, complete when it returns."""
+    stream = launch_stream()
+    host = device.copy_to_host(stream=stream)
+    if stream:
+        stream.synchronize()
+    return host
 
 
 def is_cuda_array(array: Any) -> bool:

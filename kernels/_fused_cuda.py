@@ -11,7 +11,7 @@ import numpy as np
 from numba import cuda
 
 from ._cuda_compact import THREADS
-from ._dispatch import BFLOAT16, as_device_vector
+from ._dispatch import BFLOAT16, as_device_vector, launch_stream
 from ._fused_scalar import step_element
 
 MAX_BLOCKS = 1024
@@ -47,6 +47,6 @@ def accumulate(grad: Any, residual: Any, momentum: Any, segments: Sequence[tuple
         param_d = no_param if param is None else _device_storage(param)
         part = momentum_d if momentum is None else momentum_d[offset:stop]
         blocks = min(MAX_BLOCKS, -(-(stop - offset) // THREADS))
-        _accumulate_kernel[blocks, THREADS](grad_d[offset:stop], param_d, part, residual_d[offset:stop],
+        _accumulate_kernel[blocks, THREADS, launch_stream()](grad_d[offset:stop], param_d, part, residual_d[offset:stop],
                                             send_to_grad, zero_grad, scale, weight_decay, momentum_factor,
                                             nesterov, beta)

@@ -17,6 +17,7 @@ from .quantize import block_absmax as cpu_block_absmax
 from .quantize import float32_scale, grid_steps, packed_size
 from .quantize import pack_byte as cpu_pack_byte
 from .quantize import unpack_value as cpu_unpack_value
+from ._dispatch import launch_stream, to_device, to_host
 
 block_absmax = device_function(cpu_block_absmax)
 pack_byte = device_function(cpu_pack_byte)
@@ -56,19 +57,19 @@ def quantize(x: Any, bits: int, block_size: int, seed: int) -> tuple[Any, Any]:
     nscales = -(-x.size // block_size)
     scales = cuda.device_array(nscales, np.float32)
     packed = cuda.device_array(packed_size(x.size, bits), np.uint8)
-    bad = cuda.to_device(np.zeros(1, np.int64))
+    bad = to_device(np.zeros(1, np.int64))
     if nscales:
-        _scale_kernel[_blocks(nscales), THREADS](x, block_size, scales, bad)
-        flagged = int(bad.copy_to_host()[0])
+        _scale_kernel[_blocks(nscales), THREADS, launch_stream()](x, block_size, scales, bad)
+        flagged = int(to_host(bad)[0])
         if flagged:
             raise InvalidArgumentError(f"array holds NaN or inf in {flagged} block(s)")
         steps = grid_steps(bits)
-        _pack_kernel[_blocks(packed.size), THREADS](x, bits, block_size, scales, np.uint64(seed), steps, packed)
+        _pack_kernel[_blocks(packed.size), THREADS, launch_stream()](x, bits, block_size, scales, np.uint64(seed), steps, packed)
     return packed, scales
 
 
 def dequantize(packed: Any, scales: Any, bits: int, size: int, block_size: int, dtype: np.dtype) -> Any:
     out = cuda.device_array(size, dtype)
     if size:
-        _unpack_kernel[_blocks(size), THREADS](packed, scales, bits, block_size, grid_steps(bits), out)
+        _unpack_kernel[_blocks(size), THREADS, launch_stream()](packed, scales, bits, block_size, grid_steps(bits), out)
     return out

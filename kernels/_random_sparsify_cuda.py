@@ -9,6 +9,7 @@ from numba import cuda, njit
 
 from ._cuda_compact import THREADS, compact, make_compaction
 from .random_sparsify import budget_scale, greedy_scale, is_kept, keep_probability
+from ._dispatch import launch_stream, to_device, to_host
 
 ITEMS_PER_THREAD = 16
 
@@ -56,11 +57,11 @@ def _scale_kernel(x, lam, idx, out):
 
 
 def _scale_sums(x: Any, lam: float) -> tuple[int, float, float, float, int]:
-    out = cuda.to_device(np.zeros(5, np.float64))
+    out = to_device(np.zeros(5, np.float64))
     blocks = max(1, -(-x.size // (THREADS * ITEMS_PER_THREAD)))
     if x.size:
-        _scale_sums_kernel[blocks, THREADS](x, lam, out)
-    saturated, rest, rest_squares, squares, bad = out.copy_to_host()
+        _scale_sums_kernel[blocks, THREADS, launch_stream()](x, lam, out)
+    saturated, rest, rest_squares, squares, bad = to_host(out)
     return int(saturated), float(rest), float(rest_squares), float(squares), int(bad)
 
 
@@ -74,5 +75,5 @@ def random_sparsify(x: Any, density: float | None, seed: int,
     idx, _ = compact(kernels, x, lam, np.uint64(seed), 0)
     out = cuda.device_array(idx.size, x.dtype)
     if idx.size:
-        _scale_kernel[max(1, -(-idx.size // THREADS)), THREADS](x, lam, idx, out)
+        _scale_kernel[max(1, -(-idx.size // THREADS)), THREADS, launch_stream()](x, lam, idx, out)
     return idx, out

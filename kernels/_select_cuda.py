@@ -10,7 +10,7 @@ import numpy as np
 from numba import cuda, int32, njit
 
 from ._cuda_compact import THREADS, compact, make_compaction
-from ._dispatch import KeyFormat, nonfinite_error
+from ._dispatch import KeyFormat, launch_stream, nonfinite_error, to_device, to_host
 from ._scalar import uniform01
 
 HIST_BUCKETS = 4096  # a 16 KiB shared-memory histogram per block
@@ -64,12 +64,12 @@ def threshold_candidates(bits, fmt: KeyFormat, key_min) -> tuple[np.ndarray, np.
 def histogram(bits, fmt: KeyFormat) -> tuple[np.ndarray, int]:
     """Host histogram of the top 12 bits of the keys, and the shift that produced it."""
     shift = fmt.key_dtype.type(fmt.key_bits - 12)
-    hist = cuda.to_device(np.zeros(HIST_BUCKETS, np.int64))
+    hist = to_device(np.zeros(HIST_BUCKETS, np.int64))
     span = THREADS * HIST_ITEMS_PER_THREAD
     blocks = max(1, -(-bits.size // span))
     if bits.size:
-        _histogram_kernel[blocks, THREADS](bits, fmt.mask, shift, hist)
-    host = hist.copy_to_host()
+        _histogram_kernel[blocks, THREADS, launch_stream()](bits, fmt.mask, shift, hist)
+    host = to_host(hist)
     flagged = int(host[int(fmt.inf_key) >> int(shift) :].sum())
     if flagged:
         raise nonfinite_error(flagged)
@@ -79,5 +79,5 @@ def histogram(bits, fmt: KeyFormat) -> tuple[np.ndarray, int]:
 def sample(bits, fmt: KeyFormat, seed: int, runs: int, block: int) -> np.ndarray:
     """Host copy of the sampled keys (same positions as the CPU sampler for the same seed)."""
     out = cuda.device_array(runs * block, fmt.key_dtype)
-    _sample_kernel[max(1, -(-runs // THREADS)), THREADS](bits, fmt.mask, np.uint64(seed), block, out)
-    return out.copy_to_host()
+    _sample_kernel[max(1, -(-runs // THREADS)), THREADS, launch_stream()](bits, fmt.mask, np.uint64(seed), block, out)
+    return to_host(out)

@@ -25,6 +25,7 @@ from . import _sketch_scalar
 from ._scalar import sketch_bucket, sketch_sign
 from ._sketch_scalar import allowed_cold_rows, hot_words
 from .sketch import MAX_ROWS
+from ._dispatch import launch_stream, to_device, to_host
 
 median_of_first = device_function(_scalar.median_of_first)
 hot_word = device_function(_sketch_scalar.hot_word)
@@ -103,12 +104,12 @@ def _insert(table: Any, hashes: np.ndarray, idx: Any, val: Any, dense: bool) -> 
     device_table = _table(table)
     if val.dtype not in (np.float32, np.float64):
         raise InvalidArgumentError(f"CUDA sketch insert needs float32/float64 values, not {val.dtype}")
-    bad = cuda.to_device(np.zeros(1, np.int64))
+    bad = to_device(np.zeros(1, np.int64))
     if val.size:
-        _insert_kernel[_blocks(val.size), THREADS](
-            device_table, cuda.to_device(hashes), idx, val, dense, bad
+        _insert_kernel[_blocks(val.size), THREADS, launch_stream()](
+            device_table, to_device(hashes), idx, val, dense, bad
         )
-    flagged = int(bad.copy_to_host()[0])
+    flagged = int(to_host(bad)[0])
     if flagged:
         raise InvalidArgumentError(f"values hold {flagged} NaN or inf value(s)")
 
@@ -127,51 +128,51 @@ def add_into(into: Any, other: Any) -> None:
     a, b = _table(into), _table(other)
     flat_a, flat_b = a.reshape(a.size), b.reshape(b.size)
     if a.size:
-        _add_kernel[_blocks(a.size), THREADS](flat_a, flat_b)
+        _add_kernel[_blocks(a.size), THREADS, launch_stream()](flat_a, flat_b)
 
 
 def query(table: Any, hashes: np.ndarray, idx: Any) -> Any:
     device_table = _table(table)
     out = cuda.device_array(idx.size, device_table.dtype)
     if idx.size:
-        _query_kernel[_blocks(idx.size), THREADS](device_table, cuda.to_device(hashes), idx, 0, out)
+        _query_kernel[_blocks(idx.size), THREADS, launch_stream()](device_table, to_device(hashes), idx, 0, out)
     return out
 
 
 def recovery_steps(table: Any, hashes: np.ndarray, size: int) -> tuple[Callable, Callable, Callable]:
     """``sketch._recover``'s sample, candidates and query steps on the device; host arrays out."""
     device_table = _table(table)
-    device_hashes = cuda.to_device(hashes)
+    device_hashes = to_device(hashes)
     allowed = allowed_cold_rows(device_table.shape[0])
 
     def sample(stride: int, count: int) -> np.ndarray:
         out = cuda.device_array(count, np.float64)
-        _query_kernel[_blocks(count), THREADS](device_table, device_hashes, out, stride, out)
-        return out.copy_to_host()
+        _query_kernel[_blocks(count), THREADS, launch_stream()](device_table, device_hashes, out, stride, out)
+        return to_host(out)
 
     def candidates(threshold: float, expected: int) -> tuple[np.ndarray, np.ndarray]:
         rows, columns = device_table.shape
         hot = cuda.device_array((rows, hot_words(columns)), np.uint32)
-        _hot_map_kernel[_blocks(hot.size), THREADS](device_table, threshold, hot)
+        _hot_map_kernel[_blocks(hot.size), THREADS, launch_stream()](device_table, threshold, hot)
         cap = 2 * expected + 64
         while True:
             slot_idx = cuda.device_array(cap, np.int64)
             slot_est = cuda.device_array(cap, np.float64)
-            count = cuda.to_device(np.zeros(1, np.int64))
-            _candidates_kernel[_blocks(size), THREADS](device_table, device_hashes, hot, size, threshold,
+            count = to_device(np.zeros(1, np.int64))
+            _candidates_kernel[_blocks(size), THREADS, launch_stream()](device_table, device_hashes, hot, size, threshold,
                                                         allowed, slot_idx, slot_est, count)
-            found = int(count.copy_to_host()[0])
+            found = int(to_host(count)[0])
             if found <= cap:
                 break
             cap = found  # more survivors than room (rare): redo with room for all
-        idx, est = slot_idx[:found].copy_to_host(), slot_est[:found].copy_to_host()
+        idx, est = to_host(slot_idx[:found]), to_host(slot_est[:found])
         order = np.argsort(idx, kind="stable")
         return idx[order], est[order]
 
     def query_host(idx: np.ndarray) -> np.ndarray:
         out = cuda.device_array(idx.size, np.float64)
         if idx.size:
-            _query_kernel[_blocks(idx.size), THREADS](device_table, device_hashes, cuda.to_device(idx), 0, out)
-        return out.copy_to_host()
+            _query_kernel[_blocks(idx.size), THREADS, launch_stream()](device_table, device_hashes, to_device(idx), 0, out)
+        return to_host(out)
 
     return sample, candidates, query_host

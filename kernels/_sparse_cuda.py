@@ -15,7 +15,7 @@ from numba import cuda, njit
 from sparsecoll.errors import InvalidArgumentError
 
 from ._cuda_compact import THREADS, compact, device_function, make_compaction
-from ._dispatch import as_device_vector, wrap_like
+from ._dispatch import as_device_vector, launch_stream, wrap_like
 
 
 @njit(nogil=True, cache=True)
@@ -109,14 +109,14 @@ def scatter_add(dense: Any, indices: Any, values: Any) -> None:
     if idx.size != val.size:
         raise InvalidArgumentError(f"scatter_add: {idx.size} indices but {val.size} values")
     if idx.size:
-        _scatter_add_kernel[_blocks(idx.size), THREADS](target, idx, val)
+        _scatter_add_kernel[_blocks(idx.size), THREADS, launch_stream()](target, idx, val)
 
 
 def gather(dense: Any, indices: Any) -> Any:
     source, idx = as_device_vector(dense), as_device_vector(indices)
     out = cuda.device_array(idx.size, source.dtype)
     if idx.size:
-        _gather_kernel[_blocks(idx.size), THREADS](source, idx, out)
+        _gather_kernel[_blocks(idx.size), THREADS, launch_stream()](source, idx, out)
     return wrap_like(dense, out)
 
 
@@ -132,11 +132,11 @@ def merge_sorted(idx_a: Any, val_a: Any, idx_b: Any, val_b: Any) -> tuple[Any, A
     merged_idx = cuda.device_array(total, np.int64)
     merged_val = cuda.device_array(total, dtype)
     if ia.size:
-        _place_kernel[_blocks(ia.size), THREADS](ia, va, ib, True, merged_idx, merged_val)
+        _place_kernel[_blocks(ia.size), THREADS, launch_stream()](ia, va, ib, True, merged_idx, merged_val)
     if ib.size:
-        _place_kernel[_blocks(ib.size), THREADS](ib, vb, ia, False, merged_idx, merged_val)
+        _place_kernel[_blocks(ib.size), THREADS, launch_stream()](ib, vb, ia, False, merged_idx, merged_val)
     heads, head_idx = compact(make_compaction(_run_head, _never), merged_idx, 0, 0, 0)
     out_val = cuda.device_array(heads.size, dtype)
     if heads.size:
-        _sum_runs_kernel[_blocks(heads.size), THREADS](heads, merged_idx, merged_val, out_val)
+        _sum_runs_kernel[_blocks(heads.size), THREADS, launch_stream()](heads, merged_idx, merged_val, out_val)
     return wrap_like(idx_a, head_idx), wrap_like(val_a, out_val)

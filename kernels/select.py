@@ -27,6 +27,8 @@ from ._dispatch import (
     key_above,
     key_format,
     nonfinite_error,
+    to_device,
+    to_host,
     wrap_like,
 )
 
@@ -62,11 +64,8 @@ def _host_result(idx: np.ndarray, raw: np.ndarray, dtype: np.dtype):
 
 
 def _device_result(template: Any, idx: np.ndarray, raw: np.ndarray, dtype: np.dtype):
-    from ._dispatch import cuda_module
-
-    cuda = cuda_module()
-    values = cuda.to_device(np.ascontiguousarray(raw).view(dtype))
-    return wrap_like(template, cuda.to_device(idx)), wrap_like(template, values)
+    values = to_device(np.ascontiguousarray(raw).view(dtype))
+    return wrap_like(template, to_device(idx)), wrap_like(template, values)
 
 
 def _exact_host(bits: np.ndarray, fmt: KeyFormat, k: int):
@@ -99,7 +98,7 @@ def _exact_device(bits: Any, fmt: KeyFormat, k: int):
     at_least = np.cumsum(hist[::-1])[::-1]
     bucket = int(np.flatnonzero(at_least >= k)[-1])
     idx, raw = gpu.threshold_candidates(bits, fmt, fmt.key_dtype.type(bucket << shift))
-    return _finish_exact_k(idx.copy_to_host(), raw.copy_to_host(), fmt, k)
+    return _finish_exact_k(to_host(idx), to_host(raw), fmt, k)
 
 
 def topk_exact(array: Any, k: int) -> tuple[Any, Any]:
@@ -180,7 +179,7 @@ def _topk_fast_device(array: Any, k: int, approximate: bool, seed: int):
     idx_dev, raw_dev = gpu.threshold_candidates(bits, fmt, key_min)
     if approximate:
         return wrap_like(array, idx_dev), wrap_like(array, raw_dev.view(device.dtype))
-    idx, raw = idx_dev.copy_to_host(), raw_dev.copy_to_host()
+    idx, raw = to_host(idx_dev), to_host(raw_dev)
     if idx.size < k:
         idx, raw = _exact_device(bits, fmt, k)
     else:

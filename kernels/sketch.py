@@ -26,7 +26,7 @@ from numba import njit, prange
 
 from sparsecoll.errors import InvalidArgumentError
 
-from ._dispatch import CUDA, as_device_vector, as_host_vector, backend_of, float_dtype, wrap_like
+from ._dispatch import CUDA, as_device_vector, as_host_vector, backend_of, float_dtype, to_device, wrap_like
 from ._scalar import sketch_block_shift, sketch_bucket, sketch_sign, splitmix64
 from ._sketch_scalar import block_is_negative, block_start, row_estimate
 from ._sketch_candidates import candidates_host
@@ -290,8 +290,7 @@ def sketch_heavy_hitters(table: Any, hashes: np.ndarray, size: int, k: int) -> t
         from . import _sketch_cuda
 
         idx, values = _recover(size, int(k), *_sketch_cuda.recovery_steps(table, hashes, size))
-        cuda = _sketch_cuda.cuda
-        return wrap_like(table, cuda.to_device(idx)), wrap_like(table, cuda.to_device(values.astype(table.dtype)))
+        return wrap_like(table, to_device(idx)), wrap_like(table, to_device(values.astype(table.dtype)))
 
     def sample(stride: int, count: int) -> np.ndarray:
         out = np.empty(count, np.float64)

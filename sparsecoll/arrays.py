@@ -1,8 +1,11 @@
 """Turning callers' arrays into buffers the transports can send, and results back.
 
 Host arrays (numpy) are sent as they are when C-contiguous. Device arrays (anything with
-``__cuda_array_interface__``) are staged through host memory here, for transports that can
-only move host bytes; a transport that moves device memory directly receives them untouched.
+``__cuda_array_interface__``) are staged through host memory here, whole and counted by
+:func:`sparsecoll.transport.device.host_copies`: the dense collectives that take them reduce and
+assemble with numpy on the host, so their bytes must reach it on every transport. (Point-to-point
+hands device arrays to the transport as they are; the sparse collectives select on the device
+and stage only the k pairs: :func:`sparsecoll.collectives.sparse_common.float_vector`.)
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from sparsecoll.errors import FrameError, InvalidArgumentError
+from sparsecoll.transport.device import stage_to_host
 from sparsecoll.wire import dtype_code
 
 
@@ -21,17 +25,19 @@ def is_device_array(array: Any) -> bool:
 
 
 def to_host(array: Any) -> np.ndarray:
-    """A numpy view or copy of ``array`` (device arrays are copied to host memory)."""
+    """A numpy view or copy of ``array`` (a contiguous device array is copied to host memory,
+    counted; a strided one is refused with InvalidArgumentError)."""
     if is_device_array(array):
-        from numba import cuda  # imported only when a device array is actually seen
-
-        return cuda.as_cuda_array(array).copy_to_host()
+        return stage_to_host(array).reshape(array.__cuda_array_interface__["shape"])
     return np.asarray(array)
 
 
 def as_sendable(array: Any, rank: int | None = None) -> np.ndarray:
     """The caller's array as a C-contiguous numpy array of a dtype the wire carries."""
-    array = np.ascontiguousarray(to_host(array))
+    try:
+        array = np.ascontiguousarray(to_host(array))
+    except InvalidArgumentError as error:
+        raise InvalidArgumentError(error.message, rank=rank) from None
     try:
         dtype_code(array.dtype)
     except FrameError:

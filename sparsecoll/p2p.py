@@ -21,7 +21,8 @@ Cancellation and failure rules:
 
 Device arrays (``__cuda_array_interface__``) are sent as they are: UCX moves them, TCP stages
 them through host memory (see :mod:`sparsecoll.transport.device`); a device ``out`` receives
-through host memory and is then copied into. Their sizes and dtypes come from the interface,
+the payload straight into its memory where the transport moves device memory (UCX with a CUDA
+transport), else through host memory and a counted copy. Their sizes and dtypes come from the interface,
 and a non-contiguous one is refused before anything is sent.
 """
 
@@ -36,7 +37,7 @@ import numpy as np
 from sparsecoll.arrays import as_sendable, is_device_array
 from sparsecoll.call import CommStats
 from sparsecoll.errors import CollectiveTimeoutError, FrameError, InvalidArgumentError, SparseCollError
-from sparsecoll.transport.device import copy_from_host, device_dtype, device_nbytes, is_writeable
+from sparsecoll.transport.device import copy_from_host, device_bytes, device_dtype, device_nbytes, is_device, is_writeable
 from sparsecoll.transport.mailbox import ANY_SOURCE
 from sparsecoll.wire import HEADER_SIZE, FrameHeader, Kind, Op, Signature, dtype_code, dtype_from_code
 
@@ -115,11 +116,13 @@ def _post(group: Group, src: int, tag: int, out: Any):
     view, limit = None, None
     if out is not None and is_device_array(out):
         try:
-            limit = device_nbytes(out)  # lands in host memory, then copied into ``out``
+            limit = device_nbytes(out)  # lands in host memory, then copied into ``out`` (TCP)
         except InvalidArgumentError as error:
             raise InvalidArgumentError(f"out: {error.message}", rank=group.rank) from None
         if not is_writeable(out):
             raise InvalidArgumentError("out is a read-only device array", rank=group.rank)
+        if group.transport.receives_device_memory():
+            view, limit = device_bytes(out), None  # the transport writes into ``out`` itself
     elif out is not None:
         if not isinstance(out, np.ndarray) or not out.flags.c_contiguous or not out.flags.writeable:
             raise InvalidArgumentError("out must be a writeable C-contiguous numpy or device array",
@@ -159,7 +162,7 @@ async def _wait(group: Group, posted, tag: int, out: np.ndarray | None,
     count = header.length // dtype.itemsize
     size = device_nbytes(out) // dtype.itemsize if on_device else out.size
     value = out if count == size else out.reshape(-1)[:count]
-    if on_device:
+    if on_device and not is_device(payload):  # landed in host memory (TCP, or before the receive)
         copy_from_host(np.frombuffer(payload, dtype), value)
     return Message(value, source, tag)
 

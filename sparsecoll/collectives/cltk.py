@@ -19,7 +19,7 @@ import numpy as np
 from sparsecoll.call import Call, CollectiveResult
 from sparsecoll.collectives.dense import chain_broadcast
 from sparsecoll.collectives.quantized_ring import check_bits, ring_sum
-from sparsecoll.collectives.sparse_common import SparseResult, float_vector, resolve_k, select
+from sparsecoll.collectives.sparse_common import SparseResult, float_vector, gather_values, resolve_k, select
 from sparsecoll.errors import FrameError
 from sparsecoll.wire import Algorithm, Op, ReduceOp, Signature, dtype_code, index_dtype
 
@@ -35,7 +35,7 @@ async def cltk(group: Group, grad: np.ndarray, *, k: int | None = None, density:
     """Sum of every rank's values at the step leader's top-k indices."""
     if quantize_bits is not None:
         check_bits(quantize_bits)
-    flat = float_vector(grad)
+    flat = float_vector(grad, on_device=True)  # read only by ``select`` and ``gather_values``
     size = flat.size
     count = resolve_k(size, k, density)
     leader = step % group.size
@@ -51,7 +51,7 @@ async def cltk(group: Group, grad: np.ndarray, *, k: int | None = None, density:
         chosen = indices.astype(np.int64)
         if count and int(chosen.max()) >= size:
             raise FrameError(f"leader {leader} sent indices outside [0, {size})", rank=call.rank)
-        mine = flat[chosen]
+        mine = gather_values(flat, chosen)
         summed = mine.copy()
         await ring_sum(call, summed, quantize_bits, seed + step, VALUE_TAGS)
         return SparseResult(chosen, summed, size, chosen, mine)

@@ -62,7 +62,7 @@ async def gtopk(group: Group, grad: np.ndarray, *, k: int | None = None, density
                 quantize_bits: int | None = None, exact: bool = False, seed: int = 0, step: int = 0,
                 timeout: float | None = None) -> CollectiveResult:
     """Global top-k of the ranks' top-k selections; value is a :class:`SparseResult`."""
-    flat = float_vector(grad)
+    flat = float_vector(grad, on_device=True)  # read only by ``select``
     size = flat.size
     count = resolve_k(size, k, density)
     signature = Signature(Op.GTOPK, Algorithm.RECURSIVE_DOUBLING, dtype_code(flat.dtype),

@@ -101,7 +101,7 @@ async def pick_algorithm(group: Group, grad: np.ndarray, *, density: float | Non
     among those that take ``lazy``; the same on every rank (see :mod:`.auto`). Where the call
     will run in two levels (``hierarchical`` not False, several hosts of several ranks), the
     two-level algorithms are priced so; ``hierarchical=True`` picks only among them."""
-    flat = float_vector(grad)
+    flat = float_vector(grad, on_device=True)  # its size and dtype only
     candidates = [name for name in BUILTIN if not (lazy and name in LAZY_REFUSED)]
     two_level = None
     if hierarchical is not False and quantize_bits is None and not lazy:

@@ -53,7 +53,7 @@ async def sparse_allgather(group: Group, grad: np.ndarray, *, k: int | None = No
                            seed: int = 0, step: int = 0, lazy: LazyState | None = None,
                            variance_budget: float | None = None, timeout: float | None = None) -> CollectiveResult:
     """Sum of every rank's sparse selection; value is a :class:`SparseResult`."""
-    flat = float_vector(grad)
+    flat = float_vector(grad, on_device=True)  # read only by ``select``
     size = flat.size
     if selection not in SELECTIONS:
         raise InvalidArgumentError(f"unknown selection {selection!r}; choose from {sorted(SELECTIONS)}")

@@ -3,6 +3,13 @@ ring that gathers variable-size byte blocks.
 
 Results are bit-identical on every rank: values are always summed in rank order (or, in
 pairwise merges, with a commutative add), never in arrival order.
+
+Device gradients (CUDA arrays: ``__cuda_array_interface__``, or Numba's simulator arrays) draw
+the line between device and host here. A collective that reads its gradient only through
+:func:`select` and :func:`gather_values` (gTop-k, the sparse allgather, CLT-k) keeps it on the
+device: the selection kernels run there and only the k (index, value) pairs cross to the host,
+where the wire and the numpy merges are; the others stage it to host whole. Every crossing is
+counted (:func:`sparsecoll.transport.device.host_copies`).
 """
 
 from __future__ import annotations
@@ -18,6 +25,8 @@ import numpy as np
 from sparsecoll import kernels
 from sparsecoll.call import Call
 from sparsecoll.errors import InvalidArgumentError
+from sparsecoll.kernels._dispatch import as_device_vector, is_cuda_array, to_device, to_host
+from sparsecoll.transport.device import count_host_copy
 from sparsecoll.wire import QUANT_BLOCK, Algorithm, sparse_buffers, sparse_payload_size, split_sparse
 
 SELECTIONS = {"topk": Algorithm.TOPK, "topk-exact": Algorithm.TOPK, "threshold": Algorithm.THRESHOLD,
@@ -74,9 +83,16 @@ def resolve_k(size: int, k: int | None, density: float | None) -> int:
     return int(k)
 
 
-def float_vector(array: np.ndarray) -> np.ndarray:
-    """The gradient as a flat contiguous float array (the sparse collectives need floats)."""
-    flat = np.ascontiguousarray(array).reshape(-1)
+def float_vector(array: np.ndarray, on_device: bool = False) -> np.ndarray:
+    """The gradient as a flat contiguous float array (the sparse collectives need floats).
+
+    A device array stays on the device (a flat Numba view, no copy) when the collective says it
+    reads it only through :func:`select` and :func:`gather_values` (``on_device``); otherwise it
+    is staged to host memory whole (a d-sized copy, counted)."""
+    if is_cuda_array(array):
+        flat = as_device_vector(array) if on_device else device_to_host(array)
+    else:
+        flat = np.ascontiguousarray(array).reshape(-1)
     if flat.dtype.kind != "f" and flat.dtype != ml_dtypes.bfloat16:
         raise InvalidArgumentError(f"sparse collectives need a float gradient, not {flat.dtype}")
     return flat
@@ -121,6 +137,32 @@ def select(flat: np.ndarray, k: int, selection: str, threshold: float | None,
     variance-budget form instead of a density. A top-k of a buffer in a :func:`preselected`
     context is the one given there.
     """
+    indices, values = _select(flat, k, selection, threshold, density, seed, variance_budget)
+    if is_cuda_array(indices):  # a device gradient: only the selected pairs cross to the host
+        indices, values = np.asarray(device_to_host(indices), np.int64), device_to_host(values)
+    return indices, values
+
+
+def device_to_host(array) -> np.ndarray:
+    """A flat host copy of a device array, made on the kernels' launch stream (torch's current
+    one in a training step) and complete on return; counted."""
+    host = to_host(as_device_vector(array))
+    count_host_copy(host.nbytes)
+    return host
+
+
+def gather_values(flat: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """``flat[indices]`` on the host; for a device ``flat`` the k indices go to the device, the
+    gather runs there and the k values come back (never the buffer)."""
+    if not is_cuda_array(flat):
+        return flat[indices]
+    device_indices = to_device(np.ascontiguousarray(indices, np.int64))
+    count_host_copy(device_indices.size * 8)
+    return device_to_host(kernels.gather(flat, device_indices))
+
+
+def _select(flat, k: int, selection: str, threshold: float | None, density: float | None, seed: int,
+            variance_budget: float | None) -> tuple:
     if selection in ("topk", "topk-exact"):
         ready = _ready_topk(flat, k)
         if ready is not None:
@@ -145,7 +187,7 @@ def select(flat: np.ndarray, k: int, selection: str, threshold: float | None,
 
 
 def _empty(flat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return np.empty(0, np.int64), np.empty(0, flat.dtype)
+    return np.empty(0, np.int64), np.empty(0, np.dtype(flat.dtype))
 
 
 def encode_values(values: np.ndarray, bits: int | None, seed: int) -> tuple[list[np.ndarray], np.ndarray]:

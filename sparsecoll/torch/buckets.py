@@ -13,10 +13,11 @@ costs a zeroing pass and an accumulating add over the gradient: 4 memory streams
 ``float16`` and ``bfloat16`` (numpy's view of it is ml_dtypes' ``bfloat16``) buckets send 2 bytes
 a value, and the collectives widen to float32 only where they add.
 
-CUDA: :func:`as_array` stages a CUDA tensor through host memory, unless ``cupy`` is installed,
-the group's backend is UCX and the dtype is not bfloat16 (cupy has none), in which case the
-collectives receive a cupy array over the same device memory (DLPack) and GPU buffers go to the
-transport as they are.
+CUDA: :func:`as_array` gives the collectives a Numba device array over the tensor's memory (no
+copy): the sparse ones select on the device and move only k (index, value) pairs to the host, the
+others stage it there themselves, counted (:func:`sparsecoll.transport.device.host_copies`).
+bfloat16 CUDA buffers are staged to host memory whole (Numba has no bfloat16 on the device), and
+counted. :func:`to_tensor` brings a host result to the device (counted; k-sized for sparse ones).
 """
 
 from __future__ import annotations
@@ -28,6 +29,8 @@ from dataclasses import dataclass, field
 import ml_dtypes
 import numpy as np
 import torch
+
+from sparsecoll.transport.device import count_host_copy
 
 DEFAULT_BUCKET_BYTES = 25 << 20
 """Bucket budget, DDP's default (``bucket_cap_mb=25``)."""
@@ -201,29 +204,30 @@ def layout_signature(buckets: Iterable[Bucket]) -> np.ndarray:
     return np.concatenate([[count], np.frombuffer(digest.digest()[:16], np.int64)]).astype(np.int64)
 
 
-def as_array(tensor: torch.Tensor, backend: str = "tcp"):
+def as_array(tensor: torch.Tensor):
     """The array the collectives see: a numpy view on CPU; on CUDA see the module notes."""
+    on_device = tensor.device.type == "cuda"
     if tensor.dtype == torch.bfloat16:  # numpy cannot take it from torch: the same bits as ml_dtypes'
-        # (cupy has no bfloat16: a CUDA bucket is staged through host memory)
+        if on_device:
+            count_host_copy(tensor.numel() * 2)
         return tensor.detach().view(torch.int16).cpu().numpy().view(ml_dtypes.bfloat16)
-    if tensor.device.type == "cpu":
-        return tensor.detach().numpy()
-    if backend == "ucx":
-        try:
-            import cupy
-        except ImportError:
-            pass
-        else:
-            return cupy.from_dlpack(tensor.detach())
-    return tensor.detach().cpu().numpy()
+    if on_device:
+        from numba import cuda
+
+        return cuda.as_cuda_array(tensor.detach())
+    return tensor.detach().numpy()
 
 
 def to_tensor(array, like: torch.Tensor) -> torch.Tensor:
-    """A numpy (or cupy) result as a tensor on ``like``'s device, without copying on CPU."""
-    if isinstance(array, np.ndarray):
-        if not array.flags.writeable:
-            array = array.copy()
-        if array.dtype == ml_dtypes.bfloat16:
-            return torch.from_numpy(np.ascontiguousarray(array).view(np.int16)).view(torch.bfloat16).to(like.device)
-        return torch.from_numpy(np.ascontiguousarray(array)).to(like.device)
-    return torch.from_dlpack(array).to(like.device)
+    """A host (numpy) or device result as a tensor on ``like``'s device: a view where it can be
+    (numpy on CPU, a device array on its GPU), else a copy (host to device: counted)."""
+    if not isinstance(array, np.ndarray):
+        return torch.as_tensor(array, device=like.device)  # __cuda_array_interface__: no copy
+    if not array.flags.writeable:
+        array = array.copy()
+    host = np.ascontiguousarray(array)
+    if like.device.type != "cpu":
+        count_host_copy(host.nbytes)
+    if host.dtype == ml_dtypes.bfloat16:
+        return torch.from_numpy(host.view(np.int16)).view(torch.bfloat16).to(like.device)
+    return torch.from_numpy(host).to(like.device)

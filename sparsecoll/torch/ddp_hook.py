@@ -25,6 +25,7 @@ from sparsecoll.call import CommStats
 from sparsecoll.group import Group
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.density import DensitySchedule
+from sparsecoll.torch.device_launch import capture, future_devices, launching
 from sparsecoll.torch.error_feedback import ErrorFeedback, warmup_density
 from sparsecoll.errors import NonFiniteGradientError
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, reduce_buffer, with_hierarchical
@@ -231,7 +232,9 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
        :class:`CommHookState`);
     3. before ``start_iter`` reduce dense, then compress at the warm-up's density, on the
        bucket's lane, while backward and the other buckets' reductions go on;
-    4. write the mean into the bucket's buffer and complete the future with it.
+    4. write the mean into the bucket's buffer and complete the future with it (on a GPU the
+       future carries the bucket's device, and the work runs on the stream that was current in
+       the autograd thread that called this hook, so DDP waits on that stream, not on the host).
     """
     buffer = bucket.buffer()
     index = bucket.index()
@@ -241,12 +244,14 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     iteration = state.iteration
     local_nonfinite = not all_finite(work)
     lane = state.lane(index)
+    launch = capture(work)  # this (autograd) thread's device and stream
     reduction = reduce_buffer(lane, work, memory, state.compression,
                               density=state.density_now(index, None if local_nonfinite else work),
                               step=state.iteration,
                               seed=state.compression.seed + 1000003 * index, compressed=compressed,
                               momentum=state.momentum, nesterov=state.nesterov,
-                              algorithm_state=state.algorithm_states.setdefault(index, state.compression.new_state()))
+                              algorithm_state=state.algorithm_states.setdefault(index, state.compression.new_state()),
+                              launch=launch)
 
     async def reduce_if_finite() -> CommStats | None:
         if not await any_rank_flags(lane, local_nonfinite):
@@ -259,7 +264,7 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
 
     if bucket.is_last():
         state.iteration += 1
-    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future(devices=future_devices(buffer))
 
     def complete(done: ConcurrentFuture) -> None:
         error = done.exception()
@@ -274,9 +279,10 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
                 state.skipped_steps += 1
         else:
             state.last_stats[index] = stats
-        if work is not buffer:
-            buffer.copy_(work)
-        future.set_result(buffer)
+        with launching(launch):  # the copy and the future's CUDA event go on the hook's stream
+            if work is not buffer:
+                buffer.copy_(work)
+            future.set_result(buffer)
 
     state.submit(reduce_if_finite()).add_done_callback(complete)
     return future

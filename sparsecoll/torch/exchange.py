@@ -25,6 +25,7 @@ from sparsecoll.collectives.sparse_common import preselected, resolve_k
 from sparsecoll.errors import CollectiveMismatchError
 from sparsecoll.group import Group
 from sparsecoll.torch.buckets import as_array, to_tensor
+from sparsecoll.torch.device_launch import Launch, capture, launching
 from sparsecoll.torch.error_feedback import ErrorFeedback
 
 SCALECOM_BETA = 0.1
@@ -110,7 +111,7 @@ class Compression:
 async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback, compression: Compression,
                         *, density: float, step: int, seed: int, compressed: bool = True,
                         momentum: float = 0.0, nesterov: bool = False, lazy: LazyState | None = None,
-                        backend: str = "tcp", algorithm_state: OkTopkState | None = None,
+                        algorithm_state: OkTopkState | None = None, launch: Launch | None = None,
                         source: torch.Tensor | None = None) -> CommStats:
     """Replace ``grad`` (this rank's gradient) by the mean over ranks of what was sent.
 
@@ -121,7 +122,10 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
     Dense buffers, the "dense" algorithm and warm-up steps denser than ``dense_above`` use an
     allreduce of ``residual + momentum-corrected gradient`` (nothing is left behind); the others
     send a sparse part of it and keep the rest (error feedback). ``algorithm_state`` is the
-    bucket's :meth:`Compression.new_state`, passed to the algorithm as ``state``.
+    bucket's :meth:`Compression.new_state`, passed to the algorithm as ``state``. A CUDA buffer's
+    work runs on ``launch``'s device and stream (:func:`.device_launch.capture` of the caller's
+    thread; by default this thread's), and only k-sized arrays cross to the host (see
+    :mod:`.buckets`; the dense path stages the buffer, as a dense reduction on the host must).
 
     1. :meth:`ErrorFeedback.prepare` folds, corrects and accumulates in one pass over the
        gradient, finds this rank's top-k when the algorithm selects one here, and (sparse
@@ -132,6 +136,16 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
     4. :meth:`ErrorFeedback.settle` removes what was sent from the residual and masks momentum,
        touching those k entries only.
     """
+    with launching(capture(grad) if launch is None else launch):
+        return await _reduce(group, grad, memory, compression, density=density, step=step, seed=seed,
+                             compressed=compressed, momentum=momentum, nesterov=nesterov, lazy=lazy,
+                             algorithm_state=algorithm_state, source=source)
+
+
+async def _reduce(group: Group, grad: torch.Tensor, memory: ErrorFeedback, compression: Compression, *,
+                  density: float, step: int, seed: int, compressed: bool, momentum: float, nesterov: bool,
+                  lazy: LazyState | None, algorithm_state: OkTopkState | None,
+                  source: torch.Tensor | None) -> CommStats:
     memory_beta = compression.filter_factor()
     sparse = compressed and compression.algorithm != "dense" and density < compression.dense_above
     k = local_topk(compression, group, grad.numel(), density, step) if sparse else 0
@@ -140,7 +154,7 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
                                          zero_grad=sparse and source is grad)
     previous = memory.update_indices if memory.result_version == grad._version else None
     memory.update_indices = None
-    array = as_array(outgoing, backend)
+    array = as_array(outgoing)
     if not sparse:
         bits = compression.quantize_bits if compression.algorithm == "dense" else None  # warm-up stays exact
         lazy = lazy if compression.algorithm == "dense" else None  # allgather's lazy state is sparse

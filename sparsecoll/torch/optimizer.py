@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from collections import OrderedDict
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from sparsecoll.errors import InvalidArgumentError, NonFiniteGradientError
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, Bucket, build_buckets, layout_signature, small_parameters
 from sparsecoll.torch.density import DensitySchedule
+from sparsecoll.torch.device_launch import Launch, capture
 from sparsecoll.torch.error_feedback import ErrorFeedback, clip_scale, warmup_density
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, check_layout, reduce_buffer, with_hierarchical
 from sparsecoll.torch.overlap import OverlappedSteps, OverlapScheduler, resolve_overlap
@@ -49,6 +50,13 @@ _HOOK_TABLES = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_opt
 which the wrapper cannot call: its param_groups, state and defaults are the wrapped optimizer's)."""
 LAZY_ALGORITHMS = (*(name for name in BUILTIN if name not in LAZY_REFUSED), "auto")
 """What ``lazy=`` works with: the builtins reduce_gradient does not refuse it for, and "auto"."""
+
+
+class _Prepared(NamedTuple):
+    """A step's exchange inputs taken on the calling thread (see ``_prepare_exchange``)."""
+
+    launches: list[Launch | None]
+    clip_scale: float
 
 
 class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
@@ -184,7 +192,6 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         """What the last step moved, all buckets together, as seen by this rank."""
         self._layout = layout_signature(self.buckets)
         self._layout_checked = False
-        self._backend = "ucx" if type(group.group.transport).__module__.endswith("ucx") else "tcp"
         self._check_layout()
         self.module = module
         self.broadcast_buffers = broadcast_buffers
@@ -292,26 +299,40 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
             return loss
         for bucket in self.buckets:
             bucket.gather_grads()
+        prepared = self._prepare_exchange()
         # one round trip to the loop, unless a density schedule must agree on the step's density first
         scheduled = self.density_schedule is not None
-        agreed, stats = self.sync.run(self._agree_then_exchange(self._local_flags(stray), exchange=not scheduled))
+        agreed, stats = self.sync.run(self._agree_then_exchange(self._local_flags(stray), prepared,
+                                                                exchange=not scheduled))
         if self._skip_this_step(agreed, stray):
             self.skipped_steps += 1
         else:
-            self.last_stats = stats if stats is not None else self.sync.run(self._exchange(self.density_now()))
+            if stats is None:
+                stats = self.sync.run(self._exchange(self.density_now(), prepared))
+            self.last_stats = stats
             self._apply()
         self._start_overlap()
         return loss
 
-    async def _agree_then_exchange(self, local_flags: tuple[bool, bool, bool], exchange: bool = True
-                                   ) -> tuple[tuple[bool, bool, bool], CommStats | None]:
+    def _prepare_exchange(self) -> _Prepared:
+        """What the exchange needs from the calling thread: each bucket's CUDA device and stream,
+        and local clipping's factor (its norm is read on this thread's stream; a NaN step's
+        factor is never used)."""
+        launches = [capture(bucket.flat) for bucket in self.buckets]
+        scale = 1.0
+        if self.clip_norm is not None:
+            _, scale = clip_scale([bucket.gradient for bucket in self.buckets], self.clip_norm, self.sync.size)
+        return _Prepared(launches, scale)
+
+    async def _agree_then_exchange(self, local_flags: tuple[bool, bool, bool], prepared: _Prepared,
+                                   exchange: bool = True) -> tuple[tuple[bool, bool, bool], CommStats | None]:
         """On the group's loop: agree on the flags, then, with ``exchange`` and unless the step is
         off (or will raise), exchange every bucket. Returns the agreed flags and the exchange's
         statistics (None when nothing was exchanged)."""
         agreed = await any_rank_flags(self.sync.group, *local_flags)
         if any(agreed) or not exchange:
             return agreed, None
-        return agreed, await self._exchange(self.density_now())
+        return agreed, await self._exchange(self.density_now(), prepared)
 
     def _apply(self) -> None:
         """The reduced gradients into ``.grad``, then the wrapped optimizer's step."""
@@ -402,13 +423,14 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
                         parameters=list(zip(bucket.offsets, bucket.params)))
         return float(param_group.get("momentum", 0.0)), bool(param_group.get("nesterov", False))
 
-    async def _exchange(self, density: float) -> CommStats:
+    async def _exchange(self, density: float, prepared: _Prepared) -> CommStats:
         """On the group's loop: local clipping's factor and weight decay folded into the pass,
-        then every bucket reduced at ``density``; their statistics summed."""
-        if self.clip_norm is not None:  # the factor rides on the fused pass (ErrorFeedback.fold)
-            _, scale = clip_scale([bucket.gradient for bucket in self.buckets], self.clip_norm, self.sync.size)
+        then every bucket reduced at ``density`` (CUDA work on the calling thread's device and
+        stream, ``prepared.launches``); their statistics summed."""
+        launches = prepared.launches
+        if prepared.clip_scale != 1.0:  # the factor rides on the fused pass (ErrorFeedback.fold)
             for memory in self.memories:
-                memory.fold(grad_scale=scale)
+                memory.fold(grad_scale=prepared.clip_scale)
         hyper = [self._momentum_of(bucket) for bucket in self.buckets]
         group = self.sync.group
         compression = self.compression
@@ -418,10 +440,10 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         per_bucket = await asyncio.gather(*(
             reduce_buffer(group, bucket.flat, memory, compression, density=density, step=self.steps,
                           seed=compression.seed + 1000003 * bucket.index, compressed=bucket.compressed,
-                          momentum=momentum, nesterov=nesterov, lazy=lazy, backend=self._backend,
-                          algorithm_state=algorithm_state, source=bucket.source)
-            for bucket, memory, lazy, algorithm_state, (momentum, nesterov)
-            in zip(self.buckets, self.memories, self.lazy_states, self.algorithm_states, hyper)))
+                          momentum=momentum, nesterov=nesterov, lazy=lazy, algorithm_state=algorithm_state,
+                          launch=launch, source=bucket.source)
+            for bucket, memory, lazy, algorithm_state, (momentum, nesterov), launch
+            in zip(self.buckets, self.memories, self.lazy_states, self.algorithm_states, hyper, launches)))
         total = CommStats()
         for stats in per_bucket:
             total += stats

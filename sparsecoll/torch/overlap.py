@@ -53,6 +53,7 @@ from sparsecoll.errors import CollectiveMismatchError, InvalidArgumentError, Non
 from sparsecoll.group import Group
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import Bucket
+from sparsecoll.torch.device_launch import Launch, capture
 from sparsecoll.torch.exchange import all_finite, any_rank_flags, reduce_buffer
 
 Reduction = Callable[[Bucket, Group], Coroutine[Any, Any, Any]]
@@ -242,7 +243,7 @@ class OverlapScheduler:
     def _launch(self, index: int) -> None:
         bucket = self.buckets[index]
         bucket.gather_grads()
-        self._futures[index] = self.sync.submit(self._reduction()(bucket, self.lanes[index]))
+        self._futures[index] = self.sync.submit(self._reduction()(bucket, self.lanes[index], capture(bucket.flat)))
 
     def _launch_remaining(self) -> None:
         with self._lock:
@@ -356,9 +357,10 @@ class OverlappedSteps:
             self.last_stats += stats
         self._apply()
 
-    async def _reduce_on_lane(self, bucket: Bucket, lane: Group) -> CommStats | None:
+    async def _reduce_on_lane(self, bucket: Bucket, lane: Group, launch: Launch | None = None) -> CommStats | None:
         """One bucket's reduction under overlap: agree that it is finite on every rank (else
-        None, residual untouched), fold weight decay and momentum in, reduce."""
+        None, residual untouched), fold weight decay and momentum in, reduce (CUDA work on
+        ``launch``, the launching thread's device and stream)."""
         if await any_rank_flags(lane, not all_finite(bucket.gradient)):
             return None
         momentum, nesterov = self._momentum_of(bucket)
@@ -367,6 +369,6 @@ class OverlappedSteps:
                                    density=self.density_now(), step=self.steps,
                                    seed=compression.seed + 1000003 * bucket.index, compressed=bucket.compressed,
                                    momentum=momentum, nesterov=nesterov, lazy=self.lazy_states[bucket.index],
-                                   backend=self._backend, algorithm_state=self.algorithm_states[bucket.index],
+                                   algorithm_state=self.algorithm_states[bucket.index], launch=launch,
                                    source=bucket.source)
 

@@ -6,6 +6,11 @@ travel as their bits (int16, uint8): a broadcast adds nothing, so the bits are a
 :class:`BufferBroadcast` is a forward pre-hook that does it for a module's buffers (BatchNorm's
 running statistics) before every training forward, as ``DistributedDataParallel(...,
 broadcast_buffers=True)`` does.
+
+CUDA tensors travel through host memory here (the broadcast's bytes on the wire are the same),
+counted by :func:`sparsecoll.transport.device.host_copies`: parameters once, when the optimizer
+is built or a param group added, and a module's buffers (running statistics, not gradients)
+before each forward when :class:`BufferBroadcast` is on.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from collections.abc import Iterable, Sequence
 import torch
 
 from sparsecoll.sync import SyncGroup
+from sparsecoll.transport.device import count_host_copy
 
 _AS_BITS = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.bool: torch.uint8}
 
@@ -37,9 +43,14 @@ def broadcast_tensors(sync: SyncGroup, tensors: Iterable[torch.Tensor], root: in
 def _broadcast_same_kind(sync: SyncGroup, members: Sequence[torch.Tensor], carrier: torch.dtype, root: int) -> int:
     with torch.no_grad():
         flat = torch.cat([member.detach().reshape(-1).view(carrier).cpu() for member in members])
+        on_device = members[0].device.type == "cuda"
+        if on_device:
+            count_host_copy(flat.numel() * flat.element_size())
         array = flat.numpy()
         sync.broadcast(array, root, out=array)
         if sync.rank != root:
+            if on_device:
+                count_host_copy(flat.numel() * flat.element_size())
             offset = 0
             for member in members:
                 member.view(carrier).copy_(flat[offset:offset + member.numel()].view(member.shape))

@@ -124,6 +124,11 @@ class Transport(abc.ABC):
         self._connections: dict[int, object] = {}
         self._mesh_changed: asyncio.Event | None = None
 
+    def receives_device_memory(self) -> bool:
+        """Whether a payload can land straight in a device receive buffer (UCX with a CUDA
+        transport); otherwise it lands in host memory and is copied there."""
+        return False
+
     @abc.abstractmethod
     async def listen(self, host: str) -> str:
         """Start accepting peers; returns the address other ranks connect to.

@@ -9,16 +9,68 @@ bytes. UCX takes such arrays as they are; TCP copies them to host memory first
 (:func:`stage_to_host`, into pinned memory when a CUDA driver is there) and back
 (:func:`copy_from_host`). The copies use the array's own ``copy_to_host``/``copy_to_device``
 when it has them (Numba's device-array API), else Numba's view of the interface.
+
+Every staging copy between device and host memory that the library makes is counted
+(:func:`host_copies`, :func:`reset_host_copies`), so a GPU run can prove that a step moved only
+k-sized arrays across the bus and never a d-sized one. Counted: the transports' staging and
+device receives through host memory (this module, UCX's inline payloads, the mailbox), the
+collectives' (the k pairs and k values of the sparse ones, the whole array where one reduces on
+the host: ``arrays.to_host``, ``sparse_common.device_to_host``/``gather_values``) and the torch
+layer's (results to the device in ``buckets.to_tensor``, bfloat16 CUDA buckets, the replicas'
+broadcast). Not counted: the kernels' own small transfers (a histogram, block counts, a NaN
+flag, the top-k's candidates and k results: O(k) or constant) and torch's scalar reads
+(``all_finite``, the clipping norm).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+import threading
+from typing import Any, NamedTuple
 
 import numpy as np
 
 from sparsecoll.errors import InvalidArgumentError
+
+
+class HostCopies(NamedTuple):
+    """Staging copies between device and host memory since the last :func:`reset_host_copies`:
+    how many (both directions), their bytes in all, and the largest single one in bytes."""
+
+    count: int
+    bytes: int
+    largest: int
+
+
+class _CopyCounter:
+    """The process-wide tally behind :func:`host_copies` (copies run on several threads)."""
+
+    lock = threading.Lock()
+    count = 0
+    bytes = 0
+    largest = 0
+
+
+def host_copies() -> HostCopies:
+    """Device<->host staging copies made by sparsecoll in this process since the last reset
+    (every thread, both directions: transports' staging, collectives' host reductions, the
+    torch layer's device path)."""
+    with _CopyCounter.lock:
+        return HostCopies(_CopyCounter.count, _CopyCounter.bytes, _CopyCounter.largest)
+
+
+def reset_host_copies() -> None:
+    """Set the :func:`host_copies` tally back to zero."""
+    with _CopyCounter.lock:
+        _CopyCounter.count = _CopyCounter.bytes = _CopyCounter.largest = 0
+
+
+def count_host_copy(nbytes: int) -> None:
+    """Record one device<->host copy of ``nbytes`` bytes (every staging path calls this)."""
+    with _CopyCounter.lock:
+        _CopyCounter.count += 1
+        _CopyCounter.bytes += nbytes
+        _CopyCounter.largest = max(_CopyCounter.largest, nbytes)
 
 
 def is_device(buffer: Any) -> bool:
@@ -61,9 +113,10 @@ def is_writeable(buffer: Any) -> bool:
 
 def stage_to_host(buffer: Any) -> np.ndarray:
     """A host copy of a contiguous device array, flat, in pinned memory where CUDA allows."""
-    interface = interface_of(buffer)
-    host = _host_array(tuple(interface["shape"]), np.dtype(interface["typestr"]))
+    shape, dtype = _layout(buffer)
+    host = _host_array(shape, dtype)
     _copier(buffer).copy_to_host(host)
+    count_host_copy(host.nbytes)
     return host.reshape(-1)
 
 
@@ -73,7 +126,30 @@ def copy_from_host(host: np.ndarray, buffer: Any) -> None:
     if not is_writeable(buffer):
         raise InvalidArgumentError("the device array is read-only")
     shape, dtype = tuple(interface["shape"]), np.dtype(interface["typestr"])
-    _copier(buffer).copy_to_device(np.ascontiguousarray(host, dtype).reshape(shape))
+    source = np.ascontiguousarray(host, dtype).reshape(shape)
+    _copier(buffer).copy_to_device(source)
+    count_host_copy(source.nbytes)
+
+
+def device_bytes(buffer: Any) -> Any:
+    """A flat uint8 view of a contiguous device array's memory (no copy): what a transport that
+    moves device memory receives into, sliced by byte offsets as a host ``memoryview`` is."""
+    shape, dtype = _layout(buffer)
+    return _copier(buffer).reshape(math.prod(shape)).view(np.uint8)
+
+
+def write_bytes(sink: Any, data: Any) -> None:
+    """Copy host bytes ``data`` (as long as ``sink``) into the uint8 device array ``sink``
+    (a payload that landed in host memory, going to a device receive buffer), counted."""
+    host = np.frombuffer(data, np.uint8)
+    _copier(sink).copy_to_device(host)
+    count_host_copy(host.nbytes)
+
+
+def _layout(buffer: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a contiguous device array, from its interface."""
+    interface = interface_of(buffer)
+    return tuple(interface["shape"]), np.dtype(interface["typestr"])
 
 
 def _c_strides(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:

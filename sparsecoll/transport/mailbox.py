@@ -23,6 +23,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sparsecoll.errors import (
     CollectiveMismatchError,
@@ -32,6 +33,7 @@ from sparsecoll.errors import (
     PeerLostError,
     SparseCollError,
 )
+from sparsecoll.transport.device import is_device, stage_to_host, write_bytes
 from sparsecoll.wire import FrameHeader, Signature
 
 MatchKey = tuple[int, int, int]  # (context, seq, tag)
@@ -56,6 +58,12 @@ def _fail_future(future: asyncio.Future, error: BaseException) -> None:
         future.exception()
 
 
+def copy_out(view: Any) -> Any:
+    """``view``'s bytes where a host buffer can take them: itself, or a host copy of a device
+    receive buffer's (a transport that moves device memory writes into those)."""
+    return stage_to_host(view) if is_device(view) and len(view) else view
+
+
 class Landing:
     """Where one frame's payload is written while it streams in.
 
@@ -78,9 +86,9 @@ class Landing:
         """Stop writing into the caller's buffer: the received prefix moves to private memory."""
         if self.private:
             return
-        private = bytearray(len(self.view))
-        private[:self.filled] = self.view[:self.filled]
-        self.view = memoryview(private)
+        private = memoryview(bytearray(len(self.view)))
+        private[:self.filled] = copy_out(self.view[:self.filled])
+        self.view = private
         self.private = True
 
 
@@ -177,7 +185,10 @@ class Mailbox:
         posted.source = source
         length = len(pending.payload)
         if posted.out is not None:
-            posted.out[:length] = pending.payload
+            if is_device(posted.out):  # it arrived before the receive: host memory to the device
+                write_bytes(posted.out[:length], pending.payload)
+            else:
+                posted.out[:length] = pending.payload
             posted.future.set_result((pending.header, posted.out[:length]))
         else:
             posted.future.set_result((pending.header, memoryview(pending.payload)))

@@ -6,7 +6,8 @@ connects to the lower rank's listener); :mod:`sparsecoll.transport.ucx_connectio
 frames into UCX tag messages, receiving large payloads straight into the caller's array so
 that UCX's rendezvous protocol moves them (RDMA on InfiniBand, CUDA IPC between GPUs).
 Device buffers (anything with ``__cuda_array_interface__``: cupy, torch CUDA tensors, Numba
-device arrays) are handed to UCX as they are, on both sides.
+device arrays) are handed to UCX as they are, on both sides, when ``UCX_TLS`` has a CUDA
+transport (:meth:`UcxTransport.receives_device_memory`); not yet run on a GPU.
 
 Choosing the fabric follows UCX's own conventions, so the same code runs anywhere:
 
@@ -103,6 +104,10 @@ class UcxTransport(Transport):
     def payload_endpoints(self) -> int:
         """Connections whose payloads travel over a shared-memory payload endpoint."""
         return sum(connection.payload_endpoint is not None for connection in self._connections.values())
+
+    def receives_device_memory(self) -> bool:
+        """True when UCX_TLS enables a CUDA transport (``cuda_copy``, ``cuda_ipc``)."""
+        return ucx_runtime.cuda_support()
 
     # ----------------------------------------------------------------- set-up
     async def listen(self, host: str) -> str:

@@ -23,7 +23,7 @@ from typing import Any
 
 from sparsecoll.errors import FrameError, InvalidArgumentError, PeerLostError, SparseCollError
 from sparsecoll.transport.base import Buffer
-from sparsecoll.transport.mailbox import Landing, copy_error, lost_peer_error
+from sparsecoll.transport.mailbox import Landing, copy_error, copy_out, lost_peer_error
 from sparsecoll.transport.ucx_runtime import (
     UCX_ERRORS,
     PayloadEndpoint,
@@ -203,7 +203,7 @@ class UcxConnection:
         try:
             await receive(target[offset:offset + size])
             if sink.view is not target:  # withdrawn meanwhile: the caller is still waiting
-                sink.view[offset:offset + size] = target[offset:offset + size]
+                sink.view[offset:offset + size] = copy_out(target[offset:offset + size])
             sink.filled = offset + size
         finally:
             sink.in_flight = None

@@ -29,7 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 from sparsecoll.errors import FrameError, InvalidArgumentError, RendezvousError
-from sparsecoll.transport.device import device_nbytes, interface_of, is_device
+from sparsecoll.transport.device import device_nbytes, interface_of, is_device, write_bytes
 
 log = logging.getLogger(__name__)
 
@@ -543,10 +543,7 @@ def copy_into(sink: Any, data: memoryview) -> None:
     if not is_device(sink):
         sink[:len(data)] = data
         return
-    import numpy as np
-    from numba import cuda  # only when a device buffer meets an inlined host payload
-
-    cuda.as_cuda_array(sink).copy_to_device(np.frombuffer(data, np.uint8))
+    write_bytes(sink, data)
 
 
 def describe(error: BaseException) -> str:

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-CASES = [Path(__file__).with_name(name) for name in ("cuda_cases.py", "cuda_fused_cases.py", "sketch_cuda_cases.py")]
+CASES = [Path(__file__).with_name(name) for name in ("cuda_cases.py", "cuda_fused_cases.py", "sketch_cuda_cases.py",
+                                                      "cuda_stream_cases.py")]
 ROOT = Path(__file__).resolve().parents[2]
 
 

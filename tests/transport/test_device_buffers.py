@@ -51,6 +51,12 @@ class FakeDeviceArray:
     def __getitem__(self, index: Any) -> FakeDeviceArray:
         return FakeDeviceArray(self._host[index], self._readonly)
 
+    def view(self, dtype: Any) -> FakeDeviceArray:
+        return FakeDeviceArray(self._host.view(dtype), self._readonly)
+
+    def __len__(self) -> int:
+        return len(self._host)
+
     def peek(self) -> np.ndarray:
         """The contents, for the test's assertions (a real one would copy to host)."""
         return self._host.copy()
