@@ -31,7 +31,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,6 +86,15 @@ take what is left of the budget (compiling every CUDA kernel case is the long pa
 def emit(row: Row) -> None:
     """Print ``row`` for the parent (called in a step's process)."""
     print(ROW_PREFIX + json.dumps(row.__dict__, default=float), flush=True)
+
+
+def step_main(argv: Sequence[str] | None, steps: dict[str, Callable[[bool], None]], description: str) -> None:
+    """A step module's command line: ``STEP [--dry-run]`` runs ``steps[STEP](dry_run)``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("step", choices=sorted(steps))
+    parser.add_argument("--dry-run", action="store_true")
+    args = parser.parse_args(argv)
+    steps[args.step](args.dry_run)
 
 
 def step_environment(step: Step, dry_run: bool) -> dict[str, str]:

@@ -14,13 +14,12 @@ With ``--dry-run`` the kernels run under Numba's CUDA simulator (the parent sets
 
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from sparsecoll.bench.gpu_check import DRY, FAIL, MISS, OK, SKIP, Row, emit
+from sparsecoll.bench.gpu_check import DRY, FAIL, MISS, OK, SKIP, Row, emit, step_main
 from sparsecoll.bench.kernels import best_time
 from sparsecoll.bench.table import count, percent
 
@@ -171,11 +170,7 @@ STEP_FUNCTIONS = {"topk": topk_rows, "quantize-sketch": quantize_sketch_rows}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="one kernel step of the GPU check")
-    parser.add_argument("step", choices=sorted(STEP_FUNCTIONS))
-    parser.add_argument("--dry-run", action="store_true")
-    args = parser.parse_args(argv)
-    STEP_FUNCTIONS[args.step](args.dry_run)
+    step_main(argv, STEP_FUNCTIONS, "one kernel step of the GPU check")
 
 
 if __name__ == "__main__":

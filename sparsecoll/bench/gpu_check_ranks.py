@@ -17,7 +17,6 @@ The parent sets ``UCX_TLS=cuda_ipc,cuda_copy,tcp``. With ``--dry-run`` the same 
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 import traceback
@@ -26,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from sparsecoll.bench.gpu_check import DRY, FAIL, MISS, OK, SKIP, Row, emit
+from sparsecoll.bench.gpu_check import DRY, FAIL, MISS, OK, SKIP, Row, emit, step_main
 from sparsecoll.bench.host_copy_audit import library_copies
 from sparsecoll.bench.table import binary_size, count
 
@@ -246,11 +245,7 @@ def missing_modules(names: Sequence[str]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="the GPU check's UCX step")
-    parser.add_argument("step", choices=["ucx"])
-    parser.add_argument("--dry-run", action="store_true")
-    args = parser.parse_args(argv)
-    ucx_rows(args.dry_run)
+    step_main(argv, {"ucx": ucx_rows}, "the GPU check's UCX step")
 
 
 if __name__ == "__main__":

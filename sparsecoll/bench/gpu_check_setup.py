@@ -8,14 +8,12 @@ SKIP row with its reason here, and the steps that need it say SKIP or FAIL with 
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import platform
 from collections.abc import Callable, Sequence
-from typing import Any
 
-from sparsecoll.bench.gpu_check import DRY, OK, SKIP, Row, emit
+from sparsecoll.bench.gpu_check import DRY, OK, SKIP, Row, emit, step_main
 
 
 def _torch(dry_run: bool) -> str:
@@ -61,9 +59,5 @@ def setup_rows(dry_run: bool) -> None:
             emit(Row("setup", name, SKIP, note=f"{type(error).__name__}: {error}"[:400]))
 
 
-def main(argv: Sequence[str] | None = None) -> Any:
-    parser = argparse.ArgumentParser(description="the GPU check's setup rows")
-    parser.add_argument("step", choices=["setup"])
-    parser.add_argument("--dry-run", action="store_true")
-    args = parser.parse_args(argv)
-    setup_rows(args.dry_run)
+def main(argv: Sequence[str] | None = None) -> None:
+    step_main(argv, {"setup": setup_rows}, "the GPU check's setup rows")

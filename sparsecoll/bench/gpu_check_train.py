@@ -19,7 +19,6 @@ With ``--dry-run`` the same runs on the CPU (a small model, 2 steps) over UCX on
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
 import time
@@ -27,7 +26,7 @@ import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from sparsecoll.bench.gpu_check import DRY, FAIL, OK, SKIP, Row, emit
+from sparsecoll.bench.gpu_check import DRY, FAIL, OK, SKIP, Row, emit, step_main
 from sparsecoll.bench.host_copy_audit import DEVICE_TO_HOST, HOST_TO_DEVICE, HostCopyAudit, library_copies
 
 DENSITY = 0.001
@@ -191,11 +190,7 @@ def train_rows(dry_run: bool) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="the GPU check's training step")
-    parser.add_argument("step", choices=["train"])
-    parser.add_argument("--dry-run", action="store_true")
-    args = parser.parse_args(argv)
-    train_rows(args.dry_run)
+    step_main(argv, {"train": train_rows}, "the GPU check's training step")
 
 
 if __name__ == "__main__":
