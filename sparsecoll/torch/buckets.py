@@ -9,7 +9,8 @@ largest layers fill a bucket alone), so its buffer only ever receives results, a
 sparse step holds k nonzeros that the next sparse step clears at those k entries (the step
 writes no zeros over the whole gradient); the other buckets copy their gradients in once.
 Pointing ``.grad`` at the buffer before backward instead (DDP's ``gradient_as_bucket_view``)
-costs a zeroing pass and an accumulating add over the gradient: 4 memory streams. On CPU the buffer and ``.numpy()`` share memory. A bucket keeps its parameters' dtype:
+costs a zeroing pass and an accumulating add over the gradient: 4 memory streams. On CPU the
+buffer and ``.numpy()`` share memory. A bucket keeps its parameters' dtype:
 ``float16`` and ``bfloat16`` (numpy's view of it is ml_dtypes' ``bfloat16``) buckets send 2 bytes
 a value, and the collectives widen to float32 only where they add.
 
