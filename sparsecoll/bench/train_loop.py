@@ -236,7 +236,7 @@ def _step(method: train_methods.StepMethod, inputs: Any, labels: Any) -> float:
     method.optimizer.zero_grad()
     loss = torch.nn.functional.cross_entropy(method.forward(inputs).float(), labels)
     loss.backward()
-    method.optimizer.step()
+    method.step()
     return loss.item()
 
 

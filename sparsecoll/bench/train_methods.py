@@ -21,6 +21,8 @@ it put on the wire in a step (``bytes_sent``, this rank's payload):
 
 from __future__ import annotations
 
+import functools
+
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +56,14 @@ class StepMethod:
     info: dict[str, Any] = field(default_factory=dict)
     _bytes: Any = None
     _close: Any = None
+    _step: Any = None
+
+    def step(self) -> None:
+        """The optimizer's step (the sparsecoll hook's rows take ``CommHookState.sgd_step``)."""
+        if self._step is None:
+            self.optimizer.step()
+        else:
+            self._step()
 
     def last_bytes(self) -> float:
         return float(self._bytes())
@@ -133,6 +143,7 @@ def _ddp(method: str, model: Any, sync: Any, config: dict[str, Any], hyper: Hype
     element = next(model.parameters()).element_size()
     info: dict[str, Any] = {}
     close = None
+    sparse_step = False  # the sparsecoll hook's rows step plain SGD at the reduced gradient's k indices
     momentum = MOMENTUM
     if method == "ddp":
         sent = ring_payload(numel, element, hyper.world)
@@ -163,8 +174,17 @@ def _ddp(method: str, model: Any, sync: Any, config: dict[str, Any], hyper: Hype
                 "momentum_masking_used": state.momentum_masking if corrected else None}
         last_bytes = lambda: sum(stats.bytes_sent for stats in state.last_stats.values())  # noqa: E731
         close = state.close
+        sparse_step = True
     optimizer = torch.optim.SGD(wrapped.parameters(), lr=hyper.lr, momentum=momentum)
-    return StepMethod(wrapped, model, optimizer, info, last_bytes, close)
+    step = functools.partial(_hook_step, state, optimizer, info) if sparse_step else None
+    return StepMethod(wrapped, model, optimizer, info, last_bytes, close, step)
+
+
+def _hook_step(state: Any, optimizer: Any, info: dict[str, Any]) -> None:
+    """The sparsecoll hook's rows: plain SGD at the k indices (``CommHookState.sgd_step``); the
+    row reports how many steps took that path."""
+    state.sgd_step(optimizer)
+    info["sparse_sgd_steps"] = state.sparse_steps
 
 
 class _PowerSGDCount:

@@ -30,6 +30,7 @@ from sparsecoll.torch.error_feedback import ErrorFeedback, warmup_density
 from sparsecoll.errors import NonFiniteGradientError
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, reduce_buffer, with_hierarchical
 from sparsecoll.torch.overlap import wait_all
+from sparsecoll.torch.sparse_update import sgd_at, sparse_sgd_applies
 
 
 class CommHookState:
@@ -67,7 +68,8 @@ class CommHookState:
 
     __slots__ = ("group", "compression", "momentum", "nesterov", "warmup_steps", "start_iter",
                  "iteration", "memories", "algorithm_states", "last_stats", "skip_nonfinite", "skipped_steps", "residual_dtype",
-                 "momentum_masking", "_lanes", "_in_flight", "_names", "_layouts", "_saved", "_skipped_at", "density_schedule", "_scheduled")
+                 "momentum_masking", "_lanes", "_in_flight", "_names", "_layouts", "_saved", "_skipped_at", "density_schedule", "_scheduled",
+                 "_bucket_params", "sparse_steps")
 
     def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: "float | DensitySchedule" = 0.001, *,
                  quantize_bits: int | None = None, error_feedback: bool | None = None, momentum: float = 0.0,
@@ -114,6 +116,10 @@ class CommHookState:
         self._names = None if module is None else {id(param): name for name, param in module.named_parameters()}
         self._layouts: dict[int, tuple] = {}
         self._saved: dict[str, dict] = {}
+        self.sparse_steps = 0
+        """Steps :meth:`sgd_step` took itself (plain SGD at the k indices), not handed to ``step()``."""
+        self._bucket_params: dict[int, tuple[int, list[torch.Tensor]]] = {}
+        """Each DDP bucket's iteration and parameters, in its buffer's order, as the hook last saw them."""
 
     def density_now(self, index: int = 0, buffer: torch.Tensor | None = None) -> float:
         """Density of the current iteration (1.0 before ``start_iter``). A schedule decides at the
@@ -151,6 +157,37 @@ class CommHookState:
         self._in_flight.add(future)
         future.add_done_callback(self._in_flight.discard)
         return future
+
+    def sgd_step(self, optimizer: torch.optim.Optimizer) -> bool:
+        """``optimizer.step()`` for a plain SGD (what momentum correction leaves it), taken where
+        this iteration's reduced gradients can be nonzero: at each sparse bucket's k indices,
+        over the whole parameter elsewhere (dense buckets, warm-up, parameters in no bucket), with
+        the parameters SGD's dense step would give, bit for bit. After DDP's backward its buckets'
+        gradients are zero but for those k entries, so the dense step reads and writes every
+        parameter to move k of them. Any other optimizer, setting or step hook takes its own
+        ``step()``. Returns False, stepping nothing, when a bucket held NaN/inf on some rank this
+        iteration (the hook gave it as NaN: what a GradScaler would skip), else True.
+        """
+        if self._skipped_at == self.iteration - 1:
+            return False
+        if not sparse_sgd_applies(optimizer):
+            optimizer.step()
+            return True
+        lrs = {id(param): float(group["lr"]) for group in optimizer.param_groups for param in group["params"]}
+        stepped: set[int] = set()
+        for index, (iteration, params) in self._bucket_params.items():
+            if iteration != self.iteration - 1:  # a bucket of a layout DDP has since rebuilt
+                continue
+            memory = self.memories.get(index)
+            offsets = np.cumsum([0] + [param.numel() for param in params[:-1]]).tolist()
+            mine = [(param, offset) for param, offset in zip(params, offsets) if id(param) in lrs]
+            sgd_at([param for param, _ in mine], [offset for _, offset in mine],
+                   None if memory is None else memory.update_indices, [lrs[id(param)] for param, _ in mine])
+            stepped.update(id(param) for param, _ in mine)
+        others = [param for group in optimizer.param_groups for param in group["params"] if id(param) not in stepped]
+        sgd_at(others, [0] * len(others), None, [lrs[id(param)] for param in others])
+        self.sparse_steps += 1
+        return True
 
     def close(self) -> None:
         """Wait for the reductions still in flight (the group stays open)."""
@@ -240,6 +277,7 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     index = bucket.index()
     work = buffer
     memory = state.memory_for(index, work, bucket.parameters())
+    state._bucket_params[index] = (state.iteration, list(bucket.parameters()))
     compressed = state.iteration >= state.start_iter
     iteration = state.iteration
     local_nonfinite = not all_finite(work)

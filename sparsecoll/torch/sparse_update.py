@@ -50,23 +50,39 @@ def apply_sgd(optimizer: torch.optim.Optimizer, buckets: Sequence[Bucket], memor
     over the whole parameter otherwise (as SGD does)."""
     for bucket, memory in zip(buckets, memories):
         lr = float(optimizer.param_groups[bucket.group_index]["lr"])
-        indices = memory.update_indices
-        if indices is None or bucket.flat.dtype not in SPARSE_DTYPES:
-            for param in bucket.params:
-                if param.grad is not None:
-                    param.detach().add_(param.grad, alpha=-lr)
-            continue
-        bounds = torch.searchsorted(indices, torch.tensor([*bucket.offsets, bucket.size], dtype=indices.dtype))
-        for position, param in enumerate(bucket.params):
-            start, stop = int(bounds[position]), int(bounds[position + 1])
-            if start == stop:
-                continue
-            chosen = indices[start:stop]
-            flat = param.detach().view(-1) if param.is_contiguous() else None
-            if flat is None:  # a strided parameter: the dense step, as SGD would take it
+        sgd_at(bucket.params, bucket.offsets, memory.update_indices, [lr] * len(bucket.params), bucket.flat)
+
+
+def sgd_at(params: Sequence[torch.Tensor], offsets: Sequence[int], indices: torch.Tensor | None,
+           lrs: Sequence[float], flat: torch.Tensor | None = None) -> None:
+    """SGD's ``p -= lr * grad`` for ``params`` laid out at ``offsets`` in a flat buffer whose
+    reduced gradient is zero outside the sorted ``indices`` (the buffer may hold other
+    parameters between them, which are left alone): at those entries only
+    (the gradient's values read from ``flat``, else from each ``.grad``), or over the whole
+    parameter where ``indices`` is None, the dtype is not in :data:`SPARSE_DTYPES` or a parameter
+    or its gradient is strided."""
+    if not params:
+        return
+    dtype = flat.dtype if flat is not None else params[0].dtype
+    if indices is None or dtype not in SPARSE_DTYPES:
+        for param, lr in zip(params, lrs):
+            if param.grad is not None:
                 param.detach().add_(param.grad, alpha=-lr)
-                continue
-            local = chosen - bucket.offsets[position]
-            moved = flat.index_select(0, local)
-            moved.add_(bucket.flat.index_select(0, chosen), alpha=-lr)
-            flat.index_copy_(0, local, moved)
+        return
+    edges = [edge for param, offset in zip(params, offsets) for edge in (offset, offset + param.numel())]
+    bounds = torch.searchsorted(indices, torch.tensor(edges, dtype=indices.dtype)).tolist()
+    for position, (param, lr) in enumerate(zip(params, lrs)):
+        start, stop = bounds[2 * position], bounds[2 * position + 1]
+        if start == stop or param.grad is None:
+            continue
+        chosen = indices[start:stop]
+        strided = not param.is_contiguous() or (flat is None and not param.grad.is_contiguous())
+        if strided:  # the dense step, as SGD would take it
+            param.detach().add_(param.grad, alpha=-lr)
+            continue
+        target = param.detach().view(-1)
+        local = chosen - offsets[position]
+        moved = target.index_select(0, local)
+        values = flat.index_select(0, chosen) if flat is not None else param.grad.view(-1).index_select(0, local)
+        moved.add_(values, alpha=-lr)
+        target.index_copy_(0, local, moved)
