@@ -131,9 +131,13 @@ def _kernels(figure: Any, document: Document) -> None:
 
 
 def _train(figure: Any, document: Document) -> None:
+    if any(row.get("curve") for row in document["rows"]):
+        _time_to_accuracy(figure, document)
+        return
     rows = [row for row in document["rows"] if row.get("epoch_loss")]
     if not rows:
-        raise InvalidArgumentError("this train document has no per-epoch curves (epoch_loss)")
+        raise InvalidArgumentError("this train document has no per-epoch curves (epoch_loss) nor "
+                                   "accuracy curves (curve)")
     loss_axis, accuracy_axis = figure.subplots(1, 2)
     for row in rows:
         label = row["algorithm"] if row["algorithm"] == "dense" else f"{row['algorithm']} {100 * row['density']:g}%"
@@ -150,6 +154,37 @@ def _train(figure: Any, document: Document) -> None:
 
     for axis in (loss_axis, accuracy_axis):
         axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _time_to_accuracy(figure: Any, document: Document) -> None:
+    """``sparsecoll-bench train``'s rows: test accuracy against training wall-clock (left) and
+    against steps (right), each row's curve, with the target accuracy as a line."""
+    from matplotlib import colormaps
+
+    time_axis, step_axis = figure.subplots(1, 2)
+    target = document.get("target_accuracy")
+    rows = [row for row in document["rows"] if row.get("curve")]
+    colors = colormaps["tab20"].colors
+    for number, row in enumerate(rows):
+        steps, seconds, accuracy = zip(*row["curve"])
+        density = "" if row.get("density", 1.0) >= 1.0 else f" {100 * row['density']:g}%"
+        label = f"{row.get('run', row.get('algorithm', '?'))}{density}"
+        torch_baseline = row.get("method") in ("ddp", "fp16", "powersgd")
+        style = {"color": colors[number % len(colors)], "linestyle": "--" if torch_baseline else "-",
+                 "marker": "." if torch_baseline else "o", "markersize": 3, "linewidth": 1.2, "label": label}
+        time_axis.plot(seconds, [100 * value for value in accuracy], **style)
+        step_axis.plot(steps, [100 * value for value in accuracy], **style)
+    link = document.get("link") or "loopback"
+    name = f"{document.get('model', '?')}, {document.get('world', '?')} ranks, {link}"
+    for axis in (time_axis, step_axis):
+        if target is not None:
+            axis.axhline(100 * target, color="0.3", linestyle="--", linewidth=1, label="target")
+        low = 100 * target - 6 if target is not None else None
+        if low is not None:
+            axis.set_ylim(bottom=low)
+    _axes(time_axis, "training seconds (evaluation excluded)", "test accuracy (%)",
+          f"time to accuracy, {name}", logx=False)
+    _axes(step_axis, "step", "test accuracy (%)", f"accuracy per step, {name}", logx=False)
 
 
 def _axes(axis: Any, xlabel: str | None, ylabel: str, title: str, *, logx: bool = True,

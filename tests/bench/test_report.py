@@ -114,3 +114,21 @@ def test_report_prints_tables_of_single_files() -> None:
     assert result.returncode == 0, result.stderr
     assert "| d | density | torch.topk (ms)" in result.stdout and "quantize 25,000,000 float32" in result.stdout
     assert "| gtopk | 1% | 90.28% |" in result.stdout
+
+
+def test_a_time_to_accuracy_document_is_drawn_from_its_curves(tmp_path: Path) -> None:
+    from matplotlib.figure import Figure
+
+    from sparsecoll.bench import plots
+
+    document = json.loads((FIXTURES / "train-curves.json").read_text())
+    png = plot_document(document, tmp_path / "tta.png")
+    assert png.read_bytes()[:4] == b"\x89PNG" and png.stat().st_size > 10_000
+    figure = Figure()
+    plots._train(figure, document)
+    time_axis, step_axis = figure.axes
+    assert time_axis.get_title().startswith("time to accuracy") and step_axis.get_xlabel() == "step"
+    drawn = {line.get_label(): line for line in time_axis.get_lines()}
+    assert set(drawn) == {"DDP", "PowerSGD r4", "opt allgather 0.1%", "target"}
+    ddp = next(row for row in document["rows"] if row["run"] == "DDP")
+    assert list(drawn["DDP"].get_xdata()) == [point[1] for point in ddp["curve"]]  # seconds, not steps
