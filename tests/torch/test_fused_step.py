@@ -7,6 +7,11 @@ over the zero-filled gradient). Without weight decay, clipping or ScaleCom's fil
 equal bit for bit; with them, to float32 rounding (torch folds ``g + wd * p`` with one fused
 multiply-add, and the fused pass filters ``beta p + (1 - beta) m`` before the sent part leaves
 where the unfused path filters ``beta (p - sent) + (1 - beta) m`` after).
+
+The same spawn also checks that a one-parameter bucket reading autograd's gradient where it is
+(its buffer only receiving results) gives the ``.grad`` and parameters of the path that copies
+the gradient in, bit for bit, also when the previous step's k entries must be cleared and when
+user code wrote to ``.grad`` between steps (the buffer's version moved, so it is zeroed whole).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 
 from sparsecoll.torch import SparseCollOptimizer, init_group
 from sparsecoll.torch import optimizer as optimizer_module
+from sparsecoll.torch.buckets import Bucket
 from sparsecoll.torch.error_feedback import ErrorFeedback, clip_local, clip_scale
 from tests.ranks import run_ranks
 
@@ -78,7 +84,42 @@ def both_ways(rank: int, world: int) -> dict:
             finally:
                 ErrorFeedback.fusable, optimizer_module.sparse_sgd_applies = saved
             results[name] = (fused_run, unfused_run)
+        results["in_place"] = train_source(rank, sync, 0.05)
+        saved = Bucket._readable_in_place
+        Bucket._readable_in_place = lambda self, grad: False
+        try:
+            results["copied"] = train_source(rank, sync, 0.05)
+        finally:
+            Bucket._readable_in_place = saved
     return results
+
+
+SOURCE_STEPS = 5
+SCRIBBLE_AFTER = 2
+"""After this step user code adds 1 to every ``.grad`` (before ``zero_grad``)."""
+
+
+def train_source(rank: int, sync, density: float) -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 60, bias=False), torch.nn.Tanh(), torch.nn.Linear(60, 3, bias=False))
+    optimizer = SparseCollOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sync, "gtopk", density,
+                                    bucket_bytes=40 * 60 * 4)  # a bucket a weight
+    read_in_place, grads, params = [], [], []
+    for step in range(SOURCE_STEPS):
+        optimizer.zero_grad()
+        generator = torch.Generator().manual_seed(100 * step + rank)
+        features = torch.randn(8, 40, generator=generator)
+        torch.nn.functional.cross_entropy(model(features), torch.randint(0, 3, (8,), generator=generator)).backward()
+        for bucket in optimizer.buckets:
+            bucket.gather_grads()  # what step() does first (again there: it is idempotent)
+        read_in_place.append([bucket.source is not None for bucket in optimizer.buckets])
+        optimizer.step()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]).numpy().copy())
+        params.append(torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy().copy())
+        if step == SCRIBBLE_AFTER:
+            for param in model.parameters():
+                param.grad.add_(1.0)
+    return {"read_in_place": read_in_place, "grads": grads, "params": params}
 
 
 @pytest.fixture(scope="module")
@@ -137,3 +178,20 @@ def test_clip_scale_reads_each_buffer_once_and_matches_torch() -> None:
     copies = [b.clone() for b in buffers]
     assert clip_local(copies, 1.0, 4) == pytest.approx(expected, rel=1e-12)
     assert float(torch.sqrt(sum((b.double() ** 2).sum() for b in copies))) <= 0.5 * (1 + 1e-2)
+
+
+def test_reading_the_gradient_in_place_equals_copying_it_bit_for_bit(per_rank: list[dict]) -> None:
+    for outcome in per_rank:
+        assert all(all(flags) for flags in outcome["in_place"]["read_in_place"])
+        assert not any(any(flags) for flags in outcome["copied"]["read_in_place"])
+        for step in range(SOURCE_STEPS):
+            np.testing.assert_array_equal(outcome["in_place"]["grads"][step], outcome["copied"]["grads"][step],
+                                          err_msg=f".grad after step {step}")
+            np.testing.assert_array_equal(outcome["in_place"]["params"][step], outcome["copied"]["params"][step],
+                                          err_msg=f"parameters after step {step}")
+
+
+def test_grad_holds_only_this_steps_k_entries(per_rank: list[dict]) -> None:
+    for outcome in per_rank:
+        for grads in outcome["in_place"]["grads"]:
+            assert 0 < np.count_nonzero(grads) <= 2 * int(0.05 * 40 * 60 + 0.05 * 60 * 3 + 2)
