@@ -1,14 +1,47 @@
-"""The DDP communication hook beside a Gloo default process group on the same store."""
+"""The DDP communication hook beside a Gloo default process group on the same store; and
+``CommHookState.sgd_step``: plain SGD after the hook, taken at each sparse bucket's k indices,
+leaves the parameters exactly where ``optimizer.step()`` would (two param groups with their own
+learning rates, warm-up steps reduced dense), falls back to ``optimizer.step()`` for an
+optimizer it cannot step sparsely, and steps nothing in an iteration whose bucket held NaN."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from sparsecoll.torch import CommHookState, comm_hook, init_group
 from tests.ranks import run_ranks
-from tests.torch.test_optimizer import flat_params, net, train
+from tests.torch.test_optimizer import batch, flat_params, net, train
+
+
+SGD_STEPS = 5
+NAN_STEP = 3
+"""The step at which rank 1's gradient holds NaN (in the run that injects it)."""
+
+
+def sgd_step_run(sync, rank: int, sparse_step: bool, momentum: float = 0.0, inject_nan: bool = False) -> dict:
+    model = DistributedDataParallel(net(hidden=24))
+    state = CommHookState(sync, "gtopk", 0.05, momentum=0.9, warmup_steps=2)
+    model.register_comm_hook(state, comm_hook)
+    first, second = model.module[0], model.module[2]
+    optimizer = torch.optim.SGD([{"params": first.parameters()}, {"params": second.parameters(), "lr": 0.03}],
+                                lr=0.1, momentum=momentum)
+    params, stepped = [], []
+    for step in range(SGD_STEPS):
+        optimizer.zero_grad()
+        features, labels = batch(step, rank)
+        if inject_nan and step == NAN_STEP and rank == 1:
+            features[0, 0] = float("nan")
+        torch.nn.functional.cross_entropy(model(features), labels).backward()
+        if sparse_step:
+            stepped.append(state.sgd_step(optimizer))
+        else:
+            optimizer.step()
+        params.append(flat_params(model).tolist())
+    state.close()
+    return {"params": params, "stepped": stepped}
 
 
 def ddp_rank(rank: int, world: int) -> dict:
@@ -32,13 +65,22 @@ def ddp_rank(rank: int, world: int) -> dict:
                 results[name] = (flat_params(model).tolist(), losses, sent, saved is not None)
                 if state is not None:
                     state.close()
+            results["sgd_step"] = {"dense": sgd_step_run(sync, rank, False), "sparse": sgd_step_run(sync, rank, True),
+                                   "momentum_dense": sgd_step_run(sync, rank, False, momentum=0.5),
+                                   "momentum_sparse": sgd_step_run(sync, rank, True, momentum=0.5),
+                                   "nan": sgd_step_run(sync, rank, True, inject_nan=True)}
     finally:
         dist.destroy_process_group()
     return results
 
 
-def test_ddp_hook_dense_equals_ddp_and_gtopk_keeps_replicas_identical() -> None:
-    first, second = run_ranks(2, ddp_rank, timeout=120, group_kwargs=None)
+@pytest.fixture(scope="module")
+def ddp_ranks() -> list[dict]:
+    return run_ranks(2, ddp_rank, timeout=120, group_kwargs=None)
+
+
+def test_ddp_hook_dense_equals_ddp_and_gtopk_keeps_replicas_identical(ddp_ranks: list[dict]) -> None:
+    first, second = ddp_ranks
     plain = torch.tensor(first["plain"][0])
     assert torch.allclose(torch.tensor(first["dense"][0]), plain, atol=1e-5)
     assert first["gtopk"][0] == second["gtopk"][0]
@@ -46,6 +88,20 @@ def test_ddp_hook_dense_equals_ddp_and_gtopk_keeps_replicas_identical() -> None:
     assert first["gtopk"][2] > 0 and first["gtopk"][3]
     losses = first["gtopk"][1]
     assert sum(losses[-3:]) < sum(losses[:3])
+
+
+def test_sgd_step_after_the_hook_equals_sgds_dense_step_and_skips_nan_iterations(ddp_ranks: list[dict]) -> None:
+    per_rank = [outcome["sgd_step"] for outcome in ddp_ranks]
+    for outcome in per_rank:
+        assert outcome["sparse"]["params"] == outcome["dense"]["params"]  # bit for bit, every step
+        assert outcome["sparse"]["stepped"] == [True] * SGD_STEPS
+        assert outcome["momentum_sparse"]["params"] == outcome["momentum_dense"]["params"]
+        nan = outcome["nan"]
+        assert nan["stepped"] == [step != NAN_STEP for step in range(SGD_STEPS)]
+        assert nan["params"][NAN_STEP] == nan["params"][NAN_STEP - 1]  # nothing moved, no NaN written
+        assert nan["params"][-1] != nan["params"][NAN_STEP]
+    assert per_rank[0]["nan"]["params"] == per_rank[1]["nan"]["params"]
+    assert per_rank[0]["sparse"]["params"][1] != per_rank[0]["sparse"]["params"][0]
 
 
 def ddp_resume_rank(rank: int, world: int) -> tuple[list[float], list[float], list[float], list[float]]:
