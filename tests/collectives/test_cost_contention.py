@@ -128,3 +128,15 @@ def test_bad_shared_cores_are_refused(arguments: dict) -> None:
 def test_a_fit_needs_two_calls() -> None:
     with pytest.raises(InvalidArgumentError):
         fit_message_cpu(one_core_model(), stored_calls(*FIT_ON)[:1])
+
+
+def test_a_fit_never_returns_a_negative_cost() -> None:
+    """Times a negative byte cost would explain best: the byte term is dropped (0), the message
+    term refitted alone, still >= 0."""
+    model = one_core_model()
+    calls = []
+    for call in stored_calls(*FIT_ON):
+        per_byte = predict_call(model, call, 1e-4, 1.0) - predict_call(model, call, 1e-4, 0.0)
+        calls.append(dataclasses.replace(call, seconds=predict_call(model, call, 1e-4, 0.0) - 5e-10 * per_byte))
+    message_cpu, byte_cpu = fit_message_cpu(model, calls)
+    assert byte_cpu == 0.0 and message_cpu > 0.0
