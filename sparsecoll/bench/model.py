@@ -7,7 +7,9 @@ The prices are the ones ``algorithm="auto"`` uses (:meth:`CostModel.price`, byte
 (``--ranks-per-host``); a job of P <= L ranks is one host. A flat algorithm across several
 hosts is priced with every message on the link between hosts (exact for the ring algorithms,
 whose slowest hop sets each step; an upper bound for gTop-k and Ok-Topk, whose rounds inside a
-host would go faster); on one host, with the link inside it.
+host would go faster); on one host, with the link inside it. With :class:`Cores`, ranks share
+their host's cores (or every rank one machine's): see
+:class:`~sparsecoll.collectives.cost_contention.SharedCores`.
 """
 
 from __future__ import annotations
