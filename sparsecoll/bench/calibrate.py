@@ -80,7 +80,8 @@ async def _collective_seconds(group: sparsecoll.Group, array: np.ndarray, calls:
     return float(np.median(seconds))
 
 
-def _median_seconds(work: Callable[[], Any], repeats: int, statistic: Callable[[list[float]], Any] = np.median) -> float:
+def _median_seconds(work: Callable[[], Any], repeats: int,
+                    statistic: Callable[[list[float]], Any] = np.median) -> float:
     """Median (or ``statistic``) seconds of ``repeats`` calls of ``work``, after one untimed call
     that compiles or loads the Numba kernels and faults in the pages."""
     return best_time(work, repeats, statistic=statistic)

@@ -15,8 +15,9 @@ STORED = Path(__file__).parents[2] / "docs" / "bench" / "oktopk"
 
 @pytest.mark.parametrize("ranks", [2, 3, 5, 8, 32])
 def test_the_bench_formula_is_the_models(ranks: int) -> None:
+    size, k = 1_000_003, 1_001
     for algorithm in BYTE_FORMULAS:
-        assert formula_bytes(algorithm, ranks, 1_000_003, 1_001) == round(bytes_sent(algorithm, ranks, 1_000_003, 1_001))
+        assert formula_bytes(algorithm, ranks, size, k) == round(bytes_sent(algorithm, ranks, size, k))
     for algorithm in TWO_LEVEL_ALGORITHMS:
         split = two_level_bytes(algorithm, ranks, 4, 1_000_003, 1_001)
         assert two_level_formula_bytes(algorithm, ranks, 4, 1_000_003, 1_001) == round(split.inter_host)
