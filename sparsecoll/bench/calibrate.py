@@ -80,20 +80,25 @@ async def _collective_seconds(group: sparsecoll.Group, array: np.ndarray, calls:
     return float(np.median(seconds))
 
 
-def _median_seconds(work: Callable[[], Any], repeats: int) -> float:
-    """Median seconds of ``repeats`` calls of ``work``, after one untimed call that compiles or
-    loads the Numba kernels and faults in the pages."""
-    return best_time(work, repeats, statistic=np.median)
+def _median_seconds(work: Callable[[], Any], repeats: int,
+                    statistic: Callable[[list[float]], Any] = np.median) -> float:
+    """Median (or ``statistic``) seconds of ``repeats`` calls of ``work``, after one untimed call
+    that compiles or loads the Numba kernels and faults in the pages."""
+    return best_time(work, repeats, statistic=statistic)
 
 
 def _select(vector: np.ndarray) -> None:
     kernels.topk(vector, max(1, round(vector.size * DENSITY)), method="fast")
 
 
-def _local_seconds(vector: np.ndarray, iterations: int) -> list[float]:
-    """Median seconds of: top-k at both SELECT_SIZES, sketch insert + recovery, a dense add, a
-    merge, a quantize + dequantize round trip."""
-    selections = [_median_seconds(lambda n=n: _select(vector[:n]), iterations) for n in SELECT_SIZES]
+def _local_seconds(vector: np.ndarray, iterations: int,
+                   statistic: Callable[[list[float]], Any] = np.median) -> list[float]:
+    """Median (or ``statistic``) seconds of: top-k at both SELECT_SIZES, sketch insert +
+    recovery, a dense add, a merge, a quantize + dequantize round trip."""
+    def timed(work: Callable[[], Any], repeats: int) -> float:
+        return _median_seconds(work, repeats, statistic)
+
+    selections = [timed(lambda n=n: _select(vector[:n]), iterations) for n in SELECT_SIZES]
     k = round(SKETCH_SIZE * DENSITY)
     hashes = kernels.sketch_hashes(SKETCH_ROWS, 0)
     table = np.zeros((SKETCH_ROWS, default_columns(k)), np.float32)
@@ -103,9 +108,9 @@ def _local_seconds(vector: np.ndarray, iterations: int) -> list[float]:
         kernels.sketch_insert_dense(table, hashes, vector[:SKETCH_SIZE])
         kernels.sketch_heavy_hitters(table, hashes, SKETCH_SIZE, 4 * k)
 
-    sketched = _median_seconds(sketch, max(2, iterations // 2))
+    sketched = timed(sketch, max(2, iterations // 2))
     total = vector.copy()
-    added = _median_seconds(lambda: np.add(total, vector, out=total), iterations)
+    added = timed(lambda: np.add(total, vector, out=total), iterations)
     rng = np.random.default_rng(0)
     pairs = [(np.sort(rng.choice(vector.size, MERGE_PAIRS, replace=False)),
               rng.standard_normal(MERGE_PAIRS).astype(np.float32)) for _ in range(2)]
@@ -114,13 +119,13 @@ def _local_seconds(vector: np.ndarray, iterations: int) -> list[float]:
         indices, values = kernels.merge_sorted(*pairs[0], *pairs[1])
         kernels.topk_sparse(indices, values, MERGE_PAIRS)
 
-    merged = _median_seconds(merge, iterations)
+    merged = timed(merge, iterations)
 
     def quantize() -> None:
         packed, scales = kernels.quantize(vector[:QUANTIZE_SIZE], QUANTIZE_BITS)
         kernels.dequantize(packed, scales, QUANTIZE_BITS, QUANTIZE_SIZE)
 
-    quantized = _median_seconds(quantize, iterations)
+    quantized = timed(quantize, iterations)
     return [*selections, sketched, added, merged, quantized]
 
 
@@ -132,19 +137,44 @@ def fit(ranks: int, seconds: np.ndarray, *, link: str) -> CostModel:
     count = LARGE_BYTES // 4
     messages = CostModel(alpha=1.0, beta=0.0, reduce_per_element=0.0).doubling_allreduce(ranks, SMALL_COUNT)
     alpha = latency / messages  # recursive doubling's critical path, in messages
-    reduce_per_element = added / SELECT_SIZES[-1]
+    reduce_per_element = added / SELECT_SIZES[-1]  # as _local_parameters has it
     overhead = CostModel(alpha=alpha, beta=0.0, reduce_per_element=reduce_per_element).ring_allreduce(ranks, count)
     wire = CostModel(alpha=0.0, beta=1.0, reduce_per_element=0.0).ring_allreduce(ranks, count)  # bytes, headers too
     beta = max(bandwidth - overhead, 0.1 * bandwidth) / wire  # noise must not make the link look free
-    select_per_element = max(0.0, (select_large - select_small) / (SELECT_SIZES[1] - SELECT_SIZES[0]))
     return CostModel(
-        alpha=alpha, beta=beta, select_per_element=select_per_element,
-        select_fixed=max(0.0, select_small - select_per_element * SELECT_SIZES[0]),
+        alpha=alpha, beta=beta, **_local_parameters(select_small, select_large, sketched, added, merged, quantized),
         lone_select_ratio=min(1.0, lone / select_large) if select_large > 0 else 1.0,
-        sketch_per_element=sketched / (SKETCH_SIZE * SKETCH_ROWS), reduce_per_element=reduce_per_element,
-        merge_per_pair=merged / (2 * MERGE_PAIRS), quantize_per_element=quantized / QUANTIZE_SIZE,
         date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         host=platform.node(), ranks=ranks, link=link)
+
+
+def _local_parameters(select_small: float, select_large: float, sketched: float, added: float, merged: float,
+                      quantized: float) -> dict[str, float]:
+    """The model's local costs behind :func:`_local_seconds`' times (the model's formulas inverted)."""
+    select_per_element = max(0.0, (select_large - select_small) / (SELECT_SIZES[1] - SELECT_SIZES[0]))
+    return {"select_per_element": select_per_element,
+            "select_fixed": max(0.0, select_small - select_per_element * SELECT_SIZES[0]),
+            "sketch_per_element": sketched / (SKETCH_SIZE * SKETCH_ROWS),
+            "reduce_per_element": added / SELECT_SIZES[-1], "merge_per_pair": merged / (2 * MERGE_PAIRS),
+            "quantize_per_element": quantized / QUANTIZE_SIZE}
+
+
+def calibrate_one_core(iterations: int = 5) -> CostModel:
+    """The local costs of one rank on one core of its own (this process, one Numba thread, the
+    fastest of ``iterations`` runs: other load only slows a run down); α and β left at 0 for a
+    link to fill in. :class:`~sparsecoll.collectives.cost_contention.SharedCores` scales them to
+    ranks that share a machine's cores."""
+    import numba
+
+    threads = numba.get_num_threads()
+    numba.set_num_threads(1)
+    try:
+        seconds = _local_seconds(heavy_tailed(0, SELECT_SIZES[-1]), iterations, statistic=min)
+    finally:
+        numba.set_num_threads(threads)
+    return CostModel(alpha=0.0, beta=0.0, **_local_parameters(*seconds), lone_select_ratio=1.0,
+                     date=datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+                     host=platform.node(), ranks=1, link="none: local costs of one rank on one core")
 
 
 # ---------------------------------------------------------------------------- the job's ranks

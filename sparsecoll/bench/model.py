@@ -7,7 +7,9 @@ The prices are the ones ``algorithm="auto"`` uses (:meth:`CostModel.price`, byte
 (``--ranks-per-host``); a job of P <= L ranks is one host. A flat algorithm across several
 hosts is priced with every message on the link between hosts (exact for the ring algorithms,
 whose slowest hop sets each step; an upper bound for gTop-k and Ok-Topk, whose rounds inside a
-host would go faster); on one host, with the link inside it.
+host would go faster); on one host, with the link inside it. With :class:`Cores`, ranks share
+their host's cores (or every rank one machine's): see
+:class:`~sparsecoll.collectives.cost_contention.SharedCores`.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from typing import Any
 
 from sparsecoll.bench.table import Column, count, integer, nbytes, seconds
 from sparsecoll.collectives.cost_bytes import TWO_LEVEL_ALGORITHMS, bytes_sent, two_level_bytes
+from sparsecoll.collectives.cost_contention import BYTE_CPU, MESSAGE_CPU, SharedCores
 from sparsecoll.collectives.cost_model import ALGORITHMS, CostModel
 from sparsecoll.errors import InvalidArgumentError
 
@@ -33,15 +36,44 @@ MAX_RANKS = 1 << 20
 
 
 @dataclass(frozen=True)
+class Cores:
+    """Hosts of ``per_host`` cores that their ranks share (default in :class:`Links`: none, a core
+    or GPU a rank). ``one_machine``: every rank of the job runs on one such host whatever the
+    hosts of its links (``sparsecoll-bench sparse`` over emulated links on one VM); else a host's
+    ranks share its cores. A message and a byte cost a rank ``message_cpu`` and ``byte_cpu``
+    (default: fitted on this repository's VM, see :mod:`~sparsecoll.collectives.cost_contention`)."""
+
+    per_host: int
+    one_machine: bool = False
+    message_cpu: float = MESSAGE_CPU
+    byte_cpu: float = BYTE_CPU
+
+    def sharing(self, ranks: int, local: int) -> SharedCores:
+        """The cores of a job of ``ranks`` ranks, ``local`` of them a host."""
+        return SharedCores(ranks if self.one_machine else local, self.per_host, self.message_cpu, self.byte_cpu)
+
+
+@dataclass(frozen=True)
 class Links:
-    """The model between hosts (α, β and the local kernel costs) and the α-β inside a host."""
+    """The model between hosts (α, β and the local kernel costs) and the α-β inside a host, and
+    the cores ranks share (None: a core or GPU a rank, local costs as the model has them)."""
 
     inter: CostModel
     intra: CostModel
+    cores: Cores | None = None
 
-    def flat(self, hosts: int) -> CostModel:
-        """The link a flat algorithm's messages are priced at: inside the host when there is one."""
-        return self.intra if hosts == 1 else self.inter
+    def at(self, ranks: int, local: int) -> tuple[CostModel, CostModel]:
+        """(between hosts, inside a host) for a job of ``ranks`` ranks, ``local`` of them a host."""
+        if self.cores is None:
+            return self.inter, self.intra
+        shared = self.cores.sharing(ranks, local)
+        return shared.apply(self.inter), shared.apply(self.intra)
+
+    def flat(self, hosts: int, ranks: int, local: int) -> CostModel:
+        """The model a flat algorithm of ``ranks`` ranks on ``hosts`` hosts of ``local`` is priced
+        with: the link inside the host when there is one host."""
+        inter, intra = self.at(ranks, local)
+        return intra if hosts == 1 else inter
 
 
 def parse_ranks(text: str) -> list[int]:
@@ -107,12 +139,13 @@ def price(links: Links, series: str, ranks: int, per_host: int, size: int, k: in
     algorithm, _, level = series.partition(" ")
     hosts, local = layout(ranks, per_host)
     if level:
-        seconds_taken = links.inter.predict_two_level(algorithm, hosts, local, size, k, intra=links.intra)
+        inter, intra = links.at(ranks, local)
+        seconds_taken = inter.predict_two_level(algorithm, hosts, local, size, k, intra=intra)
         split = two_level_bytes(algorithm, hosts, local, size, k)
         return {"seconds": seconds_taken, "bytes": split.total, "inter_host_bytes": split.inter_host}
     sent = bytes_sent(algorithm, ranks, size, k)
     to_others = 0.0 if hosts == 1 else None  # flat across hosts: which messages leave the host is not modelled
-    return {"seconds": links.flat(hosts).predict(algorithm, ranks, size, k), "bytes": sent,
+    return {"seconds": links.flat(hosts, ranks, local).predict(algorithm, ranks, size, k), "bytes": sent,
             "inter_host_bytes": to_others}
 
 
@@ -302,6 +335,22 @@ def describe(model: CostModel) -> str:
     """α and bandwidth of a link in a few words."""
     rate = f"{8e-9 / model.beta:.3g} Gbit/s" if model.beta else "infinite bandwidth"
     return f"{rate}, {model.alpha * 1e6:.3g} us a message"
+
+
+def with_local_costs(model: CostModel, source: CostModel) -> CostModel:
+    """``model``'s link with ``source``'s local costs (and its provenance)."""
+    from sparsecoll.collectives.cost_contention import LOCAL_COSTS
+
+    return dataclasses.replace(model, **{name: getattr(source, name) for name in LOCAL_COSTS},
+                               lone_select_ratio=source.lone_select_ratio, date=source.date, host=source.host)
+
+
+def ratio_summary(compared: list[dict[str, Any]], band: float = 0.25) -> str:
+    """How many measured points the model's time is within ``band`` of, and the extreme ratios."""
+    ratios = [row["time_ratio"] for row in compared if row["time_ratio"] is not None]
+    inside = sum(abs(ratio - 1.0) <= band for ratio in ratios)
+    return (f"model/measured time: {inside} of {len(ratios)} points within {100 * band:g}%, "
+            f"ratios {min(ratios):.2f} to {max(ratios):.2f}") if ratios else "no measured times"
 
 
 def with_link(model: CostModel, alpha: float | None, beta: float | None, link: str) -> CostModel:

@@ -51,9 +51,22 @@ def model_command(
     calibrate: Annotated[bool, typer.Option("--calibrate", help="measure alpha, beta and the kernels on 2 "
                                                                 "loopback ranks first (a few seconds); "
                                                                 "--link/--alpha/--beta still override")] = False,
-    measured: Annotated[str | None, typer.Option(metavar="FILE.json", help="points from `sparsecoll-bench sparse "
-                                                                          "--json`: on the plot, and model/"
-                                                                          "measured per point")] = None,
+    measured: Annotated[list[str] | None, typer.Option(metavar="FILE.json", help="points from `sparsecoll-bench "
+                                                                                "sparse --json`: on the plot, "
+                                                                                "and model/measured per point; "
+                                                                                "repeatable")] = None,
+    cores_per_host: Annotated[int | None, typer.Option("--cores-per-host", metavar="C", help="cores a host's ranks "
+                                                                                            "share (default: a "
+                                                                                            "core or GPU a rank)")
+                              ] = None,
+    one_machine: Annotated[bool, typer.Option("--one-machine", help="every rank on one host of --cores-per-host "
+                                                                    "cores, links emulated (how `sparsecoll-bench "
+                                                                    "sparse` measures)")] = False,
+    local_costs: Annotated[str | None, typer.Option("--local-costs", metavar="FILE.json", help="a cost model file "
+                                                                                              "whose local costs "
+                                                                                              "(one rank, one core) "
+                                                                                              "replace the "
+                                                                                              "calibration's")] = None,
     json_file: JsonFile = None,
     plot_file: PlotFile = None,
     wide: Wide = False,
@@ -62,7 +75,7 @@ def model_command(
     """The alpha-beta cost model's time and bytes per rank, flat and two-level, and where one algorithm
     overtakes another (the prices algorithm="auto" uses; --alpha in seconds, --beta in seconds a byte)."""
     from sparsecoll.bench import model as cost_view
-    from sparsecoll.collectives.cost_model import ALGORITHMS, load_default
+    from sparsecoll.collectives.cost_model import ALGORITHMS, CostModel, load_default
 
     with clean_errors():
         import_plugins(imports or [])
@@ -80,16 +93,23 @@ def model_command(
                 raise InvalidArgumentError(f"{option} must be a number of seconds >= 0, not {value:g}")
         inter_beta = cost_view.rate_beta(link) if link is not None else beta
         intra_beta = cost_view.rate_beta(intra_link)
-        comparison_rows = cost_view.load_measured(measured) if measured else []
+        comparison_rows = [row for path in measured or [] for row in cost_view.load_measured(path)]
+        if one_machine and cores_per_host is None:
+            raise InvalidArgumentError("--one-machine needs --cores-per-host (the cores every rank shares)")
+        cores = None if cores_per_host is None else \
+            cost_view.Cores(checks.positive("--cores-per-host", cores_per_host), one_machine)
         if calibrate:
             base, source = _calibrated(), "measured now on 2 loopback ranks"
         else:
             base = load_default()
             source = base.link if base.date else "defaults (no calibration file)"
+        if local_costs is not None:
+            base = cost_view.with_local_costs(base, CostModel.load(local_costs))
+            source = f"{local_costs} ({base.date})"
         inter = cost_view.with_link(base, alpha, inter_beta, f"--link {link}" if link else
                                     "--alpha/--beta" if alpha is not None or beta is not None else source)
         intra = cost_view.with_link(base, intra_alpha, intra_beta, f"--intra-link {intra_link}")
-        links = cost_view.Links(inter, intra)
+        links = cost_view.Links(inter, intra, cores)
         k = max(1, round(elements * density))
         rows = cost_view.model_rows(links, worlds, ranks_per_host, elements, k, names)
 
@@ -99,6 +119,10 @@ def model_command(
         found = cost_view.crossovers(rows, time_of, ranks_per_host)
         compared = cost_view.compare(links, comparison_rows)
     hosts = f"hosts of {ranks_per_host} ranks" if ranks_per_host > 1 else "one rank a host"
+    if cores is not None:
+        hosts += (f", all ranks on one machine of {cores.per_host} cores" if one_machine else
+                  f", {cores.per_host} cores a host") + \
+            f" ({cores.message_cpu * 1e6:.3g} us and {cores.byte_cpu * 1e9:.3g} ns/B of CPU a message)"
     title = (f"cost model, d={size} (k={k:,}, {100 * density:g}%), {hosts}; between hosts "
              f"{cost_view.describe(inter)} ({inter.link}); inside a host {cost_view.describe(intra)}; "
              f"local costs: {source}")
@@ -111,10 +135,12 @@ def model_command(
     if not found:
         console.print("no crossovers in this range", highlight=False)
     if compared:
-        render(f"model against {measured}", cost_view.COMPARE_TABLE, compared, console, wide=wide)
+        render(f"model against {', '.join(measured or [])}", cost_view.COMPARE_TABLE, compared, console, wide=wide)
+        console.print(cost_view.ratio_summary(compared), highlight=False)
     save("model", rows, json_file, None, size=elements, density=density, k=k, ranks_per_host=ranks_per_host,
          inter_alpha=inter.alpha, inter_beta=inter.beta, intra_alpha=intra.alpha, intra_beta=intra.beta,
-         local_costs=source, crossovers=found, measured=compared)
+         local_costs=source, cores_per_host=cores_per_host, one_machine=one_machine, crossovers=found,
+         measured=compared)
     if plot_file:
         cost_view.plot(rows, found, compared, title, plot_file)
         console.print(f"wrote {plot_file}")

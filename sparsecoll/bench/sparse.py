@@ -10,7 +10,6 @@ with the ``collectives`` sweep.
 
 from __future__ import annotations
 
-import math
 import time
 import zlib
 from collections.abc import Sequence
@@ -24,11 +23,9 @@ from sparsecoll import kernels
 from sparsecoll.bench.ranks import RankPlace
 from sparsecoll.bench.table import Column, count, integer, milliseconds, nbytes, speedup
 from sparsecoll.collectives.auto import shared_cost_model
-from sparsecoll.collectives.doubling import DoublingPlan
+from sparsecoll.collectives.cost_bytes import BYTE_FORMULAS, TWO_LEVEL_ALGORITHMS, bytes_sent, two_level_bytes
 from sparsecoll.collectives.oktopk_state import OkTopkState
-from sparsecoll.collectives.sketch import default_columns
 from sparsecoll.collectives.sparse_common import SparseResult, resolve_k
-from sparsecoll.wire import HEADER_SIZE
 
 SPARSE_ALGORITHMS = ("allgather", "gtopk", "sketch", "cltk", "oktopk")
 ALGORITHMS = ("dense", "gloo", *SPARSE_ALGORITHMS, "selection")
@@ -57,32 +54,27 @@ AUTO_TABLE = [
 
 
 def formula_bytes(algorithm: str, ranks: int, size: int, k: int) -> int | None:
-    """Bytes a rank sends per call by the algorithm's formula (headers and counts included)."""
-    pair = 8 + 8 * k + HEADER_SIZE
-    if algorithm in ("dense", "gloo"):
+    """Bytes a rank sends per call by the algorithm's formula: the cost model's
+    (:func:`sparsecoll.collectives.cost_bytes.bytes_sent`, headers and counts included, the mean
+    over the ranks), rounded; Gloo's dense allreduce by its payload, 2(P-1)/P·4d (its own framing
+    is not counted). The measured column is rank 0's, the same as the mean for dense (d a
+    multiple of P), allgather and gTop-k at P a power of two; CLT-k's leader sends more than the
+    others, and Ok-Topk's formula is its paper's bound."""
+    if algorithm == "gloo":
         return int(2 * (ranks - 1) / ranks * 4 * size)
-    if algorithm == "allgather":
-        return (ranks - 1) * pair
-    if algorithm == "gtopk":
-        return int(math.log2(ranks) * pair) if ranks & (ranks - 1) == 0 else int((math.log2(ranks) + 1) * pair)
-    if algorithm == "sketch":
-        values = 5 * default_columns(k) + 4 * k
-        return int(2 * (ranks - 1) / ranks * 4 * values)
-    if algorithm == "cltk":
-        return int(3 * (ranks - 1) / ranks * 4 * k)
-    if algorithm == "oktopk":  # the paper's 3k(P-1)/P pairs: split, balance (at most), ring
-        frames = 2 * (ranks - 1) + 1
-        counts = (DoublingPlan(0, ranks).rounds + 2 * (ranks & (ranks - 1) != 0)) * (8 * ranks + HEADER_SIZE)
-        return int(3 * (ranks - 1) / ranks * 8 * k) + frames * (8 + HEADER_SIZE) + counts
     if algorithm == "selection":
         return 0
-    return None  # a registered algorithm: no formula known here
+    if algorithm not in BYTE_FORMULAS:
+        return None  # a registered algorithm: no formula known here
+    return round(bytes_sent(algorithm, ranks, size, k))
 
 
 def two_level_formula_bytes(algorithm: str, hosts: int, per_host: int, size: int, k: int) -> int | None:
-    """Bytes a rank sends to other hosts per two-level call: the algorithm's formula for
-    ``hosts`` ranks on its shard of d/L elements with k/L of the entries."""
-    return formula_bytes(algorithm, hosts, size // per_host, max(1, k // per_host))
+    """Bytes a rank sends to other hosts per two-level call, by the cost model's formula
+    (:func:`sparsecoll.collectives.cost_bytes.two_level_bytes`, the mean rank's)."""
+    if algorithm not in TWO_LEVEL_ALGORITHMS:
+        return None
+    return round(two_level_bytes(algorithm, hosts, per_host, size, k).inter_host)
 
 
 def heavy_tailed(rank: int, size: int) -> np.ndarray:

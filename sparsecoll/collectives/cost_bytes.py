@@ -27,6 +27,8 @@ from sparsecoll.wire import HEADER_SIZE, index_dtype, sparse_payload_size
 SKETCH_ROWS = 5
 """Rows of sketch_allreduce's count sketch (its default)."""
 TWO_LEVEL_ALGORITHMS = ("dense", "allgather", "gtopk", "cltk")
+BYTE_FORMULAS = ("dense", "allgather", "gtopk", "cltk", "sketch", "oktopk")
+"""What :func:`bytes_sent` has a formula for: every builtin algorithm."""
 """What :mod:`sparsecoll.collectives.hierarchical` runs in two levels."""
 
 

@@ -8,7 +8,8 @@ follows each algorithm's critical path message by message (see the modules of
 ``sparsecoll-bench calibrate`` (saved as a small JSON file) or, without one, from
 :data:`DEFAULT_MODEL`: a 10 Gbit/s link with 50 µs per message and the kernels' speed on one
 typical core. Per-element costs are taken as measured: when ranks share cores they are larger,
-and the calibration, run with the job's ranks, sees exactly that.
+and the calibration, run with the job's ranks, sees exactly that; to predict ranks sharing cores
+from one core's costs, :class:`~sparsecoll.collectives.cost_contention.SharedCores` scales a model.
 """
 
 from __future__ import annotations
