@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytest
 
 from sparsecoll.transport.device import host_copies, reset_host_copies
 from sparsecoll.transport.staging import HostStaging, current_staging, using_staging
@@ -124,9 +125,25 @@ def test_labels_keep_apart_and_the_context_names_the_staging() -> None:
     assert current_staging() is None
 
 
-def test_the_collectives_selection_goes_through_the_staging_under_the_simulator() -> None:
-    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1")
+def run_cases(simulate: bool) -> None:
+    env = dict(os.environ, NUMBA_ENABLE_CUDASIM="1" if simulate else "0")
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__).with_name("staging_cases.py"))]
     proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     report = proc.stdout[-6000:] + proc.stderr[-3000:]
     assert proc.returncode == 0 and " passed" in proc.stdout and "skipped" not in proc.stdout, report
+
+
+def test_the_collectives_selection_goes_through_the_staging_under_the_simulator() -> None:
+    run_cases(simulate=True)
+
+
+@pytest.mark.gpu
+def test_the_collectives_selection_goes_through_the_staging_on_a_device() -> None:
+    """Real pinned memory, a real side stream and events (run by tools/gpu_check.sh)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM", "0") != "0":
+        pytest.skip("this process runs the CUDA simulator")
+    from numba import cuda
+
+    if not cuda.is_available():
+        pytest.skip("no CUDA device")
+    run_cases(simulate=False)
