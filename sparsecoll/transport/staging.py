@@ -13,6 +13,10 @@ selected pairs, the gathered values), a side stream and two events. :meth:`HostS
 4. records a second event on the side stream and waits on that event only: the host blocks
    until these copies are done, not until everything queued on the device is.
 
+This holds over UCX as over TCP: the sparse collectives merge the pairs with numpy on the host,
+so the pairs come to host memory whatever the transport (device-resident merges that would let
+UCX carry them straight from device memory are not built).
+
 The views it returns stay valid until the label's next copy (the bucket's next step), so
 callers that keep results across steps copy them (the lazy state does). The CUDA runtime
 (``numba.cuda``: ``stream``, ``event``, ``pinned_array``) is an argument, so the simulator
