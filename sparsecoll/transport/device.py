@@ -102,14 +102,22 @@ def adopt_dlpack(array: Any) -> Any:
         return array
     device_type, device_id = (int(part) for part in array.__dlpack_device__())
     if device_type == DLPACK_CPU:
-        return np.from_dlpack(array)
+        try:
+            return np.from_dlpack(array)
+        except (BufferError, RuntimeError, TypeError) as error:  # a dtype numpy lacks, a tensor needing grad
+            raise InvalidArgumentError(f"numpy cannot import this host DLPack array ({error}); "
+                                       f"sparsecoll takes {ACCEPTED}") from None
     if device_type in (DLPACK_CUDA, DLPACK_CUDA_MANAGED):
         importers = cuda_dlpack_importers()
         if not importers:
             raise InvalidArgumentError(
                 f"a DLPack array on CUDA device {device_id} needs cupy or a CUDA build of torch to be "
                 f"imported without a copy, and neither is here; sparsecoll takes {ACCEPTED}")
-        return importers[0](array)
+        try:
+            return importers[0](array)
+        except (BufferError, RuntimeError, TypeError, ValueError) as error:
+            raise InvalidArgumentError(f"the CUDA DLPack array could not be imported ({error}); "
+                                       f"sparsecoll takes {ACCEPTED}") from None
     raise InvalidArgumentError(f"a DLPack array on device type {device_type} (DLPack's DLDeviceType) cannot "
                                f"be sent; sparsecoll takes {ACCEPTED}")
 

@@ -48,6 +48,10 @@ def test_host_dlpack_arrays_become_numpy_views_and_others_are_left_alone() -> No
     assert tensor[0] == 42.0  # the same memory, no copy
     host = np.arange(3)
     assert np.shares_memory(adopt_dlpack(DLPackOnly(host)), host)
+    with pytest.raises(InvalidArgumentError, match="numpy cannot import this host DLPack array .*Unsupported dtype"):
+        adopt_dlpack(DLPackOnly(torch.zeros(2, dtype=torch.bfloat16)))  # numpy's DLPack import has no bfloat16
+    with pytest.raises(InvalidArgumentError, match="require gradient"):
+        adopt_dlpack(DLPackOnly(torch.zeros(2, requires_grad=True)))
     fake = FakeDeviceArray(np.zeros(2))
     for taken in (host, tensor, fake, None, b"bytes"):
         assert adopt_dlpack(taken) is taken
@@ -61,6 +65,12 @@ def test_cuda_dlpack_arrays_go_to_the_first_importer_and_other_devices_are_refus
                                  lambda array: pytest.fail("only the first importer is used")])
     result = adopt_dlpack(on_cuda)
     assert imported == [on_cuda] and isinstance(result, FakeDeviceArray)
+    def refusing(array: Any) -> Any:
+        raise RuntimeError("Unsupported dtype in DLTensor.")  # e.g. a dtype the importer lacks
+
+    monkeypatch.setattr(device, "cuda_dlpack_importers", lambda: [refusing])
+    with pytest.raises(InvalidArgumentError, match="could not be imported .*Unsupported dtype"):
+        adopt_dlpack(on_cuda)
     monkeypatch.setattr(device, "cuda_dlpack_importers", lambda: [])
     with pytest.raises(InvalidArgumentError, match="CUDA device 1 needs cupy or a CUDA build of torch.*DLPack arrays in host or CUDA"):
         adopt_dlpack(on_cuda)
