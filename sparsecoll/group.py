@@ -33,6 +33,7 @@ from sparsecoll.rendezvous import Rendezvous, listen_host, resolve
 from sparsecoll.topology import Topology
 from sparsecoll.transport import transport_class
 from sparsecoll.transport.base import Transport
+from sparsecoll.transport.device import adopt_dlpack
 from sparsecoll.transport.handshake import group_id_for
 from sparsecoll.transport.mailbox import ANY_SOURCE, copy_error
 from sparsecoll.wire import DEFAULT_MAX_PAYLOAD, Signature
@@ -250,13 +251,13 @@ class Group:
         """Element-wise reduction over all ranks (sum, mean, max, min, prod); ``out=array``
         reduces in place.
         """
-        return await dense.allreduce(self, array, op, out=out, timeout=timeout)
+        return await dense.allreduce(self, adopt_dlpack(array), op, out=adopt_dlpack(out), timeout=timeout)
 
     @_poisons_when_cancelled
     async def allgather(self, array: np.ndarray, *, out: np.ndarray | None = None,
                         timeout: float | None = None) -> CollectiveResult:
         """Every rank's equally shaped array, stacked: result shape ``(size, *array.shape)``."""
-        return await dense.allgather(self, array, out=out, timeout=timeout)
+        return await dense.allgather(self, adopt_dlpack(array), out=adopt_dlpack(out), timeout=timeout)
 
     @_poisons_when_cancelled
     async def allgatherv(self, array: np.ndarray, *, counts: list[int] | None = None,
@@ -264,7 +265,7 @@ class Group:
         """Every rank's 1-D array of its own length; value is a list of ``size`` arrays
         (views into one contiguous buffer).
         """
-        return await dense.allgatherv(self, array, counts=counts, timeout=timeout)
+        return await dense.allgatherv(self, adopt_dlpack(array), counts=counts, timeout=timeout)
 
     @_poisons_when_cancelled
     async def broadcast(self, array: np.ndarray, root: int = 0, *, out: np.ndarray | None = None,
@@ -272,7 +273,7 @@ class Group:
         """Root's array on every rank; other ranks pass an array of the same shape and dtype
         (``out=array`` receives in place).
         """
-        return await dense.broadcast(self, array, root, out=out, timeout=timeout)
+        return await dense.broadcast(self, adopt_dlpack(array), root, out=adopt_dlpack(out), timeout=timeout)
 
     @_poisons_when_cancelled
     async def barrier(self, *, timeout: float | None = None) -> CollectiveResult:
@@ -288,7 +289,7 @@ class Group:
         Cancelling it before its frame started leaves the group usable; once part of the frame
         is on the wire, a cancellation aborts the group (the stream cannot be resynchronized).
         """
-        return await p2p.send(self, array, dst, tag, timeout=timeout)
+        return await p2p.send(self, adopt_dlpack(array), dst, tag, timeout=timeout)
 
     async def recv(self, src: int = ANY_SOURCE, tag: int = 0, *, out: np.ndarray | None = None,
                    timeout: float | None = None) -> p2p.Message:
@@ -298,7 +299,7 @@ class Group:
         usable; ``out`` is the caller's again, and a message that arrives later waits for the
         next matching receive.
         """
-        return await p2p.recv(self, src, tag, out=out, timeout=timeout)
+        return await p2p.recv(self, src, tag, out=adopt_dlpack(out), timeout=timeout)
 
     def isend(self, array: np.ndarray, dst: int, tag: int = 0, *,
               timeout: float | None = None) -> asyncio.Task:
@@ -306,7 +307,7 @@ class Group:
 
         Cancelling the task follows :meth:`send`'s rule.
         """
-        return p2p.isend(self, array, dst, tag, timeout=timeout)
+        return p2p.isend(self, adopt_dlpack(array), dst, tag, timeout=timeout)
 
     def irecv(self, src: int = ANY_SOURCE, tag: int = 0, *, out: np.ndarray | None = None,
               timeout: float | None = None) -> asyncio.Task:
@@ -314,7 +315,7 @@ class Group:
 
         Cancelling the task follows :meth:`recv`'s rule.
         """
-        return p2p.irecv(self, src, tag, out=out, timeout=timeout)
+        return p2p.irecv(self, src, tag, out=adopt_dlpack(out), timeout=timeout)
 
     # ----------------------------------------------------------------- sub-groups
     def new_group(self, ranks: Sequence[int], name: str | None = None) -> Group | None:
@@ -362,7 +363,7 @@ class Group:
     @_poisons_when_cancelled
     async def collective(self, name: str, array: np.ndarray, **options: Any) -> CollectiveResult:
         """Run the collective registered as ``name`` (see :mod:`sparsecoll.registry`)."""
-        return await registry.collective(name)(self, array, **options)
+        return await registry.collective(name)(self, adopt_dlpack(array), **options)
 
     @_poisons_when_cancelled
     async def reduce_gradient(self, grad: np.ndarray, algorithm: str = "gtopk", **options: Any) -> CollectiveResult:

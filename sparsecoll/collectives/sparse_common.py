@@ -9,7 +9,10 @@ the line between device and host here. A collective that reads its gradient only
 :func:`select` and :func:`gather_values` (gTop-k, the sparse allgather, CLT-k) keeps it on the
 device: the selection kernels run there and only the k (index, value) pairs cross to the host,
 where the wire and the numpy merges are; the others stage it to host whole. Every crossing is
-counted (:func:`sparsecoll.transport.device.host_copies`).
+counted (:func:`sparsecoll.transport.device.host_copies`). Inside a bucket's
+:func:`~sparsecoll.transport.staging.using_staging` (the torch step) the k pairs and gathered
+values cross through the bucket's pinned buffers on a side stream, waiting on an event, not on
+the caller's stream.
 """
 
 from __future__ import annotations
@@ -25,8 +28,9 @@ import numpy as np
 from sparsecoll import kernels
 from sparsecoll.call import Call
 from sparsecoll.errors import InvalidArgumentError
-from sparsecoll.kernels._dispatch import as_device_vector, is_cuda_array, to_device, to_host
+from sparsecoll.kernels._dispatch import as_device_vector, is_cuda_array, launch_stream, to_device, to_host
 from sparsecoll.transport.device import count_host_copy
+from sparsecoll.transport.staging import current_staging
 from sparsecoll.wire import QUANT_BLOCK, Algorithm, sparse_buffers, sparse_payload_size, split_sparse
 
 SELECTIONS = {"topk": Algorithm.TOPK, "topk-exact": Algorithm.TOPK, "threshold": Algorithm.THRESHOLD,
@@ -139,7 +143,13 @@ def select(flat: np.ndarray, k: int, selection: str, threshold: float | None,
     """
     indices, values = _select(flat, k, selection, threshold, density, seed, variance_budget)
     if is_cuda_array(indices):  # a device gradient: only the selected pairs cross to the host
-        indices, values = np.asarray(device_to_host(indices), np.int64), device_to_host(values)
+        staging = current_staging()
+        if staging is not None:
+            indices, values = staging.to_host("selected", launch_stream(), as_device_vector(indices),
+                                              as_device_vector(values))
+        else:
+            indices, values = device_to_host(indices), device_to_host(values)
+        indices = np.asarray(indices, np.int64)
     return indices, values
 
 
@@ -158,7 +168,11 @@ def gather_values(flat: np.ndarray, indices: np.ndarray) -> np.ndarray:
         return flat[indices]
     device_indices = to_device(np.ascontiguousarray(indices, np.int64))
     count_host_copy(device_indices.size * 8)
-    return device_to_host(kernels.gather(flat, device_indices))
+    gathered = kernels.gather(flat, device_indices)
+    staging = current_staging()
+    if staging is None:
+        return device_to_host(gathered)
+    return staging.to_host("gathered", launch_stream(), as_device_vector(gathered))[0]
 
 
 def _select(flat, k: int, selection: str, threshold: float | None, density: float | None, seed: int,

@@ -40,6 +40,7 @@ import torch
 from sparsecoll.collectives.sparse_common import SparseResult
 from sparsecoll.kernels import fused
 from sparsecoll.torch.buckets import as_array, to_tensor
+from sparsecoll.transport.staging import HostStaging
 
 FUSED_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 FUSED_CUDA_DTYPES = (torch.float32, torch.float64)
@@ -50,7 +51,7 @@ class ErrorFeedback:
     ``dtype`` asks for another (float32 residuals for a bfloat16 model, as DeepSpeed keeps)."""
 
     __slots__ = ("residual", "momentum", "previous", "grad_scale", "weight_decay", "parameters",
-                 "filtered_in_pass", "update_indices", "result_version", "momentum_masking")
+                 "filtered_in_pass", "update_indices", "result_version", "momentum_masking", "staging")
 
     def __init__(self, like: torch.Tensor, dtype: torch.dtype | None = None, momentum_masking: bool = False) -> None:
         self.residual = torch.zeros_like(like, dtype=dtype)
@@ -72,6 +73,9 @@ class ErrorFeedback:
         self.result_version = -1
         """The buffer's ``_version`` right after the last sparse result was written into it: while
         it is unchanged, the buffer is zero outside ``update_indices``."""
+        self.staging = HostStaging()
+        """The buffer's pinned host memory, side stream and events for the k pairs a device step
+        brings to the host (nothing is allocated until a device step needs it)."""
 
     def fold(self, *, grad_scale: float = 1.0, weight_decay: float = 0.0,
              parameters: Sequence[tuple[int, torch.Tensor]] = ()) -> None:

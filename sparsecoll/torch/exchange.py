@@ -27,6 +27,7 @@ from sparsecoll.group import Group
 from sparsecoll.torch.buckets import as_array, to_tensor
 from sparsecoll.torch.device_launch import Launch, capture, launching
 from sparsecoll.torch.error_feedback import ErrorFeedback
+from sparsecoll.transport.staging import using_staging
 
 SCALECOM_BETA = 0.1
 """ScaleCom's low-pass filter factor for CLT-k (Chen et al. 2020, their experiments' beta)."""
@@ -124,8 +125,10 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
     send a sparse part of it and keep the rest (error feedback). ``algorithm_state`` is the
     bucket's :meth:`Compression.new_state`, passed to the algorithm as ``state``. A CUDA buffer's
     work runs on ``launch``'s device and stream (:func:`.device_launch.capture` of the caller's
-    thread; by default this thread's), and only k-sized arrays cross to the host (see
-    :mod:`.buckets`; the dense path stages the buffer, as a dense reduction on the host must).
+    thread; by default this thread's), and only k-sized arrays cross to the host, through the
+    bucket's pinned buffers on a side stream (``memory.staging``, see
+    :mod:`sparsecoll.transport.staging`; the dense path stages the buffer, as a dense reduction
+    on the host must).
 
     1. :meth:`ErrorFeedback.prepare` folds, corrects and accumulates in one pass over the
        gradient, finds this rank's top-k when the algorithm selects one here, and (sparse
@@ -136,7 +139,7 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
     4. :meth:`ErrorFeedback.settle` removes what was sent from the residual and masks momentum,
        touching those k entries only.
     """
-    with launching(capture(grad) if launch is None else launch):
+    with launching(capture(grad) if launch is None else launch), using_staging(memory.staging):
         return await _reduce(group, grad, memory, compression, density=density, step=step, seed=seed,
                              compressed=compressed, momentum=momentum, nesterov=nesterov, lazy=lazy,
                              algorithm_state=algorithm_state, source=source)

@@ -10,6 +10,12 @@ bytes. UCX takes such arrays as they are; TCP copies them to host memory first
 (:func:`copy_from_host`). The copies use the array's own ``copy_to_host``/``copy_to_device``
 when it has them (Numba's device-array API), else Numba's view of the interface.
 
+An array that speaks only DLPack (``__dlpack__``/``__dlpack_device__``, no
+``__cuda_array_interface__`` and no numpy form: JAX, TensorFlow, a framework's own type) is
+adopted where it enters the group (:func:`adopt_dlpack`): a CPU one becomes a numpy view, a
+CUDA one a cupy array or a torch CUDA tensor over the same memory (no copy, no host staging),
+as ``cupy.from_dlpack`` and ``torch.from_dlpack`` make them; any other device is refused.
+
 Every staging copy between device and host memory that the library makes is counted
 (:func:`host_copies`, :func:`reset_host_copies`), so a GPU run can prove that a step moved only
 k-sized arrays across the bus and never a d-sized one. Counted: the transports' staging and
@@ -26,6 +32,7 @@ from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -76,6 +83,63 @@ def count_host_copy(nbytes: int) -> None:
 def is_device(buffer: Any) -> bool:
     """True for CUDA device arrays (cupy, torch CUDA tensors, Numba device arrays)."""
     return hasattr(buffer, "__cuda_array_interface__")
+
+
+DLPACK_CPU, DLPACK_CUDA, DLPACK_CUDA_MANAGED = 1, 2, 13
+"""DLPack's device types (``DLDeviceType``) that sparsecoll takes: host memory, CUDA device and
+CUDA managed memory. (Pinned host memory, 3, and every other accelerator are refused.)"""
+
+ACCEPTED = ("numpy arrays (or anything numpy.asarray takes), CUDA arrays with __cuda_array_interface__ "
+            "(cupy, torch CUDA tensors, Numba device arrays), and DLPack arrays in host or CUDA memory")
+
+
+def adopt_dlpack(array: Any) -> Any:
+    """``array`` as the collectives and transports take it: unchanged unless it speaks only
+    DLPack (see the module notes); then a numpy view (CPU) or a CUDA array over the same memory
+    (by the first of :func:`cuda_dlpack_importers`), else InvalidArgumentError."""
+    if (is_device(array) or isinstance(array, np.ndarray) or hasattr(array, "__array__")
+            or not hasattr(array, "__dlpack__") or not hasattr(array, "__dlpack_device__")):
+        return array
+    device_type, device_id = (int(part) for part in array.__dlpack_device__())
+    if device_type == DLPACK_CPU:
+        try:
+            return np.from_dlpack(array)
+        except (BufferError, RuntimeError, TypeError) as error:  # a dtype numpy lacks, a tensor needing grad
+            raise InvalidArgumentError(f"numpy cannot import this host DLPack array ({error}); "
+                                       f"sparsecoll takes {ACCEPTED}") from None
+    if device_type in (DLPACK_CUDA, DLPACK_CUDA_MANAGED):
+        importers = cuda_dlpack_importers()
+        if not importers:
+            raise InvalidArgumentError(
+                f"a DLPack array on CUDA device {device_id} needs cupy or a CUDA build of torch to be "
+                f"imported without a copy, and neither is here; sparsecoll takes {ACCEPTED}")
+        try:
+            return importers[0](array)
+        except (BufferError, RuntimeError, TypeError, ValueError) as error:
+            raise InvalidArgumentError(f"the CUDA DLPack array could not be imported ({error}); "
+                                       f"sparsecoll takes {ACCEPTED}") from None
+    raise InvalidArgumentError(f"a DLPack array on device type {device_type} (DLPack's DLDeviceType) cannot "
+                               f"be sent; sparsecoll takes {ACCEPTED}")
+
+
+def cuda_dlpack_importers() -> list[Callable[[Any], Any]]:
+    """The ``from_dlpack`` functions here that make CUDA arrays with ``__cuda_array_interface__``
+    from a CUDA DLPack array without copying: cupy's, then torch's (a CUDA build only)."""
+    importers = []
+    try:
+        import cupy
+
+        importers.append(cupy.from_dlpack)
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            importers.append(torch.from_dlpack)
+    except ImportError:
+        pass
+    return importers
 
 
 def interface_of(buffer: Any) -> dict[str, Any]:
