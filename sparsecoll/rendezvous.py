@@ -80,6 +80,9 @@ def resolve(init_method: str | None, rank: int | None, world_size: int | None, s
                           "127.0.0.1")
     if init_method != "env://":
         raise InvalidArgumentError(f"unknown init_method {init_method!r} (env:// or file://PATH)")
+    shared = _torch_default_store(rank, world_size)
+    if shared is not None:
+        return Membership(rank, world_size, shared, master_addr)
     port = _env_int("MASTER_PORT")
     if port is None:
         raise RendezvousError("MASTER_PORT is not set (torchrun sets it)", rank=rank)
@@ -88,9 +91,27 @@ def resolve(init_method: str | None, rank: int | None, world_size: int | None, s
         tcp_store = TCPStore(master_addr, port, world_size, is_master=rank == 0 and not agent_store,
                              timeout=timedelta(seconds=timeout), wait_for_workers=False)
     except (RuntimeError, OSError) as error:
-        raise RendezvousError(f"cannot reach the store at {master_addr}:{port}: {error}",
+        hint = (" (a torch.distributed process group created after this one cannot host its store on the "
+                "same port: create it first, and init_group shares its store, or launch with torchrun)"
+                if "in use" in str(error) else "")
+        raise RendezvousError(f"cannot reach the store at {master_addr}:{port}: {error}{hint}",
                               rank=rank) from error
     return Membership(rank, world_size, tcp_store, master_addr)
+
+
+def _torch_default_store(rank: int, world_size: int) -> Any:
+    """The store of torch.distributed's default process group when this process has created one
+    (``init_process_group`` over ``env://`` outside torchrun: rank 0 already hosts a TCPStore on
+    MASTER_PORT, and a second one there would fail), for the same rank and world size; else None."""
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    if (dist.get_rank(), dist.get_world_size()) != (rank, world_size):
+        return None
+    default_store = getattr(dist.distributed_c10d, "_get_default_store", None)  # torch has no public accessor
+    return None if default_store is None else default_store()
 
 
 def listen_host(master_addr: str) -> str:

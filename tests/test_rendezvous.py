@@ -85,6 +85,26 @@ def test_reuses_a_torch_store_beside_gloo() -> None:
         assert maximum == 999 * 2
 
 
+async def after_torch_over_env(rank: int, world: int) -> float:
+    """torch's process group first, over env:// outside torchrun (its rank 0 hosts the store on
+    MASTER_PORT), then a sparsecoll group with no store given: it must share torch's store, not
+    try to host a second one on the same port."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        async with await sparsecoll.init_group(timeout=30) as group:
+            return await total_of_ranks(group)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_group_after_torchs_own_shares_its_store() -> None:
+    with reserved_port() as port:
+        env = {"TORCHELASTIC_USE_AGENT_STORE": "False", "MASTER_PORT": str(port)}
+        assert run_ranks(2, after_torch_over_env, timeout=60, env=env, group_kwargs=None) == [3.0] * 2
+
+
 TORCHRUN_JOB = textwrap.dedent("""
     import asyncio, numpy as np, sparsecoll
 

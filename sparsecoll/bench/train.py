@@ -53,6 +53,7 @@ TABLE = [
     Column("memory_beta_used", "beta", number, constant=True),
     Column("momentum_correction_used", "mom. corr.", constant=True),
     Column("momentum_masking_used", "masking", constant=True),
+    Column("dense_fp16_used", "fp16 dense steps", constant=True),
 ]
 def table_view(rows: Sequence[dict[str, Any]], title: str) -> tuple[list[Column], str]:
     """The columns and title of the terminal table: a ``constant`` column (sparsecoll's settings)
@@ -184,20 +185,24 @@ def _add_compression(rows: Sequence[dict[str, Any]]) -> None:
 
 def parse_configs(algorithms: str, densities: str, memory_betas: Sequence[float | None] = (None,),
                   momentum_correction: bool = True, schedules: Sequence[str] = ("fixed",),
-                  lr_scales: Sequence[float] = (1.0,), maskings: Sequence[bool] = (False,)) -> list[dict[str, Any]]:
+                  lr_scales: Sequence[float] = (1.0,), maskings: Sequence[bool] = (False,),
+                  dense_fp16s: Sequence[bool] = (False,)) -> list[dict[str, Any]]:
     """'dense,gtopk,cltk' x '0.01,0.001' (x each memory_beta, density schedule, learning-rate
-    scale and momentum masking) to configurations; dense runs once, at density 1 and the plain
-    learning rate. A ``None`` beta is the algorithm's default (ScaleCom's 0.1 for cltk, else 1);
+    scale, momentum masking and float16 dense steps) to configurations; dense runs once, at
+    density 1 and the plain learning rate. A ``None`` beta is the algorithm's default (ScaleCom's 0.1 for cltk, else 1);
     ``momentum_correction=False`` feeds error feedback the plain gradient (every configuration)."""
     names, values = parse_list(algorithms), parse_list(densities, float)
-    pairs = [(name, 1.0, None, "fixed", 1.0, False) for name in names if name == "dense"] + [
-        (name, density, beta, schedule, scale, masking) for density in values for name in names if name != "dense"
-        for beta in memory_betas for schedule in schedules for scale in lr_scales for masking in maskings]
+    pairs = [(name, 1.0, None, "fixed", 1.0, False, False) for name in names if name == "dense"] + [
+        (name, density, beta, schedule, scale, masking, fp16) for density in values for name in names
+        if name != "dense" for beta in memory_betas for schedule in schedules for scale in lr_scales
+        for masking in maskings for fp16 in dense_fp16s]
     configs = []
-    for name, density, beta, schedule, scale, masking in pairs:
+    for name, density, beta, schedule, scale, masking, fp16 in pairs:
         config: dict[str, Any] = {"algorithm": name, "density": density}
         if masking:
             config["momentum_masking"] = True
+        if fp16:
+            config["dense_fp16"] = True
         if beta is not None:
             config["memory_beta"] = beta
         if schedule != "fixed":

@@ -80,6 +80,10 @@ def train_command(
     momentum_masking: Annotated[str, typer.Option(
         "--momentum-masking", metavar="LIST", help="off (the default) or on (DGC's momentum factor masking); "
                                                    "off,on runs each compressed row both ways")] = "off",
+    warmup_wire: Annotated[str, typer.Option(
+        "--warmup-wire", metavar="LIST", help="fp32 (the default) or fp16: the compressed rows' dense steps "
+                                              "(the warm-up's first, dense buckets) sent as float16, as "
+                                              "torch's fp16 hook does; fp32,fp16 runs each row both ways")] = "fp32",
     backend: Backend = "tcp",
     link: Link = None,
     json_file: Annotated[str | None, typer.Option("--json", metavar="FILE", help="also write every row and field "
@@ -115,6 +119,7 @@ def train_command(
         schedules = checks.choices("--density-schedule", density_schedule, checks.DENSITY_SCHEDULES)
         lr_scales = checks.positives("--lr-scale", lr_scale)
         maskings = [choice == "on" for choice in checks.choices("--momentum-masking", momentum_masking, ("off", "on"))]
+        dense_fp16s = [choice == "fp16" for choice in checks.choices("--warmup-wire", warmup_wire, ("fp32", "fp16"))]
         checks.backend(backend)
         checks.link(link)
         from sparsecoll.bench import train  # after the checks: it loads torch
@@ -123,7 +128,7 @@ def train_command(
         if partial and os.path.exists(partial):
             os.remove(partial)
         configs = configurations(baselines, algorithms, densities, hooks, betas, not no_momentum_correction,
-                                 schedules, lr_scales, maskings)
+                                 schedules, lr_scales, maskings, dense_fp16s)
         starting(world_size(ranks))
         with status(f"training {len(configs)} configurations ({model})..."):
             rows = train.run(dataset, ranks, configs, epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed,
@@ -149,14 +154,16 @@ def train_command(
 
 def configurations(baselines: str, algorithms: str, densities: str, hooks: str, betas: Sequence[float | None],
                    momentum_correction: bool, schedules: Sequence[str] = ("fixed",),
-                   lr_scales: Sequence[float] = (1.0,), maskings: Sequence[bool] = (False,)) -> list[dict[str, Any]]:
+                   lr_scales: Sequence[float] = (1.0,), maskings: Sequence[bool] = (False,),
+                   dense_fp16s: Sequence[bool] = (False,)) -> list[dict[str, Any]]:
     """Every row's configuration, in table order: torch's baselines, the optimizer's, the hook's
     (density schedules and learning-rate scales are the optimizer's levers: the hook rows take
     its fixed-density rows)."""
     from sparsecoll.bench import train
 
     optimizer = train.parse_configs(algorithms, densities, betas, momentum_correction=momentum_correction,
-                                    schedules=schedules, lr_scales=lr_scales, maskings=maskings)
+                                    schedules=schedules, lr_scales=lr_scales, maskings=maskings,
+                                    dense_fp16s=dense_fp16s)
     plain = [config for config in optimizer if "density_schedule" not in config and "lr_scale" not in config]
     return [*train.parse_baselines(baselines), *optimizer, *train.hook_configs(plain, hooks)]
 

@@ -122,11 +122,13 @@ def _optimizer(model: Any, sync: Any, config: dict[str, Any], hyper: Hyper) -> S
                                     algorithm_options=config.get("options"),
                                     warmup_steps=warmup_steps if algorithm != "dense" else 0,
                                     seed=hyper.seed, residual_dtype=residual_dtype,
+                                    dense_fp16=config.get("dense_fp16", False),
                                     **config.get("optimizer_options", {}))
     info = {"error_feedback_used": bool(optimizer.compression.error_feedback),
             "memory_beta_used": optimizer.compression.filter_factor(),
             "momentum_correction_used": bool(optimizer.momentum_correction),
-            "momentum_masking_used": optimizer.momentum_masking if optimizer.momentum_correction else None}
+            "momentum_masking_used": optimizer.momentum_masking if optimizer.momentum_correction else None,
+            "dense_fp16_used": optimizer.compression.dense_fp16}
     return StepMethod(model, model, optimizer, info, lambda: optimizer.last_stats.bytes_sent)
 
 
@@ -137,8 +139,10 @@ def _ddp(method: str, model: Any, sync: Any, config: dict[str, Any], hyper: Hype
 
     from sparsecoll.torch.ddp_hook import CommHookState, comm_hook
 
-    wrapped = DistributedDataParallel(model, **({"bucket_cap_mb": one_bucket_mb(model)} if method == "powersgd"
-                                                 else {}))
+    # gradient_as_bucket_view: .grad is a view of DDP's bucket, so the reduced bucket need not be
+    # copied back into every .grad (torch's advice for any comm hook; the same for every DDP row)
+    wrapped = DistributedDataParallel(model, gradient_as_bucket_view=True,
+                                      **({"bucket_cap_mb": one_bucket_mb(model)} if method == "powersgd" else {}))
     numel = sum(parameter.numel() for parameter in model.parameters())
     element = next(model.parameters()).element_size()
     info: dict[str, Any] = {}
@@ -166,12 +170,14 @@ def _ddp(method: str, model: Any, sync: Any, config: dict[str, Any], hyper: Hype
                               warmup_steps=hyper.warmup_steps, seed=hyper.seed, module=wrapped,
                               error_feedback=config.get("error_feedback"), memory_beta=config.get("memory_beta"),
                               momentum_masking=config.get("momentum_masking", False),
+                              dense_fp16=config.get("dense_fp16", False),
                               **config.get("hook_options", {}))
         wrapped.register_comm_hook(state, comm_hook)
         momentum = 0.0 if corrected else MOMENTUM  # with momentum correction the hook keeps it (DGC)
         info = {"error_feedback_used": bool(state.compression.error_feedback),
                 "memory_beta_used": state.compression.filter_factor(), "momentum_correction_used": corrected,
-                "momentum_masking_used": state.momentum_masking if corrected else None}
+                "momentum_masking_used": state.momentum_masking if corrected else None,
+                "dense_fp16_used": state.compression.dense_fp16}
         last_bytes = lambda: sum(stats.bytes_sent for stats in state.last_stats.values())  # noqa: E731
         close = state.close
         sparse_step = True

@@ -41,12 +41,15 @@ class CommHookState:
     same reason as PowerSGD's ``start_powerSGD_iter``). Give ``module`` (the DDP model) to
     keep the state per parameter rather than per bucket: a bucket whose parameters change
     (DDP's rebuild, or a fresh model after :meth:`load_state_dict`) then takes over their
-    residuals and momentum, so a run resumes exactly; without it a changed bucket starts
-    afresh.
+    residuals and momentum (and the algorithm's state, e.g. Ok-Topk's thresholds, by the set of
+    parameters), so a run resumes exactly; without it a bucket whose parameter sizes, in order,
+    changed starts afresh: a fresh DDP model's first buckets follow the parameters' order, not the
+    rebuilt order a state was saved in, so an exact resume needs ``module``.
 
     ``error_feedback`` and ``memory_beta`` (ScaleCom's filter) default and refuse as in
     :class:`~sparsecoll.torch.SparseCollOptimizer`: off, and refused, for unbiased random-k;
-    so does ``hierarchical`` (two-level reduction on hosts with several ranks).
+    so does ``hierarchical`` (two-level reduction on hosts with several ranks), and
+    ``dense_fp16`` (dense reductions, warm-up's included, sent as float16).
 
     A bucket that holds NaN or inf on any rank is not reduced and leaves every rank's residual
     and momentum as they were (the ranks agree by one small allreduce a bucket). A hook cannot
@@ -69,7 +72,7 @@ class CommHookState:
     __slots__ = ("group", "compression", "momentum", "nesterov", "warmup_steps", "start_iter",
                  "iteration", "memories", "algorithm_states", "last_stats", "skip_nonfinite", "skipped_steps", "residual_dtype",
                  "momentum_masking", "_lanes", "_in_flight", "_names", "_layouts", "_saved", "_skipped_at", "density_schedule", "_scheduled",
-                 "_bucket_params", "sparse_steps")
+                 "_bucket_params", "sparse_steps", "_saved_algorithm")
 
     def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: "float | DensitySchedule" = 0.001, *,
                  quantize_bits: int | None = None, error_feedback: bool | None = None, momentum: float = 0.0,
@@ -77,7 +80,8 @@ class CommHookState:
                  dense_above: float = 0.25, seed: int = 0,
                  algorithm_options: dict[str, Any] | None = None, module: Any = None,
                  memory_beta: float | None = None, skip_nonfinite: bool = True,
-                 residual_dtype: torch.dtype | None = None, hierarchical: bool | str = False) -> None:
+                 residual_dtype: torch.dtype | None = None, hierarchical: bool | str = False,
+                 dense_fp16: bool = False) -> None:
         if not isinstance(group, SyncGroup):
             raise TypeError("group must be a SyncGroup: create it with sparsecoll.torch.init_group()")
         if not 0.0 <= momentum < 1.0:
@@ -92,7 +96,7 @@ class CommHookState:
             density = self.density_schedule.sparsest
         self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
                                        float(dense_above), int(seed), with_hierarchical(algorithm_options, hierarchical),
-                                       memory_beta)
+                                       memory_beta, dense_fp16=bool(dense_fp16))
         self.compression.validate()
         self.momentum = float(momentum)
         self.nesterov = bool(nesterov)
@@ -119,6 +123,9 @@ class CommHookState:
         self.sparse_steps = 0
         """Steps :meth:`sgd_step` took itself (plain SGD at the k indices), not handed to ``step()``."""
         self._bucket_params: dict[int, tuple[int, list[torch.Tensor]]] = {}
+        self._saved_algorithm: dict[frozenset, dict] = {}
+        """Loaded algorithm states (Ok-Topk's thresholds) not yet taken by a bucket, by the
+        bucket's parameters (``module`` given; without it they load by bucket index at once)."""
         """Each DDP bucket's iteration and parameters, in its buffer's order, as the hook last saw them."""
 
     def density_now(self, index: int = 0, buffer: torch.Tensor | None = None) -> float:
@@ -194,12 +201,17 @@ class CommHookState:
         wait_all(self.group, list(self._in_flight))
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's residuals and momentum (per parameter with ``module``, else per bucket)
-        and the iteration: save it per rank."""
+        """This rank's residuals and momentum (per parameter with ``module``, else per bucket),
+        each bucket's algorithm state (Ok-Topk's thresholds, by the bucket's parameters with
+        ``module``) and the iteration: save it per rank."""
         state = {"rank": self.group.rank, "world_size": self.group.size, "iteration": self.iteration,
-                 "density_schedule": None if self.density_schedule is None else self.density_schedule.state_dict()}
+                 "density_schedule": None if self.density_schedule is None else self.density_schedule.state_dict(),
+                 "algorithm": [{"bucket": index, "layout": None if self._names is None
+                                else sorted(self._layouts.get(index) or ()), "state": kept.state_dict()}
+                               for index, kept in self.algorithm_states.items() if kept is not None]}
         if self._names is None:
             state["memories"] = {index: memory.state_dict() for index, memory in self.memories.items()}
+            state["bucket_sizes"] = {index: list(self._layouts.get(index) or ()) for index in self.memories}
         else:
             state["parameters"] = {**self._saved, **self._per_parameter()}
         return state
@@ -215,33 +227,45 @@ class CommHookState:
         if self.density_schedule is not None and state.get("density_schedule") is not None:
             self.density_schedule.load_state_dict(state["density_schedule"])
         self.memories, self._layouts, self.algorithm_states = {}, {}, {}
+        self._saved_algorithm = {}
+        for saved in state.get("algorithm", ()):
+            if saved["layout"] is not None:  # taken by the bucket that holds these parameters again
+                self._saved_algorithm[frozenset(map(tuple, saved["layout"]))] = saved["state"]
+            elif (kept := self.compression.new_state()) is not None:
+                kept.load_state_dict(saved["state"])
+                self.algorithm_states[int(saved["bucket"])] = kept
         self._saved = {name: {key: None if value is None else value.clone() for key, value in saved.items()}
                        for name, saved in state.get("parameters", {}).items()}
         for index, saved in state.get("memories", {}).items():
             memory = ErrorFeedback(saved["residual"], momentum_masking=self.momentum_masking)
             memory.load_state_dict(saved)
             self.memories[int(index)] = memory
+            self._layouts[int(index)] = tuple(state.get("bucket_sizes", {}).get(index, ()))
 
     def memory_for(self, index: int, work: torch.Tensor, params: list[torch.Tensor]) -> ErrorFeedback:
         """The memory of bucket ``index``; rebuilt from its parameters' state if they changed."""
         memory = self.memories.get(index)
-        layout = None if self._names is None else tuple((self._names.get(id(param), ""), param.numel())
-                                                         for param in params)
+        layout = (tuple(param.numel() for param in params) if self._names is None  # sizes, in bucket order
+                  else tuple((self._names.get(id(param), ""), param.numel()) for param in params))
         if (memory is not None and memory.residual.numel() == work.numel()
                 and memory.residual.dtype == (self.residual_dtype or work.dtype)
                 and self._layouts.get(index) == layout):
             return memory
-        if layout is not None:  # park every parameter's state, and retire buckets that lose some
+        if self._names is not None:  # park every parameter's state, and retire buckets that lose some
             self._saved.update(self._per_parameter())
+            self._saved_algorithm.update(self._per_parameter_set())
             names = {name for name, _ in layout}
             for other in [other for other, old in self._layouts.items()
                           if other != index and old and names & {name for name, _ in old}]:
                 self.memories.pop(other, None)
                 self._layouts.pop(other, None)
         memory = self.memories[index] = ErrorFeedback(work, self.residual_dtype, self.momentum_masking)
-        self.algorithm_states[index] = self.compression.new_state()
+        kept = self.algorithm_states[index] = self.compression.new_state()
+        saved_algorithm = None if self._names is None else self._saved_algorithm.pop(frozenset(layout), None)
+        if kept is not None and saved_algorithm is not None:
+            kept.load_state_dict(saved_algorithm)
         self._layouts[index] = layout
-        if layout is not None:
+        if self._names is not None:
             offset = 0
             for name, numel in layout:
                 saved = self._saved.pop(name, None)
@@ -249,6 +273,12 @@ class CommHookState:
                     memory.restore_slice(offset, saved["residual"], saved["momentum"])
                 offset += numel
         return memory
+
+    def _per_parameter_set(self) -> dict[frozenset, dict]:
+        """Every bucket's algorithm state by the set of its parameters (names and sizes): a bucket
+        that DDP rebuilds in another order, or a fresh model's first bucket, takes it over."""
+        return {frozenset(self._layouts[index]): kept.state_dict() for index, kept in self.algorithm_states.items()
+                if kept is not None and self._layouts.get(index)}
 
     def _per_parameter(self) -> dict[str, dict]:
         """Every bucket's memory cut into its parameters' slices, by parameter name."""

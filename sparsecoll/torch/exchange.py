@@ -58,6 +58,10 @@ class Compression:
     memory_beta: float | None = None
     """ScaleCom's low-pass filter on the error-feedback memory (see :class:`ErrorFeedback`);
     None: the paper's 0.1 for "cltk", 1.0 (plain error feedback) for the others."""
+    dense_fp16: bool = False
+    """Plain dense reductions of float32 buckets (warm-up steps denser than ``dense_above``, dense
+    buckets, the "dense" algorithm) travel as float16, as torch's ``fp16_compress_hook`` sends
+    them: half the bytes. A mean that overflows float16 is redone in float32 on every rank."""
 
     def filter_factor(self) -> float:
         """The memory_beta in force: the given one, else the algorithm's default."""
@@ -166,6 +170,10 @@ async def _reduce(group: Group, grad: torch.Tensor, memory: ErrorFeedback, compr
             result, stats = await group.reduce_gradient(array, "dense", lazy=lazy, quantize_bits=bits, step=step,
                                                         seed=seed, hierarchical=hierarchical)
             total = to_tensor(result.values, grad)
+        elif compression.dense_fp16 and outgoing.dtype == torch.float32:
+            stats = await mean_in_fp16(group, outgoing, grad)
+            memory.forget()
+            return stats
         else:
             in_place = isinstance(array, np.ndarray) and outgoing.device.type == "cpu"
             total, stats = await group.allreduce(array, out=array if in_place else None)
@@ -200,6 +208,26 @@ async def _reduce(group: Group, grad: torch.Tensor, memory: ErrorFeedback, compr
     memory.settle(result, memory_beta)
     if not compression.error_feedback:
         memory.forget()
+    return stats
+
+
+async def mean_in_fp16(group: Group, outgoing: torch.Tensor, grad: torch.Tensor) -> CommStats:
+    """``grad`` = the mean over ranks of float32 ``outgoing``, reduced as float16 (torch's
+    ``fp16_compress_hook``): each rank divides by P while casting, so a sum stays in float16's
+    range where the gradients do. The reduced buffer is the same on every rank, so when it
+    holds an inf (a mean past 65504) every rank sees it and all redo the reduction in float32
+    from ``outgoing``, which the float16 attempt left untouched; the bytes of both count."""
+    half = torch.empty(outgoing.shape, dtype=torch.float16, device=outgoing.device)
+    torch.div(outgoing, group.size, out=half)
+    reduced = as_array(half)
+    _, stats = await group.allreduce(reduced, out=reduced)
+    if all_finite(half):
+        grad.copy_(half.view_as(grad))
+        return stats
+    exact = as_array(outgoing.clone())
+    total, more = await group.allreduce(exact, out=exact)
+    torch.div(to_tensor(total, grad).view_as(grad), group.size, out=grad)
+    stats += more
     return stats
 
 

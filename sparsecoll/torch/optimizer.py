@@ -77,6 +77,9 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
     from 1 to ``density``; steps denser than ``dense_above`` use a dense allreduce. ``lazy`` (a
     :class:`~sparsecoll.collectives.lazy.LazyState` used as a template, one copy per bucket)
     works with "dense" (LAG, or LAQ with ``quantize_bits``), "allgather" and "auto".
+    ``dense_fp16=True`` sends the plain dense reductions of float32 buckets (the warm-up's dense
+    steps, dense buckets, "dense") as float16, as torch's ``fp16_compress_hook`` does: half the
+    bytes of the warm-up, where a slow link spends most of a short run's time.
     ``quantize_bits`` (1, 2, 4 or 8) quantizes the values any builtin sends; "auto" picks the
     builtin the calibrated cost model prices fastest (``sparsecoll-bench calibrate``). ``grad_scaler`` (the ``torch.amp.GradScaler`` that calls
     ``step``) lets the wrapper tell the scaler when another rank overflowed, so every rank's
@@ -135,7 +138,7 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
                  memory_beta: float | None = None, per_layer: bool = False,
                  module: torch.nn.Module | None = None, broadcast_buffers: bool = True,
                  residual_dtype: torch.dtype | None = None, hierarchical: bool | str = False,
-                 overlap: bool = False) -> None:
+                 overlap: bool = False, dense_fp16: bool = False) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"wrap a torch.optim.Optimizer, not {type(optimizer).__name__}")
         if not isinstance(group, SyncGroup):
@@ -153,7 +156,7 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
             density = self.density_schedule.sparsest
         self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
                                        float(dense_above), int(seed), with_hierarchical(algorithm_options, hierarchical),
-                                       memory_beta)
+                                       memory_beta, dense_fp16=bool(dense_fp16))
         self.compression.validate()
         self.optimizer = optimizer
         self.sync = group
@@ -518,7 +521,7 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
                 lazy.load_state_dict(saved)
         for kept, saved in zip(self.algorithm_states, ours.get("algorithm", ())):
             if kept is not None and saved is not None:
-                kept.load_state_dict(saved),
+                kept.load_state_dict(saved)
         if self.density_schedule is not None and ours.get("density_schedule") is not None:
             self.density_schedule.load_state_dict(ours["density_schedule"])
         self.steps = int(ours["steps"])

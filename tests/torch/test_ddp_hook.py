@@ -104,40 +104,61 @@ def test_sgd_step_after_the_hook_equals_sgds_dense_step_and_skips_nan_iterations
     assert per_rank[0]["sparse"]["params"][1] != per_rank[0]["sparse"]["params"][0]
 
 
-def ddp_resume_rank(rank: int, world: int) -> tuple[list[float], list[float], list[float], list[float]]:
+RESUMES = ("gtopk", "oktopk")
+"""Ok-Topk's thresholds, reused between estimations, must come back from the save too."""
+
+
+def ddp_resume_rank(rank: int, world: int) -> tuple[dict, bool]:
     """Ten steps straight, and five + save + a fresh model, optimizer and hook state + five."""
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
         with init_group(timeout=60, kernel_threads=1) as sync:
-            def build(seed: int = 0):
+            def build(algorithm: str, per_parameter: bool = True, seed: int = 0):
                 model = DistributedDataParallel(net(seed, hidden=32))
-                state = CommHookState(sync, "gtopk", 0.05, momentum=0.9, warmup_steps=3, module=model)
+                state = CommHookState(sync, algorithm, 0.05, momentum=0.9, warmup_steps=3,
+                                      module=model if per_parameter else None,
+                                      algorithm_options={"interval": 4} if algorithm == "oktopk" else None)
                 model.register_comm_hook(state, comm_hook)
                 return model, state, torch.optim.SGD(model.parameters(), lr=0.1)
 
-            model, state, optimizer = build()
-            straight = train(model, optimizer, range(10), rank)
-            straight_params = flat_params(model).tolist()
-            state.close()
+            outcome = {}
+            for algorithm in RESUMES:
+                model, state, optimizer = build(algorithm)
+                straight = train(model, optimizer, range(10), rank)
+                straight_params = flat_params(model).tolist()
+                state.close()
 
-            model, state, optimizer = build()
-            first = train(model, optimizer, range(5), rank)
-            saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "hook": state.state_dict()}
+                model, state, optimizer = build(algorithm)
+                first = train(model, optimizer, range(5), rank)
+                saved = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "hook": state.state_dict()}
+                state.close()
+                model, state, optimizer = build(algorithm, seed=1)  # all must come from the save
+                model.load_state_dict(saved["model"])
+                optimizer.load_state_dict(saved["optimizer"])
+                state.load_state_dict(saved["hook"])
+                resumed = first + train(model, optimizer, range(5, 10), rank)
+                state.close()
+                outcome[algorithm] = (straight, resumed, straight_params, flat_params(model).tolist())
+            # without module= the buckets are known by their sizes only: a fresh model's first bucket
+            # (parameters in construction order, not the rebuilt order saved) must start afresh
+            model, state, optimizer = build("gtopk", per_parameter=False)
+            train(model, optimizer, range(5), rank)
+            saved_state = state.state_dict()
             state.close()
-            model, state, optimizer = build(seed=1)  # different initial weights: all must come from the save
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
-            state.load_state_dict(saved["hook"])
-            resumed = first + train(model, optimizer, range(5, 10), rank)
+            model, state, optimizer = build("gtopk", per_parameter=False)
+            state.load_state_dict(saved_state)
+            loaded = state.memories[0]
+            train(model, optimizer, range(5, 6), rank)
             state.close()
-            return straight, resumed, straight_params, flat_params(model).tolist()
+            return outcome, state.memories[0] is loaded
     finally:
         dist.destroy_process_group()
 
 
 def test_ddp_hook_resumes_exactly_from_saved_state() -> None:
-    for straight, resumed, straight_params, resumed_params in run_ranks(2, ddp_resume_rank, timeout=120,
-                                                                          group_kwargs=None):
-        assert resumed == straight
-        assert resumed_params == straight_params
+    for outcome, kept_reordered in run_ranks(2, ddp_resume_rank, timeout=120, group_kwargs=None):
+        assert not kept_reordered
+        for variant, (straight, resumed, straight_params, resumed_params) in outcome.items():
+            assert resumed == straight, variant
+            assert resumed_params == straight_params, variant
