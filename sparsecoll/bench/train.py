@@ -82,7 +82,8 @@ def run_label(config: dict[str, Any]) -> str:
         return "DDP fp16"
     if method == "powersgd":
         return f"PowerSGD r{config['rank']}"
-    return f"{'hook' if method == 'hook' else 'opt'} {config['algorithm']}"
+    return f"{'hook' if method == 'hook' else 'opt'} {config['algorithm']}" + (" fp16-dense" if config.get("dense_fp16")
+                                                                              else "")
 
 
 def train_rank(rank: int, world: int, place: RankPlace, dataset: str | None, configs: Sequence[dict[str, Any]],
