@@ -274,6 +274,9 @@ MUTANTS = (
     Mutant("hook: a rebuilt bucket does not take over its parameters' Ok-Topk state", "sparsecoll/torch/ddp_hook.py",
            (("            self._saved_algorithm.update(self._per_parameter_set())\n", ""),),
            ("tests/torch/test_ddp_hook.py::test_ddp_hook_resumes_exactly_from_saved_state",)),
+    Mutant("hook: sgd_step leaves an LR scheduler thinking no step was taken", "sparsecoll/torch/ddp_hook.py",
+           (("        optimizer._opt_called = True", "        pass"),),
+           ("tests/torch/test_ddp_hook.py::test_sgd_step_counts_as_the_optimizers_step_for_an_lr_scheduler",)),
 )
 
 _IGNORED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis",

@@ -194,6 +194,7 @@ class CommHookState:
         others = [param for group in optimizer.param_groups for param in group["params"] if id(param) not in stepped]
         sgd_at(others, [0] * len(others), None, [lrs[id(param)] for param in others])
         self.sparse_steps += 1
+        optimizer._opt_called = True  # what torch's LR scheduler records of a step() (else it warns)
         return True
 
     def close(self) -> None:

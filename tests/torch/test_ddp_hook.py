@@ -6,6 +6,8 @@ optimizer it cannot step sparsely, and steps nothing in an iteration whose bucke
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -162,3 +164,33 @@ def test_ddp_hook_resumes_exactly_from_saved_state() -> None:
         for variant, (straight, resumed, straight_params, resumed_params) in outcome.items():
             assert resumed == straight, variant
             assert resumed_params == straight_params, variant
+
+
+def test_sgd_step_counts_as_the_optimizers_step_for_an_lr_scheduler() -> None:
+    """torch's LR scheduler warns when its step() comes before any optimizer.step(); sgd_step is
+    that step, so a scheduler beside it stays quiet and decays the rate that sgd_step then uses."""
+    from sparsecoll.sync import init_sync_group
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=dist.PrefixStore("torch", store), rank=0, world_size=1)
+    try:
+        with init_sync_group(store=store, rank=0, world_size=1, timeout=30) as sync:
+            model = DistributedDataParallel(net(hidden=32), gradient_as_bucket_view=True)
+            state = CommHookState(sync, "gtopk", 0.1, momentum=0.9, module=model)
+            model.register_comm_hook(state, comm_hook)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                for step in range(3):
+                    optimizer.zero_grad()
+                    features, labels = batch(step, 0)
+                    torch.nn.functional.cross_entropy(model(features), labels).backward()
+                    state.sgd_step(optimizer)
+                    scheduler.step()
+            state.close()
+        assert state.sparse_steps == 3
+        assert optimizer.param_groups[0]["lr"] == 0.1 * 0.5 ** 3
+    finally:
+        dist.destroy_process_group()
+
