@@ -15,6 +15,7 @@ import ipaddress
 import os
 import secrets as random_secrets
 import socket
+import sys
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Protocol
@@ -103,8 +104,6 @@ def _torch_default_store(rank: int, world_size: int) -> Any:
     """The store of torch.distributed's default process group when this process has created one
     (``init_process_group`` over ``env://`` outside torchrun: rank 0 already hosts a TCPStore on
     MASTER_PORT, and a second one there would fail), for the same rank and world size; else None."""
-    import sys
-
     dist = sys.modules.get("torch.distributed")
     if dist is None or not dist.is_available() or not dist.is_initialized():
         return None

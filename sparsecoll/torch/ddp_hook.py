@@ -123,10 +123,11 @@ class CommHookState:
         self.sparse_steps = 0
         """Steps :meth:`sgd_step` took itself (plain SGD at the k indices), not handed to ``step()``."""
         self._bucket_params: dict[int, tuple[int, list[torch.Tensor]]] = {}
-        self._saved_algorithm: dict[frozenset, dict] = {}
-        """Loaded algorithm states (Ok-Topk's thresholds) not yet taken by a bucket, by the
-        bucket's parameters (``module`` given; without it they load by bucket index at once)."""
         """Each DDP bucket's iteration and parameters, in its buffer's order, as the hook last saw them."""
+        self._saved_algorithm: dict[frozenset, dict] = {}
+        """Loaded or parked algorithm states (Ok-Topk's thresholds) not yet taken by a bucket, by
+        the set of the bucket's parameters (``module`` given; without it they load by bucket index
+        at once)."""
 
     def density_now(self, index: int = 0, buffer: torch.Tensor | None = None) -> float:
         """Density of the current iteration (1.0 before ``start_iter``). A schedule decides at the
