@@ -74,7 +74,9 @@ _AVERAGED = ("bytes_per_step", "steady_bytes_per_step", "wire_bytes_per_step", "
 
 
 def run_label(config: dict[str, Any]) -> str:
-    """The row's name in the table: "DDP", "DDP fp16", "PowerSGD r4", "opt gtopk", "hook cltk"."""
+    """The row's name in the table: "DDP", "DDP fp16", "PowerSGD r4", "opt gtopk", "hook cltk",
+    with the levers that set a compressed row apart from the plain one ("opt gtopk accordion lr
+    x1.5 masked fp16-dense"), so that rows the levers multiply stay apart in tables and plots."""
     method = config.get("method", "optimizer")
     if method == "ddp":
         return "DDP"
@@ -82,8 +84,14 @@ def run_label(config: dict[str, Any]) -> str:
         return "DDP fp16"
     if method == "powersgd":
         return f"PowerSGD r{config['rank']}"
-    return f"{'hook' if method == 'hook' else 'opt'} {config['algorithm']}" + (" fp16-dense" if config.get("dense_fp16")
-                                                                              else "")
+    levers = [config["density_schedule"]] if config.get("density_schedule", "fixed") != "fixed" else []
+    if config.get("lr_scale", 1.0) != 1.0:
+        levers.append(f"lr x{config['lr_scale']:g}")
+    if config.get("momentum_masking"):
+        levers.append("masked")
+    if config.get("dense_fp16"):
+        levers.append("fp16-dense")
+    return " ".join([f"{'hook' if method == 'hook' else 'opt'} {config['algorithm']}", *levers])
 
 
 def train_rank(rank: int, world: int, place: RankPlace, dataset: str | None, configs: Sequence[dict[str, Any]],

@@ -105,6 +105,10 @@ class Compression:
             raise ValueError(f"hierarchical=True runs {list(HIERARCHICAL_ALGORITHMS)} without quantize_bits, "
                              f"not {self.algorithm!r}" + (" with quantize_bits" if self.quantize_bits else "")
                              + " (use hierarchical='auto' to go two-level only where it can)")
+        if self.dense_fp16 and (self.quantize_bits is not None or self.options.get("hierarchical") is True):
+            raise ValueError("dense_fp16 sends the flat dense allreduce as float16; it does not combine with "
+                             + ("quantize_bits (another wire format)" if self.quantize_bits is not None
+                                else "hierarchical=True (two-level reductions stay float32)"))
         if self.error_feedback is None:  # the default: on for contractive compressors only
             self.error_feedback = not self.unbiased()
         elif self.error_feedback and self.unbiased():

@@ -147,6 +147,8 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
             raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
         if clip_norm is not None and clip_norm <= 0:
             raise ValueError(f"clip_norm must be positive, got {clip_norm}")
+        if lazy is not None and dense_fp16:
+            raise ValueError("dense_fp16 does not combine with lazy= (a lazy round's dense allreduce stays float32)")
         if lazy is not None and algorithm not in LAZY_ALGORITHMS:
             raise ValueError(f"lazy aggregation needs algorithm 'dense', 'allgather' or 'auto' (the others "
                              f"have no per-rank contribution to reuse), not {algorithm!r}")

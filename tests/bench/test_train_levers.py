@@ -19,7 +19,7 @@ runner = CliRunner()
 @pytest.mark.parametrize(("option", "value"), [("--density-schedule", "bogus"), ("--density-schedule", ""),
                                                ("--lr-scale", "0"), ("--lr-scale", "-1"), ("--lr-scale", "x"),
                                                ("--lr-scale", "inf"), ("--momentum-masking", "maybe"),
-                                               ("--warmup-epochs", "-1")])
+                                               ("--warmup-epochs", "-1"), ("--warmup-wire", "fp8")])
 def test_a_bad_lever_is_refused_before_any_rank_starts(option: str, value: str) -> None:
     result = runner.invoke(app, ["train", "--dataset", "digits", option, value])
     output = result.output.strip()
@@ -37,6 +37,11 @@ def test_configurations_take_each_schedule_and_scale_and_dense_runs_once_plain()
     assert train.parse_configs("dense,gtopk", "0.001", maskings=[False, True]) == [
         {"algorithm": "dense", "density": 1.0}, {"algorithm": "gtopk", "density": 0.001},
         {"algorithm": "gtopk", "density": 0.001, "momentum_masking": True}]
+    levers = train.parse_configs("dense,gtopk", "0.001", schedules=["fixed", "accordion"], lr_scales=[1.0, 1.5],
+                                 maskings=[False, True], dense_fp16s=[False, True])
+    labels = [train.run_label(config) for config in levers]
+    assert len(set(labels)) == len(labels) == 1 + 2 ** 4, labels  # every lever's row named apart
+    assert labels[0] == "opt dense" and "opt gtopk accordion lr x1.5 masked fp16-dense" in labels
 
 
 @pytest.mark.parametrize(("name", "density", "critical"), [("accordion", 0.001, 0.01), ("accordion", 0.2, 1.0),

@@ -70,3 +70,23 @@ def test_a_mean_past_float16s_range_is_redone_in_float32_on_every_rank(per_rank)
 
 def test_the_hook_takes_it_too(per_rank) -> None:
     assert per_rank[0]["hook"] is True
+
+
+@pytest.mark.parametrize("other", [{"quantize_bits": 8}, {"hierarchical": True}])
+def test_it_refuses_another_wire_format_or_two_levels(other: dict) -> None:
+    with pytest.raises(ValueError, match="dense_fp16"):
+        Compression("dense", 1.0, dense_fp16=True, quantize_bits=other.get("quantize_bits"),
+                    options={"hierarchical": True} if "hierarchical" in other else {}).validate()
+
+
+def test_the_optimizer_refuses_it_with_lazy_rounds() -> None:
+    import torch.distributed as dist
+
+    from sparsecoll.collectives.lazy import LazyState
+    from sparsecoll.sync import init_sync_group
+
+    with init_sync_group(store=dist.HashStore(), rank=0, world_size=1, timeout=10) as sync:
+        with pytest.raises(ValueError, match="dense_fp16 does not combine with lazy"):
+            SparseCollOptimizer(torch.optim.SGD(net().parameters(), lr=0.1), sync, "dense", 1.0,
+                                lazy=LazyState(), dense_fp16=True)
+
