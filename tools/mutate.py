@@ -277,6 +277,9 @@ MUTANTS = (
     Mutant("hook: sgd_step leaves an LR scheduler thinking no step was taken", "sparsecoll/torch/ddp_hook.py",
            (("        optimizer._opt_called = True", "        pass"),),
            ("tests/torch/test_ddp_hook.py::test_sgd_step_counts_as_the_optimizers_step_for_an_lr_scheduler",)),
+    Mutant("step flags: a NaN on some rank does not skip the step", "sparsecoll/torch/step_flags.py",
+           (("        return overflowed or nonfinite\n", "        return overflowed\n"),),
+           ("tests/torch/test_nonfinite.py",)),
 )
 
 _IGNORED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis",

@@ -31,16 +31,16 @@ from sparsecoll.call import CommStats
 from sparsecoll.collectives.auto import shared_cost_model
 from sparsecoll.collectives.lazy import LazyState
 from sparsecoll.collectives.reduce import BUILTIN, LAZY_REFUSED
-from sparsecoll.errors import InvalidArgumentError, NonFiniteGradientError
 from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, Bucket, build_buckets, layout_signature, small_parameters
 from sparsecoll.torch.density import DensitySchedule
 from sparsecoll.torch.device_launch import Launch, capture
 from sparsecoll.torch.error_feedback import ErrorFeedback, clip_scale, warmup_density
-from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, check_layout, reduce_buffer, with_hierarchical
+from sparsecoll.torch.exchange import Compression, any_rank_flags, check_layout, reduce_buffer, with_hierarchical
 from sparsecoll.torch.overlap import OverlappedSteps, OverlapScheduler, resolve_overlap
 from sparsecoll.torch.replicas import broadcast_tensors, replicated_tensors
 from sparsecoll.torch.sparse_update import apply_sgd, sparse_sgd_applies
+from sparsecoll.torch.step_flags import StepFlags
 
 _TAKEN_OVER = ("momentum", "weight_decay", "nesterov")
 _HOOK_TABLES = ("_optimizer_step_pre_hooks", "_optimizer_step_post_hooks", "_optimizer_state_dict_pre_hooks",
@@ -59,7 +59,7 @@ class _Prepared(NamedTuple):
     clip_scale: float
 
 
-class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
+class SparseCollOptimizer(OverlappedSteps, StepFlags, torch.optim.Optimizer):
     """A torch optimizer whose gradients are summed over a sparsecoll group, compressed.
 
     ``algorithm`` is "dense", "allgather" (sparse top-k allgather: each rank's top-k pairs
@@ -369,53 +369,6 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
             self.sync.run(check_layout(self.sync.group, self._layout))
             self._layout_checked = True
 
-    def _stray_parameter(self) -> str:
-        """A parameter of the wrapped optimizer that has a gradient but no bucket ('' if none)."""
-        for group_index, param_group in enumerate(self.param_groups):
-            for position, param in enumerate(param_group["params"]):
-                if param.grad is not None and id(param) not in self._bucketed:
-                    return f"parameter {position} of param group {group_index} (shape {tuple(param.shape)})"
-        return ""
-
-    def _local_flags(self, stray: str) -> tuple[bool, bool, bool]:
-        """This rank's (overflowed, nonfinite, strayed), after unscaling under AMP: whether AMP
-        found an overflow, whether a bucket holds NaN/inf (one read, before anything touches the
-        residuals or momentum), and whether a gradient has no bucket (``stray``)."""
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        if grad_scale is not None:
-            inverse = 1.0 / float(grad_scale)
-            for bucket in self.buckets:
-                bucket.gradient.mul_(inverse)
-        overflowed = bool(found_inf is not None and float(found_inf) > 0)
-        nonfinite = not overflowed and not all(all_finite(bucket.gradient) for bucket in self.buckets)
-        return overflowed, nonfinite, bool(stray)
-
-    def _skip_this_step(self, agreed: tuple[bool, bool, bool], stray: str = "") -> bool:
-        """The flags agreed over the ranks (one allreduce): True on every rank alike when any rank
-        overflowed (AMP) or, with ``skip_nonfinite``, holds a NaN/inf gradient;
-        NonFiniteGradientError on every rank when one does and the step is not to be skipped;
-        InvalidArgumentError on every rank when a rank has a gradient of a parameter in no bucket
-        (``stray``). Nothing has touched the residuals or momentum then."""
-        overflowed, nonfinite, strayed = agreed
-        if strayed:
-            raise self._stray_error(stray)
-        if overflowed and self.grad_scaler is not None:
-            mark_overflow(self.grad_scaler, self)
-        if nonfinite and not overflowed and not self.skip_nonfinite:
-            raise NonFiniteGradientError(
-                f"a gradient held NaN or inf at step {self.steps} (on this rank or another); nothing was "
-                "sent and the residuals are as they were, so the group and optimizer stay usable "
-                "(skip_nonfinite=True skips such steps instead)", rank=self.sync.rank)
-        return overflowed or nonfinite
-
-    def _stray_error(self, stray: str) -> InvalidArgumentError:
-        return InvalidArgumentError(
-            f"{stray or 'a parameter on another rank'} has a gradient but was not trainable "
-            "(requires_grad=False) when the SparseCollOptimizer was built, so it is in no bucket and "
-            "would step on this rank's gradient alone: build the SparseCollOptimizer after unfreezing "
-            "(freezing later is fine: a bucketed parameter without a gradient counts as zero)", rank=self.sync.rank)
-
     def _momentum_of(self, bucket) -> tuple[float, bool]:
         """Momentum and Nesterov flag the wrapper applies to ``bucket``; folds weight decay in."""
         if not self.momentum_correction:
@@ -531,15 +484,3 @@ class SparseCollOptimizer(OverlappedSteps, torch.optim.Optimizer):
         for post_hook in self._optimizer_load_state_dict_post_hooks.values():
             post_hook(self)
 
-
-def mark_overflow(scaler: Any, optimizer: torch.optim.Optimizer) -> None:
-    """Tell ``scaler`` that this step overflowed, so that its ``update()`` backs off as on the rank
-    that did overflow. GradScaler has no public way to do this (torch 2.4-2.14): it reads the
-    flags it recorded for the optimizer, so those are set; README lists this private surface."""
-    try:
-        record = scaler._per_optimizer_states[id(optimizer)]["found_inf_per_device"]
-    except (AttributeError, KeyError, TypeError) as error:
-        raise RuntimeError(f"grad_scaler: this torch's GradScaler keeps no per-optimizer overflow flags "
-                           f"({type(error).__name__}: {error}); sparsecoll supports torch >=2.4,<2.15") from error
-    for flag in record.values():
-        flag.fill_(1.0)
