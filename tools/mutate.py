@@ -280,6 +280,15 @@ MUTANTS = (
     Mutant("step flags: a NaN on some rank does not skip the step", "sparsecoll/torch/step_flags.py",
            (("        return overflowed or nonfinite\n", "        return overflowed\n"),),
            ("tests/torch/test_nonfinite.py",)),
+    Mutant("optimizer: clipping measures the gradient before AMP unscales it", "sparsecoll/torch/optimizer.py",
+           (("        local_flags = self._local_flags(stray)  # unscales under AMP: clipping below measures the true norm\n"
+             "        prepared = self._prepare_exchange()\n",
+             "        prepared = self._prepare_exchange()\n"
+             "        local_flags = self._local_flags(stray)\n"),),
+           ("tests/torch/test_optimizer.py::test_amp_clips_the_unscaled_gradient",)),
+    Mutant("step flags: the clipping norm's read misses a NaN", "sparsecoll/torch/step_flags.py",
+           (("            nonfinite = not math.isfinite(self.clip_squared_norm)\n", "            nonfinite = False\n"),),
+           ("tests/torch/test_optimizer.py::test_clipping_reads_the_norm_and_still_skips_a_nonfinite_step",)),
 )
 
 _IGNORED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis",

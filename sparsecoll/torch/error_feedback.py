@@ -270,7 +270,13 @@ def squared_norm(buffers: Sequence[torch.Tensor]) -> float:
 def clip_scale(buffers: Sequence[torch.Tensor], max_norm: float, world_size: int) -> tuple[float, float]:
     """Step 1's factor: ``(norm, scale)`` that brings this rank's gradients to a norm of at most
     ``max_norm / sqrt(world_size)`` (scale 1.0 when they are within it)."""
-    total = math.sqrt(squared_norm(buffers)) if buffers else 0.0
+    return clip_factor(squared_norm(buffers) if buffers else 0.0, max_norm, world_size)
+
+
+def clip_factor(squared: float, max_norm: float, world_size: int) -> tuple[float, float]:
+    """:func:`clip_scale` from the gradients' sum of squares, when it is known already (the
+    optimizer takes it in the read that checks them for NaN/inf)."""
+    total = math.sqrt(squared)
     limit = max_norm / math.sqrt(world_size)
     return total, (limit / (total + 1e-6) if total > limit else 1.0)
 

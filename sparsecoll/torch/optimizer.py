@@ -35,7 +35,7 @@ from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, Bucket, build_buckets, layout_signature, small_parameters
 from sparsecoll.torch.density import DensitySchedule
 from sparsecoll.torch.device_launch import Launch, capture
-from sparsecoll.torch.error_feedback import ErrorFeedback, clip_scale, warmup_density
+from sparsecoll.torch.error_feedback import ErrorFeedback, clip_factor, squared_norm, warmup_density
 from sparsecoll.torch.exchange import Compression, any_rank_flags, check_layout, reduce_buffer, with_hierarchical
 from sparsecoll.torch.overlap import OverlappedSteps, OverlapScheduler, resolve_overlap
 from sparsecoll.torch.replicas import broadcast_tensors, replicated_tensors
@@ -304,11 +304,11 @@ class SparseCollOptimizer(OverlappedSteps, StepFlags, torch.optim.Optimizer):
             return loss
         for bucket in self.buckets:
             bucket.gather_grads()
+        local_flags = self._local_flags(stray)  # unscales under AMP: clipping below measures the true norm
         prepared = self._prepare_exchange()
         # one round trip to the loop, unless a density schedule must agree on the step's density first
         scheduled = self.density_schedule is not None
-        agreed, stats = self.sync.run(self._agree_then_exchange(self._local_flags(stray), prepared,
-                                                                exchange=not scheduled))
+        agreed, stats = self.sync.run(self._agree_then_exchange(local_flags, prepared, exchange=not scheduled))
         if self._skip_this_step(agreed, stray):
             self.skipped_steps += 1
         else:
@@ -326,7 +326,10 @@ class SparseCollOptimizer(OverlappedSteps, StepFlags, torch.optim.Optimizer):
         launches = [capture(bucket.flat) for bucket in self.buckets]
         scale = 1.0
         if self.clip_norm is not None:
-            _, scale = clip_scale([bucket.gradient for bucket in self.buckets], self.clip_norm, self.sync.size)
+            squared = self.clip_squared_norm  # read with the NaN/inf check (None: AMP overflowed)
+            if squared is None:
+                squared = squared_norm([bucket.gradient for bucket in self.buckets])
+            _, scale = clip_factor(squared, self.clip_norm, self.sync.size)
         return _Prepared(launches, scale)
 
     async def _agree_then_exchange(self, local_flags: tuple[bool, bool, bool], prepared: _Prepared,

@@ -9,17 +9,22 @@ rank: skip, raise, or step.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
 
 from sparsecoll.errors import InvalidArgumentError, NonFiniteGradientError
+from sparsecoll.torch.error_feedback import squared_norm
 from sparsecoll.torch.exchange import all_finite
 
 
 class StepFlags:
     """The optimizer's flag logic; it reads the optimizer's ``param_groups``, ``buckets``,
-    ``_bucketed``, ``grad_scaler``, ``skip_nonfinite``, ``steps`` and ``sync``."""
+    ``_bucketed``, ``clip_norm``, ``grad_scaler``, ``skip_nonfinite``, ``steps`` and ``sync``."""
+
+    clip_squared_norm: float | None = None
+    """The sum of squares of this step's gradients, read with the NaN/inf check (``clip_norm`` only)."""
 
     def _stray_parameter(self) -> str:
         """A parameter of the wrapped optimizer that has a gradient but no bucket ('' if none)."""
@@ -32,7 +37,9 @@ class StepFlags:
     def _local_flags(self, stray: str) -> tuple[bool, bool, bool]:
         """This rank's (overflowed, nonfinite, strayed), after unscaling under AMP: whether AMP
         found an overflow, whether a bucket holds NaN/inf (one read, before anything touches the
-        residuals or momentum), and whether a gradient has no bucket (``stray``)."""
+        residuals or momentum), and whether a gradient has no bucket (``stray``). With
+        ``clip_norm`` that read is the gradients' sum of squares (NaN or inf exactly when a value
+        is: float32 squares stay finite in float64), kept in ``clip_squared_norm`` for clipping."""
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if grad_scale is not None:
@@ -40,7 +47,14 @@ class StepFlags:
             for bucket in self.buckets:
                 bucket.gradient.mul_(inverse)
         overflowed = bool(found_inf is not None and float(found_inf) > 0)
-        nonfinite = not overflowed and not all(all_finite(bucket.gradient) for bucket in self.buckets)
+        self.clip_squared_norm = None
+        if overflowed:
+            nonfinite = False
+        elif self.clip_norm is not None:
+            self.clip_squared_norm = squared_norm([bucket.gradient for bucket in self.buckets])
+            nonfinite = not math.isfinite(self.clip_squared_norm)
+        else:
+            nonfinite = not all(all_finite(bucket.gradient) for bucket in self.buckets)
         return overflowed, nonfinite, bool(stray)
 
     def _skip_this_step(self, agreed: tuple[bool, bool, bool], stray: str = "") -> bool:

@@ -207,6 +207,54 @@ def test_amp_overflow_on_one_rank_skips_the_step_everywhere() -> None:
     assert scales0 == scales1 and scales0[3] == scales0[2] / 2
 
 
+def test_amp_clips_the_unscaled_gradient() -> None:
+    """Under a GradScaler the gradients arrive multiplied by the loss scale; local clipping must
+    measure them unscaled, so the steps equal those of the same run without a scaler."""
+    import torch.distributed as dist
+
+    from sparsecoll.sync import init_sync_group
+
+    with init_sync_group(store=dist.HashStore(), rank=0, world_size=1, timeout=10) as sync:
+        runs = []
+        for scaler in (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), None):
+            model = net()
+            optimizer = SparseCollOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sync,
+                                            "gtopk", 0.1, clip_norm=0.05, grad_scaler=scaler)
+            for step in range(3):
+                optimizer.zero_grad()
+                features, labels = batch(step, 0)
+                loss = torch.nn.functional.cross_entropy(model(features), labels)
+                if scaler is None:
+                    loss.backward()
+                    optimizer.step()
+                else:
+                    scaler.scale(loss).backward()
+                    scaler.step(optimizer)
+                    scaler.update()
+            runs.append(flat_params(model))
+    assert torch.equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_clipping_reads_the_norm_and_still_skips_a_nonfinite_step(bad: float) -> None:
+    """With clip_norm the NaN/inf check is the clipping norm's read: a bad value must still skip."""
+    import torch.distributed as dist
+
+    from sparsecoll.sync import init_sync_group
+
+    with init_sync_group(store=dist.HashStore(), rank=0, world_size=1, timeout=10) as sync:
+        model = net()
+        optimizer = SparseCollOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sync, "gtopk", 0.1,
+                                        clip_norm=0.05)
+        before = flat_params(model)
+        features, labels = batch(0, 0)
+        torch.nn.functional.cross_entropy(model(features), labels).backward()
+        next(model.parameters()).grad[0, 0] = bad
+        optimizer.step()
+        assert optimizer.skipped_steps == 1 and torch.equal(flat_params(model), before)
+        assert optimizer.clip_squared_norm is not None  # the check was the norm's read
+
+
 def test_sign_codec_trains_through_the_optimizer_by_name():
     results = run_ranks(2, _train_sign, timeout=120, **NO_GROUP)
     first, second = results
