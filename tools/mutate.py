@@ -289,6 +289,12 @@ MUTANTS = (
     Mutant("step flags: the clipping norm's read misses a NaN", "sparsecoll/torch/step_flags.py",
            (("            nonfinite = not math.isfinite(self.clip_squared_norm)\n", "            nonfinite = False\n"),),
            ("tests/torch/test_optimizer.py::test_clipping_reads_the_norm_and_still_skips_a_nonfinite_step",)),
+    Mutant("hook: residuals stay in the old loss scale", "sparsecoll/torch/ddp_hook.py",
+           (("                memory.rescale(factor)\n", "                pass\n"),),
+           ("tests/torch/test_ddp_hook.py::test_residuals_follow_the_loss_scale_as_amp_changes_it",)),
+    Mutant("hook: a loaded state forgets its loss scale", "sparsecoll/torch/ddp_hook.py",
+           (('self._loss_scale, self._scale_read_at = state.get("loss_scale"), -1', "self._loss_scale, self._scale_read_at = None, -1"),),
+           ("tests/torch/test_ddp_hook.py::test_residuals_follow_the_loss_scale_as_amp_changes_it",)),
 )
 
 _IGNORED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis",

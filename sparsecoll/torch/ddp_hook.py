@@ -57,7 +57,11 @@ class CommHookState:
     bucket filled with NaN, as DDP's own allreduce would give it: ``torch.amp.GradScaler`` then
     skips the step on every rank alike (without a scaler, check ``skipped_steps`` before
     stepping). With ``skip_nonfinite=False`` the hook's future fails with
-    NonFiniteGradientError on every rank instead. The group stays usable either way.
+    NonFiniteGradientError on every rank instead. The group stays usable either way. Under AMP
+    give the scaler as ``grad_scaler``: the buckets then hold gradients times its loss scale, and
+    the residuals and momenta kept from them follow each change of that scale (see
+    :meth:`follow_loss_scale`); without it a step after a change adds the old scale's residual to
+    the new scale's gradient.
 
     DDP calls the hook bucket by bucket as backward produces them; each bucket reduces on its own
     lane (a sub-group of all ranks with its own sequence numbers, see
@@ -72,7 +76,8 @@ class CommHookState:
     __slots__ = ("group", "compression", "momentum", "nesterov", "warmup_steps", "start_iter",
                  "iteration", "memories", "algorithm_states", "last_stats", "skip_nonfinite", "skipped_steps", "residual_dtype",
                  "momentum_masking", "_lanes", "_in_flight", "_names", "_layouts", "_saved", "_skipped_at", "density_schedule", "_scheduled",
-                 "_bucket_params", "sparse_steps", "_saved_algorithm")
+                 "_bucket_params", "sparse_steps", "_saved_algorithm",
+                 "grad_scaler", "_loss_scale", "_scale_read_at")
 
     def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: "float | DensitySchedule" = 0.001, *,
                  quantize_bits: int | None = None, error_feedback: bool | None = None, momentum: float = 0.0,
@@ -81,7 +86,7 @@ class CommHookState:
                  algorithm_options: dict[str, Any] | None = None, module: Any = None,
                  memory_beta: float | None = None, skip_nonfinite: bool = True,
                  residual_dtype: torch.dtype | None = None, hierarchical: bool | str = False,
-                 dense_fp16: bool = False) -> None:
+                 dense_fp16: bool = False, grad_scaler: Any = None) -> None:
         if not isinstance(group, SyncGroup):
             raise TypeError("group must be a SyncGroup: create it with sparsecoll.torch.init_group()")
         if not 0.0 <= momentum < 1.0:
@@ -128,6 +133,31 @@ class CommHookState:
         """Loaded or parked algorithm states (Ok-Topk's thresholds) not yet taken by a bucket, by
         the set of the bucket's parameters (``module`` given; without it they load by bucket index
         at once)."""
+        self.grad_scaler = grad_scaler
+        """The ``torch.amp.GradScaler`` whose scaled gradients DDP hands the hook, or None."""
+        self._loss_scale: float | None = None
+        """The loss scale the residuals and momenta are in (None: none kept yet, or no scaler)."""
+        self._scale_read_at = -1
+
+    def follow_loss_scale(self) -> None:
+        """Under AMP the buckets hold gradients times the loss scale, and so do the residuals and
+        momenta kept from them: when the scaler has changed its scale since (it doubles after a
+        run of finite steps and halves after an overflow), bring them to the new one, so that
+        the next step adds like to like. Read once an iteration, at its first bucket (a device
+        sync on a GPU); a scale of a power of two rescales exactly."""
+        if self.grad_scaler is None or self._scale_read_at == self.iteration:
+            return
+        self._scale_read_at = self.iteration
+        scale = float(self.grad_scaler.get_scale()) if self.grad_scaler.is_enabled() else 1.0
+        if self._loss_scale is not None and scale != self._loss_scale:
+            factor = scale / self._loss_scale
+            for memory in self.memories.values():
+                memory.rescale(factor)
+            for saved in self._saved.values():
+                for name in ("residual", "momentum"):
+                    if saved.get(name) is not None:
+                        saved[name].mul_(factor)
+        self._loss_scale = scale
 
     def density_now(self, index: int = 0, buffer: torch.Tensor | None = None) -> float:
         """Density of the current iteration (1.0 before ``start_iter``). A schedule decides at the
@@ -207,6 +237,7 @@ class CommHookState:
         each bucket's algorithm state (Ok-Topk's thresholds, by the bucket's parameters with
         ``module``) and the iteration: save it per rank."""
         state = {"rank": self.group.rank, "world_size": self.group.size, "iteration": self.iteration,
+                 "loss_scale": self._loss_scale,
                  "density_schedule": None if self.density_schedule is None else self.density_schedule.state_dict(),
                  "algorithm": [{"bucket": index, "layout": None if self._names is None
                                 else sorted(self._layouts.get(index) or ()), "state": kept.state_dict()}
@@ -226,6 +257,7 @@ class CommHookState:
             raise ValueError("a state saved with module= loads only with module=, and one saved without "
                              "it only without")
         self.iteration = int(state["iteration"])
+        self._loss_scale, self._scale_read_at = state.get("loss_scale"), -1
         if self.density_schedule is not None and state.get("density_schedule") is not None:
             self.density_schedule.load_state_dict(state["density_schedule"])
         self.memories, self._layouts, self.algorithm_states = {}, {}, {}
@@ -308,6 +340,7 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     buffer = bucket.buffer()
     index = bucket.index()
     work = buffer
+    state.follow_loss_scale()
     memory = state.memory_for(index, work, bucket.parameters())
     state._bucket_params[index] = (state.iteration, list(bucket.parameters()))
     compressed = state.iteration >= state.start_iter

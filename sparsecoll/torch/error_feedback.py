@@ -77,6 +77,13 @@ class ErrorFeedback:
         """The buffer's pinned host memory, side stream and events for the k pairs a device step
         brings to the host (nothing is allocated until a device step needs it)."""
 
+    def rescale(self, factor: float) -> None:
+        """Multiply the residual and momentum by ``factor`` (the DDP hook's gradients changed
+        units: a new loss scale under AMP)."""
+        self.residual.mul_(factor)
+        if self.momentum is not None:
+            self.momentum.mul_(factor)
+
     def fold(self, *, grad_scale: float = 1.0, weight_decay: float = 0.0,
              parameters: Sequence[tuple[int, torch.Tensor]] = ()) -> None:
         """Ask the next :meth:`prepare` to use ``grad * grad_scale + weight_decay * parameter``

@@ -194,3 +194,57 @@ def test_sgd_step_counts_as_the_optimizers_step_for_an_lr_scheduler() -> None:
     finally:
         dist.destroy_process_group()
 
+
+
+
+def hook_run(sync, scaler, steps: int = 6, tell_hook: bool = True) -> tuple[torch.Tensor, dict]:
+    """The hook (gTop-k, momentum kept by the hook) for ``steps`` iterations, with ``scaler``
+    driving AMP's loss scale (given to the hook with ``tell_hook``) or plain; the parameters at
+    the end, and the hook's saved state."""
+    model = DistributedDataParallel(net(hidden=32), gradient_as_bucket_view=True)
+    state = CommHookState(sync, "gtopk", 0.1, momentum=0.9, module=model,
+                          grad_scaler=scaler if tell_hook else None)
+    model.register_comm_hook(state, comm_hook)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    for step in range(steps):
+        optimizer.zero_grad()
+        features, labels = batch(step, 0)
+        loss = torch.nn.functional.cross_entropy(model(features), labels)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+    state.close()
+    return flat_params(model), state.state_dict()
+
+
+def test_residuals_follow_the_loss_scale_as_amp_changes_it() -> None:
+    """A GradScaler that doubles its scale every two steps: given it, the hook's residuals and
+    momentum change units with the gradients, and the run equals a plain one bit for bit (the
+    scales are powers of two); not given it, they do not."""
+    from sparsecoll.sync import init_sync_group
+
+    store = dist.HashStore()
+    dist.init_process_group("gloo", store=dist.PrefixStore("torch", store), rank=0, world_size=1)
+    try:
+        with init_sync_group(store=store, rank=0, world_size=1, timeout=30) as sync:
+            plain, _ = hook_run(sync, None)
+            scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2)
+            followed, saved = hook_run(sync, scaler)
+            assert scaler.get_scale() == 2.0 ** 11  # it changed three times
+            unfollowed, _ = hook_run(sync, torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2),
+                                     tell_hook=False)
+            resumed = CommHookState(sync, "gtopk", 0.1, momentum=0.9, grad_scaler=scaler,
+                                    module=DistributedDataParallel(net(hidden=32)))
+            resumed.load_state_dict(saved)  # the residuals load in the scale they were saved in
+            resumed.follow_loss_scale()
+            assert saved["loss_scale"] == 2.0 ** 10 and resumed.state_dict()["loss_scale"] == 2.0 ** 11
+            name, kept = next((name, kept) for name, kept in saved["parameters"].items() if kept["residual"].any())
+            assert torch.equal(resumed.state_dict()["parameters"][name]["residual"], 2 * kept["residual"])
+    finally:
+        dist.destroy_process_group()
+    assert torch.equal(followed, plain)
+    assert not torch.equal(unfollowed, plain)
