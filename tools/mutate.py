@@ -295,6 +295,9 @@ MUTANTS = (
     Mutant("hook: a loaded state forgets its loss scale", "sparsecoll/torch/ddp_hook.py",
            (('self._loss_scale, self._scale_read_at = state.get("loss_scale"), -1', "self._loss_scale, self._scale_read_at = None, -1"),),
            ("tests/torch/test_ddp_hook.py::test_residuals_follow_the_loss_scale_as_amp_changes_it",)),
+    Mutant("Accordion: the hook's AMP-scaled gradients summed as they are", "sparsecoll/torch/density.py",
+           (("        total.add_(buffer.detach(), alpha=1.0 / scale)", "        total.add_(buffer.detach())"),),
+           ("tests/torch/test_ddp_hook.py::test_residuals_follow_the_loss_scale_as_amp_changes_it",)),
 )
 
 _IGNORED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis",

@@ -172,7 +172,7 @@ class CommHookState:
                 self._scheduled = (self.iteration, self.density_schedule.density_for(step, self._agree))
             target = self._scheduled[1]
             if buffer is not None:
-                self.density_schedule.observe(index, buffer)
+                self.density_schedule.observe(index, buffer, self._loss_scale or 1.0)  # AMP's scale
         return warmup_density(step, target, self.warmup_steps)
 
     def _agree(self, values: np.ndarray) -> np.ndarray:

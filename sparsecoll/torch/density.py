@@ -63,8 +63,9 @@ class DensitySchedule(ABC):
     def density_for(self, step: int, agree: Agree) -> float:
         """The density of ``step``, the same on every rank."""
 
-    def observe(self, key: int, buffer: torch.Tensor) -> None:
-        """This rank's gradient of buffer ``key`` at the current step (default: unused)."""
+    def observe(self, key: int, buffer: torch.Tensor, scale: float = 1.0) -> None:
+        """This rank's gradient of buffer ``key`` at the current step: ``buffer / scale`` (the DDP
+        hook's buffers under AMP hold it times the loss scale; default: unused)."""
 
     def for_step(self, step: int, buffers: Sequence[torch.Tensor], sync: SyncGroup) -> float:
         """Steps 1 and 2 for an optimizer that holds all its buffers at once."""
@@ -171,13 +172,14 @@ class Accordion(DensitySchedule):
         self.history.append((step, norm, self.critical))
         return self.critical
 
-    def observe(self, key: int, buffer: torch.Tensor) -> None:
-        """Add this step's gradient to the interval's sum (a buffer that changed size starts afresh)."""
+    def observe(self, key: int, buffer: torch.Tensor, scale: float = 1.0) -> None:
+        """Add this step's gradient (``buffer`` divided by ``scale``) to the interval's sum (a buffer
+        that changed size starts afresh)."""
         total = self._sums.get(key)
         if total is None or total.shape != buffer.shape:
             total = self._sums[key] = torch.zeros_like(buffer, dtype=torch.promote_types(buffer.dtype,
                                                                                           torch.float32))
-        total.add_(buffer.detach())
+        total.add_(buffer.detach(), alpha=1.0 / scale)
 
     def state_dict(self) -> dict[str, Any]:
         return {"critical": self.critical, "switched": self.switched, "previous_norm": self.previous_norm,

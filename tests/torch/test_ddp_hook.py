@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from sparsecoll.torch import CommHookState, comm_hook, init_group
+from sparsecoll.torch.density import Accordion
 from tests.ranks import run_ranks
 from tests.torch.test_optimizer import batch, flat_params, net, train
 
@@ -197,12 +198,13 @@ def test_sgd_step_counts_as_the_optimizers_step_for_an_lr_scheduler() -> None:
 
 
 
-def hook_run(sync, scaler, steps: int = 6, tell_hook: bool = True) -> tuple[torch.Tensor, dict]:
+def hook_run(sync, scaler, steps: int = 6, tell_hook: bool = True, accordion: bool = False) -> tuple[torch.Tensor, dict]:
     """The hook (gTop-k, momentum kept by the hook) for ``steps`` iterations, with ``scaler``
     driving AMP's loss scale (given to the hook with ``tell_hook``) or plain; the parameters at
     the end, and the hook's saved state."""
     model = DistributedDataParallel(net(hidden=32), gradient_as_bucket_view=True)
-    state = CommHookState(sync, "gtopk", 0.1, momentum=0.9, module=model,
+    density = Accordion(0.1, critical_density=0.5, interval=2) if accordion else 0.1
+    state = CommHookState(sync, "gtopk", density, momentum=0.9, module=model,
                           grad_scaler=scaler if tell_hook else None)
     model.register_comm_hook(state, comm_hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -221,7 +223,8 @@ def hook_run(sync, scaler, steps: int = 6, tell_hook: bool = True) -> tuple[torc
     return flat_params(model), state.state_dict()
 
 
-def test_residuals_follow_the_loss_scale_as_amp_changes_it() -> None:
+@pytest.mark.parametrize("accordion", [False, True])
+def test_residuals_follow_the_loss_scale_as_amp_changes_it(accordion: bool) -> None:
     """A GradScaler that doubles its scale every two steps: given it, the hook's residuals and
     momentum change units with the gradients, and the run equals a plain one bit for bit (the
     scales are powers of two); not given it, they do not."""
@@ -231,12 +234,12 @@ def test_residuals_follow_the_loss_scale_as_amp_changes_it() -> None:
     dist.init_process_group("gloo", store=dist.PrefixStore("torch", store), rank=0, world_size=1)
     try:
         with init_sync_group(store=store, rank=0, world_size=1, timeout=30) as sync:
-            plain, _ = hook_run(sync, None)
+            plain, plain_saved = hook_run(sync, None, accordion=accordion)
             scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2)
-            followed, saved = hook_run(sync, scaler)
+            followed, saved = hook_run(sync, scaler, accordion=accordion)
             assert scaler.get_scale() == 2.0 ** 11  # it changed three times
             unfollowed, _ = hook_run(sync, torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=2),
-                                     tell_hook=False)
+                                     tell_hook=False, accordion=accordion)
             resumed = CommHookState(sync, "gtopk", 0.1, momentum=0.9, grad_scaler=scaler,
                                     module=DistributedDataParallel(net(hidden=32)))
             resumed.load_state_dict(saved)  # the residuals load in the scale they were saved in
@@ -248,3 +251,6 @@ def test_residuals_follow_the_loss_scale_as_amp_changes_it() -> None:
         dist.destroy_process_group()
     assert torch.equal(followed, plain)
     assert not torch.equal(unfollowed, plain)
+    if accordion:  # its norms are of the unscaled gradients: the same decisions, and a switch among them
+        assert saved["density_schedule"]["history"] == plain_saved["density_schedule"]["history"]
+        assert len({critical for *_, critical in plain_saved["density_schedule"]["history"]}) == 2
