@@ -298,6 +298,9 @@ MUTANTS = (
     Mutant("Accordion: the hook's AMP-scaled gradients summed as they are", "sparsecoll/torch/density.py",
            (("        total.add_(buffer.detach(), alpha=1.0 / scale)", "        total.add_(buffer.detach())"),),
            ("tests/torch/test_ddp_hook.py::test_residuals_follow_the_loss_scale_as_amp_changes_it",)),
+    Mutant("hook: sgd_step steps AMP's scaled gradients", "sparsecoll/torch/ddp_hook.py",
+           (("        if self.grad_scaler is not None and self.grad_scaler.is_enabled():\n", "        if False:\n"),),
+           ("tests/torch/test_ddp_hook.py::test_residuals_follow_the_loss_scale_as_amp_changes_it",)),
 )
 
 _IGNORED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis",

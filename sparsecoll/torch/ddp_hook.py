@@ -27,7 +27,7 @@ from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.density import DensitySchedule
 from sparsecoll.torch.device_launch import capture, future_devices, launching
 from sparsecoll.torch.error_feedback import ErrorFeedback, warmup_density
-from sparsecoll.errors import NonFiniteGradientError
+from sparsecoll.errors import InvalidArgumentError, NonFiniteGradientError
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, reduce_buffer, with_hierarchical
 from sparsecoll.torch.overlap import wait_all
 from sparsecoll.torch.sparse_update import sgd_at, sparse_sgd_applies
@@ -204,8 +204,13 @@ class CommHookState:
         gradients are zero but for those k entries, so the dense step reads and writes every
         parameter to move k of them. Any other optimizer, setting or step hook takes its own
         ``step()``. Returns False, stepping nothing, when a bucket held NaN/inf on some rank this
-        iteration (the hook gave it as NaN: what a GradScaler would skip), else True.
+        iteration (the hook gave it as NaN: what a GradScaler would skip), else True. Under AMP
+        (``grad_scaler`` given) it raises InvalidArgumentError: the gradients are still scaled,
+        and ``scaler.step(optimizer)`` unscales them before its step.
         """
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            raise InvalidArgumentError("sgd_step under AMP would step the loss-scaled gradients: step with "
+                                       "scaler.step(optimizer), which unscales them first", rank=self.group.rank)
         if self._skipped_at == self.iteration - 1:
             return False
         if not sparse_sgd_applies(optimizer):

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from sparsecoll.errors import InvalidArgumentError
 from sparsecoll.torch import CommHookState, comm_hook, init_group
 from sparsecoll.torch.density import Accordion
 from tests.ranks import run_ranks
@@ -242,6 +243,8 @@ def test_residuals_follow_the_loss_scale_as_amp_changes_it(accordion: bool) -> N
                                      tell_hook=False, accordion=accordion)
             resumed = CommHookState(sync, "gtopk", 0.1, momentum=0.9, grad_scaler=scaler,
                                     module=DistributedDataParallel(net(hidden=32)))
+            with pytest.raises(InvalidArgumentError, match="scaler.step"):
+                resumed.sgd_step(torch.optim.SGD(net().parameters(), lr=0.1))  # it would step scaled gradients
             resumed.load_state_dict(saved)  # the residuals load in the scale they were saved in
             resumed.follow_loss_scale()
             assert saved["loss_scale"] == 2.0 ** 10 and resumed.state_dict()["loss_scale"] == 2.0 ** 11
