@@ -197,8 +197,6 @@ def test_sgd_step_counts_as_the_optimizers_step_for_an_lr_scheduler() -> None:
         dist.destroy_process_group()
 
 
-
-
 def hook_run(sync, scaler, steps: int = 6, tell_hook: bool = True, accordion: bool = False) -> tuple[torch.Tensor, dict]:
     """The hook (gTop-k, momentum kept by the hook) for ``steps`` iterations, with ``scaler``
     driving AMP's loss scale (given to the hook with ``tell_hook``) or plain; the parameters at
