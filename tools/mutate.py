@@ -301,6 +301,12 @@ MUTANTS = (
     Mutant("hook: sgd_step steps AMP's scaled gradients", "sparsecoll/torch/ddp_hook.py",
            (("        if self.grad_scaler is not None and self.grad_scaler.is_enabled():\n", "        if False:\n"),),
            ("tests/torch/test_ddp_hook.py::test_residuals_follow_the_loss_scale_as_amp_changes_it",)),
+    Mutant("two-level: step 2 reads the dense shard again", "sparsecoll/collectives/hierarchical.py",
+           (("    if indices.size < count:\n        return await between\n", "    return await between\n"),),
+           ("tests/collectives/test_hierarchical.py::test_step_two_selects_among_the_summed_pairs_not_the_dense_shard",)),
+    Mutant("two-level: fewer pairs than the shard's k still preselected", "sparsecoll/collectives/hierarchical.py",
+           (("    if indices.size < count:\n", "    if indices.size < 0:\n"),),
+           ("tests/collectives/test_hierarchical.py::test_step_two_selects_among_the_summed_pairs_not_the_dense_shard",)),
 )
 
 _IGNORED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis",

@@ -15,7 +15,9 @@ With H hosts and S shards (S = the largest host's rank count; see :mod:`sparseco
    the chosen algorithm on their host sums with k_j of the k entries (k split over the
    shards as the shards split d). The S inter-host collectives run at once, one per local
    rank, so every rank's link to the network works; a rank owning several shards (a host
-   with fewer ranks than S) runs its collectives concurrently.
+   with fewer ranks than S) runs its collectives concurrently. For "allgather" and "gtopk" the
+   owner's own top k_j is taken among the at most k nonzero pairs of its host sum (the set a
+   read of the dense shard gives), not by reading the d/S-value shard again.
 3. Allgather inside the host: each owner sends its shard's result, and for the sparse
    algorithms which of the result's entries hold its host's sum, to the host's other ranks.
 
@@ -43,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from sparsecoll import kernels
 from sparsecoll.call import Call, CollectiveResult, CommStats
 from sparsecoll.collectives.cltk import cltk
 from sparsecoll.collectives.cost_bytes import TWO_LEVEL_ALGORITHMS
@@ -54,6 +57,7 @@ from sparsecoll.collectives.sparse_common import (
     decode_sparse,
     float_vector,
     payload_limit,
+    preselected,
     resolve_k,
     select,
     sum_in_rank_order,
@@ -161,7 +165,8 @@ async def host_sparse_reduce_scatter(local: Group, flat: np.ndarray, bounds: lis
                                      method: str, seed: int,
                                      timeout: float | None) -> tuple[tuple[dict[int, np.ndarray], tuple], CommStats]:
     """Step 1 of allgather and gTop-k: ({owned shard: the host's sum of its ranks' top-k there,
-    as a dense shard}, this rank's own (indices, values)).
+    as a dense shard}, this rank's own (indices, values), {owned shard: that sum's nonzero
+    entries, (indices, values)}).
 
     Each rank selects its top ``count`` of the whole gradient and sends the part in shard j to
     shard j's owner, which adds the parts in local-rank order: (L-1)/L of k pairs a rank
@@ -171,7 +176,7 @@ async def host_sparse_reduce_scatter(local: Group, flat: np.ndarray, bounds: lis
     signature = Signature(Op.CUSTOM, Algorithm.TOPK, dtype_code(flat.dtype), ReduceOp.SUM, shards,
                           size, count, _SPARSE_SCATTER)
 
-    async def body(call: Call) -> tuple[dict[int, np.ndarray], tuple]:
+    async def body(call: Call) -> tuple[dict[int, np.ndarray], tuple, dict[int, tuple]]:
         me, ranks = call.rank, call.size
         indices, values = select(flat, count, method, None, None, seed)  # inside the call: NaN fails every rank
         indices = np.asarray(indices, np.int64)
@@ -192,7 +197,7 @@ async def host_sparse_reduce_scatter(local: Group, flat: np.ndarray, bounds: lis
                     shard_indices, [shard_values], bounds[shard + 1] - bounds[shard])))
         payloads = iter((await _all(sends + waits))[len(sends):])
         call.stats.rounds += 1
-        sums = {}
+        sums, candidates = {}, {}
         for shard in owned:
             length = bounds[shard + 1] - bounds[shard]
             parts = [piece(shard) if peer == me else decode_sparse(next(payloads), length, flat.dtype, None)
@@ -201,9 +206,23 @@ async def host_sparse_reduce_scatter(local: Group, flat: np.ndarray, bounds: lis
             dense_sum = np.zeros(length, flat.dtype)
             dense_sum[union] = summed
             sums[shard] = dense_sum
-        return sums, (indices, values)
+            nonzero = summed != 0
+            candidates[shard] = (union[nonzero], summed[nonzero])
+        return sums, (indices, values), candidates
 
     return await local.run(signature, body, timeout)
+
+
+async def _from_candidates(between: Awaitable[CollectiveResult], shard_sum: np.ndarray, count: int,
+                           indices: np.ndarray, values: np.ndarray) -> CollectiveResult:
+    """Step 2 with the shard's top ``count`` taken among the nonzero entries of its sum (at most
+    k of them) rather than by reading the dense shard again: the same set (ties by lower index,
+    indices ascending), since the dense shard is zero elsewhere, whenever there are at least
+    ``count`` such entries; with fewer, zeros enter the top and the dense selection decides."""
+    if indices.size < count:
+        return await between
+    with preselected(shard_sum, count, *kernels.topk_sparse(indices, values, count)):
+        return await between
 
 
 def _shard_k(table: HostTable, count: int) -> list[int]:
@@ -330,6 +349,7 @@ async def _two_levels(group: Group, grad: np.ndarray, algorithm: str, ticket: in
         counts = [None] * shards  # threshold and random-k select by their own rule on each shard
     stats = CommStats()
     selected = None  # this rank's own top-k, when step 1 sums selections rather than whole shards
+    candidates: dict[int, tuple] = {}  # the nonzero entries of each owned shard's sum, then
     if algorithm in SPARSE_SCATTER and options.get("selection", "topk").startswith("topk"):
         count = resolve_k(size, k, density)
         method = "topk-exact" if options.get("exact") or options.get("selection") == "topk-exact" else "topk"
@@ -340,15 +360,18 @@ async def _two_levels(group: Group, grad: np.ndarray, algorithm: str, ticket: in
     [scatter] = await order.start(ticket, 0, [scatter_call])
     sums, phase = await scatter
     if isinstance(sums, tuple):
-        sums, selected = sums
+        sums, selected, candidates = sums
     stats += phase
 
     def one_shard(shard: int) -> Awaitable[CollectiveResult]:
         extra = dict(options)
         if counts[shard] is None:
             extra["density"] = density
-        return _between_hosts(groups.inter[shard], algorithm, sums[shard], shard, counts[shard],
-                              step, seed, timeout, extra)
+        between = _between_hosts(groups.inter[shard], algorithm, sums[shard], shard, counts[shard],
+                                 step, seed, timeout, extra)
+        if shard in candidates:
+            return _from_candidates(between, sums[shard], counts[shard], *candidates[shard])
+        return between
 
     owned = sorted(sums)
     outcomes = await _all(await order.start(ticket, 1, [one_shard(shard) for shard in owned]))

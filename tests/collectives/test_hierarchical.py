@@ -25,6 +25,8 @@ import numpy as np
 import pytest
 
 from sparsecoll.collectives.dense import chunk_bounds
+from sparsecoll.collectives.hierarchical import _from_candidates
+from sparsecoll.collectives.sparse_common import select
 from tests.collectives.test_invariants import gtopk_reference, top_k
 from tests.ranks import run_ranks
 
@@ -217,3 +219,28 @@ def test_sub_groups_follow_the_shard_owners(reports) -> None:
         local, inter = report["subgroups"]
         assert local == next(tuple(ranks) for ranks in ((0, 1, 2), (3, 4), (5,)) if rank in ranks)
         assert inter == {shard: members for shard, members in inter_groups.items() if rank in members}
+
+
+def test_step_two_selects_among_the_summed_pairs_not_the_dense_shard() -> None:
+    """The shard's top k/L comes from the at most k nonzero pairs of the host's sum: the set a
+    read of the dense shard would give (ties to the lower index), without that read; with fewer
+    pairs than k/L the dense selection decides (zeros enter its top)."""
+    indices = np.array([3, 40, 41, 500, 999])
+    values = np.array([1.0, -5.0, 2.0, 5.0, -0.5], np.float32)
+    shard = np.zeros(1000, np.float32)
+    shard[indices] = values
+
+    def selection(dense: np.ndarray, count: int) -> tuple[list[int], list[float]]:
+        async def between():
+            return select(dense, count, "topk", None, None, 0)
+
+        chosen, chosen_values = asyncio.run(_from_candidates(between(), dense, count, indices, values))
+        return np.asarray(chosen).tolist(), np.asarray(chosen_values).tolist()
+
+    dense_top = top_k(np.arange(1000), shard, 3)
+    assert selection(shard, 3) == (dense_top[0].tolist(), dense_top[1].tolist()) == ([40, 41, 500], [-5.0, 2.0, 5.0])
+    decoy = shard.copy()
+    decoy[7] = 100.0  # not among the pairs: a read of the dense array would pick it
+    assert 7 not in selection(decoy, 3)[0]
+    assert 7 in selection(decoy, 6)[0]  # 6 > 5 pairs: the dense array is read
+
