@@ -17,7 +17,7 @@ from sparsecoll.errors import InvalidArgumentError
 from sparsecoll.torch import CommHookState, comm_hook, init_group
 from sparsecoll.torch.density import Accordion
 from tests.ranks import run_ranks
-from tests.torch.test_optimizer import batch, flat_params, net, train
+from tests.torch.test_optimizer import batch, flat_params, net, train, train_amp_or_plain
 
 
 SGD_STEPS = 5
@@ -207,17 +207,7 @@ def hook_run(sync, scaler, steps: int = 6, tell_hook: bool = True, accordion: bo
                           grad_scaler=scaler if tell_hook else None)
     model.register_comm_hook(state, comm_hook)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    for step in range(steps):
-        optimizer.zero_grad()
-        features, labels = batch(step, 0)
-        loss = torch.nn.functional.cross_entropy(model(features), labels)
-        if scaler is None:
-            loss.backward()
-            optimizer.step()
-        else:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
+    train_amp_or_plain(model, optimizer, range(steps), scaler)
     state.close()
     return flat_params(model), state.state_dict()
 

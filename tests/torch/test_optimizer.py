@@ -36,6 +36,21 @@ def train(model, optimizer, steps: range, rank: int) -> list[float]:
     return losses
 
 
+def train_amp_or_plain(model, optimizer, steps: range, scaler=None) -> None:
+    """``train`` on rank 0's batches, through ``scaler`` (AMP's loss scaling, no autocast) when given."""
+    for step in steps:
+        optimizer.zero_grad()
+        features, labels = batch(step, 0)
+        loss = torch.nn.functional.cross_entropy(model(features), labels)
+        if scaler is None:
+            loss.backward()
+            optimizer.step()
+        else:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+
 def flat_params(model) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
@@ -220,17 +235,7 @@ def test_amp_clips_the_unscaled_gradient() -> None:
             model = net()
             optimizer = SparseCollOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sync,
                                             "gtopk", 0.1, clip_norm=0.05, grad_scaler=scaler)
-            for step in range(3):
-                optimizer.zero_grad()
-                features, labels = batch(step, 0)
-                loss = torch.nn.functional.cross_entropy(model(features), labels)
-                if scaler is None:
-                    loss.backward()
-                    optimizer.step()
-                else:
-                    scaler.scale(loss).backward()
-                    scaler.step(optimizer)
-                    scaler.update()
+            train_amp_or_plain(model, optimizer, range(3), scaler)
             runs.append(flat_params(model))
     assert torch.equal(runs[0], runs[1])
 
