@@ -163,7 +163,8 @@ async def host_reduce_scatter(local: Group, flat: np.ndarray, bounds: list[int],
 
 async def host_sparse_reduce_scatter(local: Group, flat: np.ndarray, bounds: list[int], shards: int, count: int,
                                      method: str, seed: int,
-                                     timeout: float | None) -> tuple[tuple[dict[int, np.ndarray], tuple], CommStats]:
+                                     timeout: float | None
+                                     ) -> tuple[tuple[dict[int, np.ndarray], tuple, dict[int, tuple]], CommStats]:
     """Step 1 of allgather and gTop-k: ({owned shard: the host's sum of its ranks' top-k there,
     as a dense shard}, this rank's own (indices, values), {owned shard: that sum's nonzero
     entries, (indices, values)}).
@@ -349,7 +350,7 @@ async def _two_levels(group: Group, grad: np.ndarray, algorithm: str, ticket: in
         counts = [None] * shards  # threshold and random-k select by their own rule on each shard
     stats = CommStats()
     selected = None  # this rank's own top-k, when step 1 sums selections rather than whole shards
-    candidates: dict[int, tuple] = {}  # the nonzero entries of each owned shard's sum, then
+    candidates: dict[int, tuple] = {}  # each owned shard's host sum as pairs (step 1's sparse path)
     if algorithm in SPARSE_SCATTER and options.get("selection", "topk").startswith("topk"):
         count = resolve_k(size, k, density)
         method = "topk-exact" if options.get("exact") or options.get("selection") == "topk-exact" else "topk"
