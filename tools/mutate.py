@@ -256,7 +256,7 @@ MUTANTS = (
            (("memory_beta, dense_fp16=bool(dense_fp16))", "memory_beta)"),),
            ("tests/torch/test_dense_fp16.py",)),
     Mutant("dense_fp16: an overflowed float16 mean is kept", "sparsecoll/torch/exchange.py",
-           (("    if all_finite(half):\n", "    if True:\n"),),
+           (("    if not all_finite(half):\n", "    if False:\n"),),
            ("tests/torch/test_dense_fp16.py",)),
     Mutant("dense_fp16: the hook drops the option", "sparsecoll/torch/ddp_hook.py",
            (("memory_beta, dense_fp16=bool(dense_fp16))", "memory_beta)"),),
@@ -280,7 +280,7 @@ MUTANTS = (
     Mutant("step flags: a NaN on some rank does not skip the step", "sparsecoll/torch/step_flags.py",
            (("        return overflowed or nonfinite\n", "        return overflowed\n"),),
            ("tests/torch/test_nonfinite.py",)),
-    Mutant("optimizer: clipping measures the gradient before AMP unscales it", "sparsecoll/torch/optimizer.py",
+    Mutant("optimizer: clipping reads the norm before this step's flags measure it", "sparsecoll/torch/optimizer.py",
            (("        local_flags = self._local_flags(stray)  # unscales under AMP: clipping below measures the true norm\n"
              "        prepared = self._prepare_exchange()\n",
              "        prepared = self._prepare_exchange()\n"
@@ -307,6 +307,11 @@ MUTANTS = (
     Mutant("two-level: fewer pairs than the shard's k still preselected", "sparsecoll/collectives/hierarchical.py",
            (("    if indices.size < count:\n", "    if indices.size < 0:\n"),),
            ("tests/collectives/test_hierarchical.py::test_step_two_selects_among_the_summed_pairs_not_the_dense_shard",)),
+    Mutant("step flags: the clipping norm is the loss-scaled gradient's", "sparsecoll/torch/step_flags.py",
+           (("            self.clip_squared_norm = squared_norm([bucket.gradient for bucket in self.buckets])\n",
+             "            self.clip_squared_norm = squared_norm([bucket.gradient for bucket in self.buckets]) * (\n"
+             "                1.0 if grad_scale is None else float(grad_scale) ** 2)\n"),),
+           ("tests/torch/test_optimizer.py::test_amp_clips_the_unscaled_gradient",)),
 )
 
 _IGNORED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis",

@@ -174,14 +174,19 @@ async def _reduce(group: Group, grad: torch.Tensor, memory: ErrorFeedback, compr
             result, stats = await group.reduce_gradient(array, "dense", lazy=lazy, quantize_bits=bits, step=step,
                                                         seed=seed, hierarchical=hierarchical)
             total = to_tensor(result.values, grad)
-        elif compression.dense_fp16 and outgoing.dtype == torch.float32:
-            stats = await mean_in_fp16(group, outgoing, grad)
-            memory.forget()
-            return stats
         else:
+            tried = None  # a float16 attempt whose mean overflowed: its bytes count too
+            if compression.dense_fp16 and outgoing.dtype == torch.float32:
+                tried, fitted = await mean_in_fp16(group, outgoing, grad)
+                if fitted:
+                    memory.forget()
+                    return tried
             in_place = isinstance(array, np.ndarray) and outgoing.device.type == "cpu"
             total, stats = await group.allreduce(array, out=array if in_place else None)
             total = to_tensor(total, grad)
+            if tried is not None:
+                tried += stats
+                stats = tried
         torch.div(total.view_as(grad), group.size, out=grad)
         memory.forget()
         return stats
@@ -215,24 +220,21 @@ async def _reduce(group: Group, grad: torch.Tensor, memory: ErrorFeedback, compr
     return stats
 
 
-async def mean_in_fp16(group: Group, outgoing: torch.Tensor, grad: torch.Tensor) -> CommStats:
+async def mean_in_fp16(group: Group, outgoing: torch.Tensor, grad: torch.Tensor) -> tuple[CommStats, bool]:
     """``grad`` = the mean over ranks of float32 ``outgoing``, reduced as float16 (torch's
     ``fp16_compress_hook``): each rank divides by P while casting, so a sum stays in float16's
-    range where the gradients do. The reduced buffer is the same on every rank, so when it
-    holds an inf (a mean past 65504) every rank sees it and all redo the reduction in float32
-    from ``outgoing``, which the float16 attempt left untouched; the bytes of both count."""
+    range where the gradients do. Returns the call's statistics and whether the mean fitted.
+    The reduced buffer is the same on every rank, so when it holds an inf (a mean past 65504)
+    every rank sees it, leaves ``grad`` as it was and returns False: the caller then reduces
+    ``outgoing``, which this attempt did not touch, in float32."""
     half = torch.empty(outgoing.shape, dtype=torch.float16, device=outgoing.device)
     torch.div(outgoing, group.size, out=half)
     reduced = as_array(half)
     _, stats = await group.allreduce(reduced, out=reduced)
-    if all_finite(half):
-        grad.copy_(half.view_as(grad))
-        return stats
-    exact = as_array(outgoing.clone())
-    total, more = await group.allreduce(exact, out=exact)
-    torch.div(to_tensor(total, grad).view_as(grad), group.size, out=grad)
-    stats += more
-    return stats
+    if not all_finite(half):
+        return stats, False
+    grad.copy_(half.view_as(grad))
+    return stats, True
 
 
 def local_topk(compression: Compression, group: Group, size: int, density: float, step: int) -> int:

@@ -35,7 +35,7 @@ from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.buckets import DEFAULT_BUCKET_BYTES, Bucket, build_buckets, layout_signature, small_parameters
 from sparsecoll.torch.density import DensitySchedule
 from sparsecoll.torch.device_launch import Launch, capture
-from sparsecoll.torch.error_feedback import ErrorFeedback, clip_factor, squared_norm, warmup_density
+from sparsecoll.torch.error_feedback import ErrorFeedback, clip_factor, warmup_density
 from sparsecoll.torch.exchange import Compression, any_rank_flags, check_layout, reduce_buffer, with_hierarchical
 from sparsecoll.torch.overlap import OverlappedSteps, OverlapScheduler, resolve_overlap
 from sparsecoll.torch.replicas import broadcast_tensors, replicated_tensors
@@ -325,11 +325,8 @@ class SparseCollOptimizer(OverlappedSteps, StepFlags, torch.optim.Optimizer):
         factor is never used)."""
         launches = [capture(bucket.flat) for bucket in self.buckets]
         scale = 1.0
-        if self.clip_norm is not None:
-            squared = self.clip_squared_norm  # read with the NaN/inf check (None: AMP overflowed)
-            if squared is None:
-                squared = squared_norm([bucket.gradient for bucket in self.buckets])
-            _, scale = clip_factor(squared, self.clip_norm, self.sync.size)
+        if self.clip_norm is not None and self.clip_squared_norm is not None:  # None: AMP overflowed, no step
+            _, scale = clip_factor(self.clip_squared_norm, self.clip_norm, self.sync.size)  # read with the NaN check
         return _Prepared(launches, scale)
 
     async def _agree_then_exchange(self, local_flags: tuple[bool, bool, bool], prepared: _Prepared,

@@ -224,20 +224,25 @@ def test_amp_overflow_on_one_rank_skips_the_step_everywhere() -> None:
 
 def test_amp_clips_the_unscaled_gradient() -> None:
     """Under a GradScaler the gradients arrive multiplied by the loss scale; local clipping must
-    measure them unscaled, so the steps equal those of the same run without a scaler."""
+    measure them unscaled, so the steps equal those of the same run without a scaler. And each
+    step clips by its own gradient's norm: the first step already differs from an unclipped one."""
     import torch.distributed as dist
 
     from sparsecoll.sync import init_sync_group
 
+    def run(scaler, clip_norm: float | None, steps: int) -> torch.Tensor:
+        model = net()
+        optimizer = SparseCollOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sync,
+                                        "gtopk", 0.1, clip_norm=clip_norm, grad_scaler=scaler)
+        train_amp_or_plain(model, optimizer, range(steps), scaler)
+        return flat_params(model)
+
     with init_sync_group(store=dist.HashStore(), rank=0, world_size=1, timeout=10) as sync:
-        runs = []
-        for scaler in (torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), None):
-            model = net()
-            optimizer = SparseCollOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sync,
-                                            "gtopk", 0.1, clip_norm=0.05, grad_scaler=scaler)
-            train_amp_or_plain(model, optimizer, range(3), scaler)
-            runs.append(flat_params(model))
-    assert torch.equal(runs[0], runs[1])
+        amp = run(torch.amp.GradScaler("cpu", init_scale=2.0 ** 10), 0.05, 3)
+        plain = run(None, 0.05, 3)
+        first_clipped, first_unclipped = run(None, 0.05, 1), run(None, None, 1)
+    assert torch.equal(amp, plain)
+    assert not torch.equal(first_clipped, first_unclipped)
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
