@@ -312,6 +312,20 @@ MUTANTS = (
              "            self.clip_squared_norm = squared_norm([bucket.gradient for bucket in self.buckets]) * (\n"
              "                1.0 if grad_scale is None else float(grad_scale) ** 2)\n"),),
            ("tests/torch/test_optimizer.py::test_amp_clips_the_unscaled_gradient",)),
+    Mutant("dense_fp16 refuses quantize_bits on every algorithm again", "sparsecoll/torch/exchange.py",
+           (('dense_quantized = self.quantize_bits is not None and self.algorithm == "dense"',
+             "dense_quantized = self.quantize_bits is not None"),),
+           ("tests/torch/test_dense_fp16.py::test_a_sparse_algorithm_takes_it_with_quantized_values",)),
+    Mutant("the sparse steps drop quantize_bits", "sparsecoll/torch/exchange.py",
+           (('    if compression.quantize_bits:\n        options["quantize_bits"] = compression.quantize_bits\n',
+             ""),),
+           ("tests/torch/test_dense_fp16.py::test_dense_steps_go_float16_and_sparse_steps_quantized_in_one_run",)),
+    Mutant("the train bench's optimizer rows ignore --quantize-bits", "sparsecoll/bench/train_methods.py",
+           (('                                    quantize_bits=config.get("quantize_bits"),\n', ""),),
+           ("tests/bench/test_train_levers.py::test_accordion_reaches_every_rank_and_spends_dense_bytes_in_critical_epochs",)),
+    Mutant("the train bench's levers leave a plain value in the configuration", "sparsecoll/bench/train.py",
+           (("if key not in plain or value != plain[key]}", "}"),),
+           ("tests/bench/test_train_levers.py::test_configurations_take_each_schedule_and_scale_and_dense_runs_once_plain",)),
 )
 
 _IGNORED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis",

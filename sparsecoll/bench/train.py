@@ -12,6 +12,7 @@ dense run's accuracy less half a point (:mod:`sparsecoll.bench.time_to_accuracy`
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -76,7 +77,7 @@ _AVERAGED = ("bytes_per_step", "steady_bytes_per_step", "wire_bytes_per_step", "
 def run_label(config: dict[str, Any]) -> str:
     """The row's name in the table: "DDP", "DDP fp16", "PowerSGD r4", "opt gtopk", "hook cltk",
     with the levers that set a compressed row apart from the plain one ("opt gtopk accordion lr
-    x1.5 masked fp16-dense"), so that rows the levers multiply stay apart in tables and plots."""
+    x1.5 masked fp16-dense q8"), so that rows the levers multiply stay apart in tables and plots."""
     method = config.get("method", "optimizer")
     if method == "ddp":
         return "DDP"
@@ -91,6 +92,8 @@ def run_label(config: dict[str, Any]) -> str:
         levers.append("masked")
     if config.get("dense_fp16"):
         levers.append("fp16-dense")
+    if config.get("quantize_bits"):
+        levers.append(f"q{config['quantize_bits']}")
     return " ".join([f"{'hook' if method == 'hook' else 'opt'} {config['algorithm']}", *levers])
 
 
@@ -192,32 +195,39 @@ def _add_compression(rows: Sequence[dict[str, Any]]) -> None:
         row["compression"] = dense / steady if dense and steady else None
 
 
+LEVERS: dict[str, tuple[str, Any]] = {
+    "memory_betas": ("memory_beta", None),
+    "schedules": ("density_schedule", "fixed"),
+    "lr_scales": ("lr_scale", 1.0),
+    "maskings": ("momentum_masking", False),
+    "dense_fp16s": ("dense_fp16", False),
+    "quantize_bits": ("quantize_bits", None),
+}
+"""The compressed rows' levers: :func:`parse_configs`'s keyword, the configuration key it sets,
+and the plain value, which the configuration leaves out."""
+
+
 def parse_configs(algorithms: str, densities: str, memory_betas: Sequence[float | None] = (None,),
-                  momentum_correction: bool = True, schedules: Sequence[str] = ("fixed",),
-                  lr_scales: Sequence[float] = (1.0,), maskings: Sequence[bool] = (False,),
-                  dense_fp16s: Sequence[bool] = (False,)) -> list[dict[str, Any]]:
-    """'dense,gtopk,cltk' x '0.01,0.001' (x each memory_beta, density schedule, learning-rate
-    scale, momentum masking and float16 dense steps) to configurations; dense runs once, at
-    density 1 and the plain learning rate. A ``None`` beta is the algorithm's default (ScaleCom's 0.1 for cltk, else 1);
-    ``momentum_correction=False`` feeds error feedback the plain gradient (every configuration)."""
+                  momentum_correction: bool = True, **levers: Sequence[Any]) -> list[dict[str, Any]]:
+    """'dense,gtopk,cltk' x '0.01,0.001' x every lever's values (a keyword of :data:`LEVERS`:
+    memory_betas, schedules, lr_scales, maskings, dense_fp16s, quantize_bits) to configurations;
+    dense runs once, at density 1 and the plain levers. A ``None`` beta is the algorithm's
+    default (ScaleCom's 0.1 for cltk, else 1); ``momentum_correction=False`` feeds error feedback
+    the plain gradient (every configuration)."""
+    unknown = sorted(set(levers) - set(LEVERS))
+    if unknown:
+        raise TypeError(f"parse_configs: unknown levers {unknown}; choose from {sorted(LEVERS)}")
+    levers = {"memory_betas": memory_betas, **levers}
     names, values = parse_list(algorithms), parse_list(densities, float)
-    pairs = [(name, 1.0, None, "fixed", 1.0, False, False) for name in names if name == "dense"] + [
-        (name, density, beta, schedule, scale, masking, fp16) for density in values for name in names
-        if name != "dense" for beta in memory_betas for schedule in schedules for scale in lr_scales
-        for masking in maskings for fp16 in dense_fp16s]
+    keys = [LEVERS[lever][0] for lever in LEVERS if lever in levers]
+    choices = [levers[lever] for lever in LEVERS if lever in levers]
+    plain = {key: default for key, default in LEVERS.values()}
+    rows = [{"algorithm": name, "density": 1.0} for name in names if name == "dense"] + [
+        {"algorithm": name, "density": density, **dict(zip(keys, chosen))}
+        for density in values for name in names if name != "dense" for chosen in itertools.product(*choices)]
     configs = []
-    for name, density, beta, schedule, scale, masking, fp16 in pairs:
-        config: dict[str, Any] = {"algorithm": name, "density": density}
-        if masking:
-            config["momentum_masking"] = True
-        if fp16:
-            config["dense_fp16"] = True
-        if beta is not None:
-            config["memory_beta"] = beta
-        if schedule != "fixed":
-            config["density_schedule"] = schedule
-        if scale != 1.0:
-            config["lr_scale"] = scale
+    for row in rows:
+        config = {key: value for key, value in row.items() if key not in plain or value != plain[key]}
         if not momentum_correction:
             config["momentum_correction"] = False
         configs.append(config)

@@ -84,6 +84,11 @@ def train_command(
         "--warmup-wire", metavar="LIST", help="fp32 (the default) or fp16: the compressed rows' dense steps "
                                               "(the warm-up's first, dense buckets) sent as float16, as "
                                               "torch's fp16 hook does; fp32,fp16 runs each row both ways")] = "fp32",
+    quantize_bits: Annotated[str, typer.Option(
+        "--quantize-bits", metavar="LIST", help="0 (the default: float32 values) or 1, 2, 4, 8: the compressed "
+                                                "rows' sparse values quantized (stochastic, per block of 256, "
+                                                "error feedback keeps the rounding); 0,8 runs each row both "
+                                                "ways")] = "0",
     backend: Backend = "tcp",
     link: Link = None,
     json_file: Annotated[str | None, typer.Option("--json", metavar="FILE", help="also write every row and field "
@@ -120,6 +125,7 @@ def train_command(
         lr_scales = checks.positives("--lr-scale", lr_scale)
         maskings = [choice == "on" for choice in checks.choices("--momentum-masking", momentum_masking, ("off", "on"))]
         dense_fp16s = [choice == "fp16" for choice in checks.choices("--warmup-wire", warmup_wire, ("fp32", "fp16"))]
+        bits = checks.quantize_bits("--quantize-bits", quantize_bits)
         checks.backend(backend)
         checks.link(link)
         from sparsecoll.bench import train  # after the checks: it loads torch
@@ -128,7 +134,8 @@ def train_command(
         if partial and os.path.exists(partial):
             os.remove(partial)
         configs = configurations(baselines, algorithms, densities, hooks, betas, not no_momentum_correction,
-                                 schedules, lr_scales, maskings, dense_fp16s)
+                                 schedules=schedules, lr_scales=lr_scales, maskings=maskings,
+                                 dense_fp16s=dense_fp16s, quantize_bits=bits)
         starting(world_size(ranks))
         with status(f"training {len(configs)} configurations ({model})..."):
             rows = train.run(dataset, ranks, configs, epochs=epochs, batch=batch, lr=lr, hidden=hidden, seed=seed,
@@ -153,17 +160,14 @@ def train_command(
 
 
 def configurations(baselines: str, algorithms: str, densities: str, hooks: str, betas: Sequence[float | None],
-                   momentum_correction: bool, schedules: Sequence[str] = ("fixed",),
-                   lr_scales: Sequence[float] = (1.0,), maskings: Sequence[bool] = (False,),
-                   dense_fp16s: Sequence[bool] = (False,)) -> list[dict[str, Any]]:
+                   momentum_correction: bool, **levers: Sequence[Any]) -> list[dict[str, Any]]:
     """Every row's configuration, in table order: torch's baselines, the optimizer's, the hook's
-    (density schedules and learning-rate scales are the optimizer's levers: the hook rows take
-    its fixed-density rows)."""
+    (``levers`` are :data:`sparsecoll.bench.train.LEVERS`' keywords; density schedules and
+    learning-rate scales are the optimizer's levers: the hook rows take its fixed-density rows)."""
     from sparsecoll.bench import train
 
     optimizer = train.parse_configs(algorithms, densities, betas, momentum_correction=momentum_correction,
-                                    schedules=schedules, lr_scales=lr_scales, maskings=maskings,
-                                    dense_fp16s=dense_fp16s)
+                                    **levers)
     plain = [config for config in optimizer if "density_schedule" not in config and "lr_scale" not in config]
     return [*train.parse_baselines(baselines), *optimizer, *train.hook_configs(plain, hooks)]
 

@@ -123,12 +123,14 @@ def _optimizer(model: Any, sync: Any, config: dict[str, Any], hyper: Hyper) -> S
                                     warmup_steps=warmup_steps if algorithm != "dense" else 0,
                                     seed=hyper.seed, residual_dtype=residual_dtype,
                                     dense_fp16=config.get("dense_fp16", False),
+                                    quantize_bits=config.get("quantize_bits"),
                                     **config.get("optimizer_options", {}))
     info = {"error_feedback_used": bool(optimizer.compression.error_feedback),
             "memory_beta_used": optimizer.compression.filter_factor(),
             "momentum_correction_used": bool(optimizer.momentum_correction),
             "momentum_masking_used": optimizer.momentum_masking if optimizer.momentum_correction else None,
-            "dense_fp16_used": optimizer.compression.dense_fp16}
+            "dense_fp16_used": optimizer.compression.dense_fp16,
+            "quantize_bits_used": optimizer.compression.quantize_bits}
     return StepMethod(model, model, optimizer, info, lambda: optimizer.last_stats.bytes_sent)
 
 
@@ -171,13 +173,15 @@ def _ddp(method: str, model: Any, sync: Any, config: dict[str, Any], hyper: Hype
                               error_feedback=config.get("error_feedback"), memory_beta=config.get("memory_beta"),
                               momentum_masking=config.get("momentum_masking", False),
                               dense_fp16=config.get("dense_fp16", False),
+                              quantize_bits=config.get("quantize_bits"),
                               **config.get("hook_options", {}))
         wrapped.register_comm_hook(state, comm_hook)
         momentum = 0.0 if corrected else MOMENTUM  # with momentum correction the hook keeps it (DGC)
         info = {"error_feedback_used": bool(state.compression.error_feedback),
                 "memory_beta_used": state.compression.filter_factor(), "momentum_correction_used": corrected,
                 "momentum_masking_used": state.momentum_masking if corrected else None,
-                "dense_fp16_used": state.compression.dense_fp16}
+                "dense_fp16_used": state.compression.dense_fp16,
+                "quantize_bits_used": state.compression.quantize_bits}
         last_bytes = lambda: sum(stats.bytes_sent for stats in state.last_stats.values())  # noqa: E731
         close = state.close
         sparse_step = True

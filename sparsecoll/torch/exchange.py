@@ -61,7 +61,9 @@ class Compression:
     dense_fp16: bool = False
     """Plain dense reductions of float32 buckets (warm-up steps denser than ``dense_above``, dense
     buckets, the "dense" algorithm) travel as float16, as torch's ``fp16_compress_hook`` sends
-    them: half the bytes. A mean that overflows float16 is redone in float32 on every rank."""
+    them: half the bytes. A mean that overflows float16 is redone in float32 on every rank.
+    With a sparse algorithm it combines with ``quantize_bits``, which then quantizes the sparse
+    steps' values while the dense steps go as float16."""
 
     def filter_factor(self) -> float:
         """The memory_beta in force: the given one, else the algorithm's default."""
@@ -105,9 +107,10 @@ class Compression:
             raise ValueError(f"hierarchical=True runs {list(HIERARCHICAL_ALGORITHMS)} without quantize_bits, "
                              f"not {self.algorithm!r}" + (" with quantize_bits" if self.quantize_bits else "")
                              + " (use hierarchical='auto' to go two-level only where it can)")
-        if self.dense_fp16 and (self.quantize_bits is not None or self.options.get("hierarchical") is True):
+        dense_quantized = self.quantize_bits is not None and self.algorithm == "dense"
+        if self.dense_fp16 and (dense_quantized or self.options.get("hierarchical") is True):
             raise ValueError("dense_fp16 sends the flat dense allreduce as float16; it does not combine with "
-                             + ("quantize_bits (another wire format)" if self.quantize_bits is not None
+                             + ("quantize_bits on the dense algorithm (LAQ's wire format)" if dense_quantized
                                 else "hierarchical=True (two-level reductions stay float32)"))
         if self.error_feedback is None:  # the default: on for contractive compressors only
             self.error_feedback = not self.unbiased()

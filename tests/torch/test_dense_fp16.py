@@ -32,6 +32,18 @@ def fp16_rank(rank: int, world: int) -> dict:
             mean = torch.cat([param.grad.reshape(-1) for param in model.parameters()])
             outcome[fp16] = (optimizer.last_stats.bytes_sent, mean.numpy().copy(), flat_params(model).numpy().copy(),
                              local.numpy())
+        for bits in (None, 8):  # float16 dense steps beside quantized sparse ones
+            model = net(hidden=2048)  # 24.6k parameters: the values outweigh the frames' headers
+            optimizer = SparseCollOptimizer(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), sync,
+                                            "allgather", 0.01, warmup_steps=2, dense_fp16=True, quantize_bits=bits)
+            sent = []
+            for step in range(3):  # densities 1 (dense), 0.1 and 0.01 (sparse)
+                model.zero_grad()
+                features, labels = batch(step, rank)
+                torch.nn.functional.cross_entropy(model(features), labels).backward()
+                optimizer.step()
+                sent.append(optimizer.last_stats.bytes_sent)
+            outcome[("quantized", bits)] = (sent, flat_params(model).numpy().copy())
         gradient = torch.full((1000,), 0.5)
         if rank == 1:
             gradient[OVERFLOW_AT] = HUGE  # its mean, (HUGE + 0.5) / 2, is past float16's 65504
@@ -77,6 +89,22 @@ def test_it_refuses_another_wire_format_or_two_levels(other: dict) -> None:
     with pytest.raises(ValueError, match="dense_fp16"):
         Compression("dense", 1.0, dense_fp16=True, quantize_bits=other.get("quantize_bits"),
                     options={"hierarchical": True} if "hierarchical" in other else {}).validate()
+
+
+@pytest.mark.parametrize("algorithm", ["allgather", "gtopk", "cltk"])
+def test_a_sparse_algorithm_takes_it_with_quantized_values(algorithm: str) -> None:
+    Compression(algorithm, 0.01, dense_fp16=True, quantize_bits=8).validate()
+
+
+def test_dense_steps_go_float16_and_sparse_steps_quantized_in_one_run(per_rank) -> None:
+    plain, _ = per_rank[0][("quantized", None)]
+    quantized, _ = per_rank[0][("quantized", 8)]
+    assert quantized[0] == plain[0]  # the dense step: float16 either way, 2 bytes a value
+    assert 24_000 * 2 < plain[0] < 24_000 * 3
+    # the sparse steps: 8-bit values (plus a scale a block) instead of 32-bit; at 10% density
+    # the pairs dominate, at 1% the dense float16 biases do
+    assert quantized[1] < 0.7 * plain[1] and quantized[2] < plain[2], (quantized, plain)
+    assert np.array_equal(per_rank[0][("quantized", 8)][1], per_rank[1][("quantized", 8)][1])
 
 
 def test_the_optimizer_refuses_it_with_lazy_rounds() -> None:
