@@ -129,3 +129,9 @@ ERRORS_BY_CODE: dict[int, type[SparseCollError]] = {
 }
 
 __all__ = [cls.__name__ for cls in ERRORS_BY_CODE.values()] + ["ERRORS_BY_CODE"]
+
+
+class PerBucketDensityWarning(UserWarning):
+    """DDP split the gradient into several buckets and the comm hook compresses each on its own:
+    a top-k per bucket at the density, not one over the model, which can cost accuracy at low
+    density (see :class:`sparsecoll.torch.CommHookState`)."""

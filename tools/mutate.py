@@ -326,6 +326,15 @@ MUTANTS = (
     Mutant("the train bench's levers leave a plain value in the configuration", "sparsecoll/bench/train.py",
            (("if key not in plain or value != plain[key]}", "}"),),
            ("tests/bench/test_train_levers.py::test_configurations_take_each_schedule_and_scale_and_dense_runs_once_plain",)),
+    Mutant("the hook warns of split buckets every iteration", "sparsecoll/torch/ddp_hook.py",
+           (("        self._warned_split = True\n", ""),),
+           ("tests/torch/test_ddp_hook.py::test_split_buckets_warn_once_that_each_is_compressed_on_its_own",)),
+    Mutant("the hook never warns of split buckets", "sparsecoll/torch/ddp_hook.py",
+           (("    if compressed and index > 0 and bucket.is_last():", "    if compressed and index < 0:"),),
+           ("tests/torch/test_ddp_hook.py::test_split_buckets_warn_once_that_each_is_compressed_on_its_own",)),
+    Mutant("the bench's hook rows keep DDP's buckets", "sparsecoll/bench/train.py",
+           (('                config.setdefault("one_bucket", True)', '                config.setdefault("one_bucket", False)'),),
+           ("tests/bench/test_train_baselines.py::test_ddp_powersgd_and_sparsecoll_rows_train_the_same_model_in_one_run",)),
 )
 
 _IGNORED = shutil.ignore_patterns(".git", ".venv", "__pycache__", ".pytest_cache", ".hypothesis",

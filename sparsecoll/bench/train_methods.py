@@ -143,8 +143,11 @@ def _ddp(method: str, model: Any, sync: Any, config: dict[str, Any], hyper: Hype
 
     # gradient_as_bucket_view: .grad is a view of DDP's bucket, so the reduced bucket need not be
     # copied back into every .grad (torch's advice for any comm hook; the same for every DDP row)
+    # one bucket: PowerSGD's hook over Gloo (see README), and the sparsecoll hook's rows where
+    # accuracy is measured, which compress each bucket on its own (PerBucketDensityWarning)
+    one_bucket = method == "powersgd" or config.get("one_bucket", False)
     wrapped = DistributedDataParallel(model, gradient_as_bucket_view=True,
-                                      **({"bucket_cap_mb": one_bucket_mb(model)} if method == "powersgd" else {}))
+                                      **({"bucket_cap_mb": one_bucket_mb(model)} if one_bucket else {}))
     numel = sum(parameter.numel() for parameter in model.parameters())
     element = next(model.parameters()).element_size()
     info: dict[str, Any] = {}
@@ -181,7 +184,7 @@ def _ddp(method: str, model: Any, sync: Any, config: dict[str, Any], hyper: Hype
                 "memory_beta_used": state.compression.filter_factor(), "momentum_correction_used": corrected,
                 "momentum_masking_used": state.momentum_masking if corrected else None,
                 "dense_fp16_used": state.compression.dense_fp16,
-                "quantize_bits_used": state.compression.quantize_bits}
+                "quantize_bits_used": state.compression.quantize_bits, "one_bucket": one_bucket}
         last_bytes = lambda: sum(stats.bytes_sent for stats in state.last_stats.values())  # noqa: E731
         close = state.close
         sparse_step = True

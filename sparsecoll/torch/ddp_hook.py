@@ -17,6 +17,9 @@ default, as for SparseCollOptimizer).
 from concurrent.futures import Future as ConcurrentFuture
 from typing import Any
 
+import math
+import warnings
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -27,7 +30,7 @@ from sparsecoll.sync import SyncGroup
 from sparsecoll.torch.density import DensitySchedule
 from sparsecoll.torch.device_launch import capture, future_devices, launching
 from sparsecoll.torch.error_feedback import ErrorFeedback, warmup_density
-from sparsecoll.errors import InvalidArgumentError, NonFiniteGradientError
+from sparsecoll.errors import InvalidArgumentError, NonFiniteGradientError, PerBucketDensityWarning
 from sparsecoll.torch.exchange import Compression, all_finite, any_rank_flags, reduce_buffer, with_hierarchical
 from sparsecoll.torch.overlap import wait_all
 from sparsecoll.torch.sparse_update import sgd_at, sparse_sgd_applies
@@ -77,7 +80,7 @@ class CommHookState:
                  "iteration", "memories", "algorithm_states", "last_stats", "skip_nonfinite", "skipped_steps", "residual_dtype",
                  "momentum_masking", "_lanes", "_in_flight", "_names", "_layouts", "_saved", "_skipped_at", "density_schedule", "_scheduled",
                  "_bucket_params", "sparse_steps", "_saved_algorithm",
-                 "grad_scaler", "_loss_scale", "_scale_read_at")
+                 "grad_scaler", "_loss_scale", "_scale_read_at", "_warned_split")
 
     def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: "float | DensitySchedule" = 0.001, *,
                  quantize_bits: int | None = None, error_feedback: bool | None = None, momentum: float = 0.0,
@@ -138,6 +141,27 @@ class CommHookState:
         self._loss_scale: float | None = None
         """The loss scale the residuals and momenta are in (None: none kept yet, or no scaler)."""
         self._scale_read_at = -1
+        self._warned_split = False
+
+    def warn_split_buckets(self, buckets: int) -> None:
+        """Warn once that DDP reduces the model in ``buckets`` buckets, each compressed on its
+        own at the density: a top-k per bucket, not over the model. On the MNIST CNN at 0.1%
+        that ended 5 points lower than one bucket (87.2% against 93.1%, and 92.0% against 94.2%
+        at 1%), since a bucket of small gradients gets as large a share of k as one of large
+        gradients. One bucket (``bucket_cap_mb`` above the model's size, which also caps DDP's
+        first bucket) selects over the whole model, at the cost of starting the reduction after
+        backward."""
+        compression = self.compression
+        if self._warned_split or compression.algorithm == "dense" or compression.density >= compression.dense_above:
+            return
+        self._warned_split = True
+        size = sum(param.numel() * param.element_size() for iteration, params in self._bucket_params.values()
+                   if iteration == self.iteration for param in params)
+        warnings.warn(PerBucketDensityWarning(
+            f"DDP reduces this model in {buckets} buckets and the sparsecoll hook compresses each on its "
+            f"own at density {compression.density:g} (a top-k per bucket, not over the model), which can "
+            f"cost accuracy at low density; for one bucket give DistributedDataParallel "
+            f"bucket_cap_mb={math.ceil(size / 2**20) + 1}"), stacklevel=3)
 
     def follow_loss_scale(self) -> None:
         """Under AMP the buckets hold gradients times the loss scale, and so do the residuals and
@@ -349,6 +373,8 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     memory = state.memory_for(index, work, bucket.parameters())
     state._bucket_params[index] = (state.iteration, list(bucket.parameters()))
     compressed = state.iteration >= state.start_iter
+    if compressed and index > 0 and bucket.is_last():
+        state.warn_split_buckets(index + 1)
     iteration = state.iteration
     local_nonfinite = not all_finite(work)
     lane = state.lane(index)

@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from sparsecoll.errors import InvalidArgumentError
+from sparsecoll.errors import InvalidArgumentError, PerBucketDensityWarning
 from sparsecoll.torch import CommHookState, comm_hook, init_group
 from sparsecoll.torch.density import Accordion
 from tests.ranks import run_ranks
@@ -48,6 +48,19 @@ def sgd_step_run(sync, rank: int, sparse_step: bool, momentum: float = 0.0, inje
     return {"params": params, "stepped": stepped}
 
 
+def split_warnings(sync, rank: int, algorithm: str, bucket_cap_mb: float | None) -> list[str]:
+    """The PerBucketDensityWarnings of 3 iterations with DDP's buckets capped at ``bucket_cap_mb``
+    (0.0005: a bucket a layer or two; None: one bucket for the whole model)."""
+    model = DistributedDataParallel(net(hidden=64), bucket_cap_mb=bucket_cap_mb or 1)
+    state = CommHookState(sync, algorithm, 0.01 if algorithm != "dense" else 1.0)
+    model.register_comm_hook(state, comm_hook)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(model, torch.optim.SGD(model.parameters(), lr=0.1), range(3), rank)
+    state.close()
+    return [str(warning.message) for warning in caught if warning.category is PerBucketDensityWarning]
+
+
 def ddp_rank(rank: int, world: int) -> dict:
     torch.set_num_threads(1)
     dist.init_process_group("gloo")  # env://, the launcher's store, as under torchrun
@@ -73,6 +86,8 @@ def ddp_rank(rank: int, world: int) -> dict:
                                    "momentum_dense": sgd_step_run(sync, rank, False, momentum=0.5),
                                    "momentum_sparse": sgd_step_run(sync, rank, True, momentum=0.5),
                                    "nan": sgd_step_run(sync, rank, True, inject_nan=True)}
+            results["split_warnings"] = {case: split_warnings(sync, rank, *case)
+                                         for case in (("gtopk", 0.0005), ("gtopk", None), ("dense", 0.0005))}
     finally:
         dist.destroy_process_group()
     return results
@@ -245,3 +260,12 @@ def test_residuals_follow_the_loss_scale_as_amp_changes_it(accordion: bool) -> N
     if accordion:  # its norms are of the unscaled gradients: the same decisions, and a switch among them
         assert saved["density_schedule"]["history"] == plain_saved["density_schedule"]["history"]
         assert len({critical for *_, critical in plain_saved["density_schedule"]["history"]}) == 2
+
+
+def test_split_buckets_warn_once_that_each_is_compressed_on_its_own(ddp_ranks: list[dict]) -> None:
+    for outcome in ddp_ranks:
+        split = outcome["split_warnings"]
+        assert len(split[("gtopk", 0.0005)]) == 1, split  # once, though 2 compressed iterations saw it
+        message = split[("gtopk", 0.0005)][0]
+        assert "buckets" in message and "density 0.01" in message and "bucket_cap_mb=2" in message, message
+        assert split[("gtopk", None)] == [] and split[("dense", 0.0005)] == []
