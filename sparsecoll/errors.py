@@ -109,6 +109,12 @@ class NonFiniteGradientError(SparseCollError, ArithmeticError):
     code = 13
 
 
+class PerBucketDensityWarning(UserWarning):
+    """A warning, not an error: DDP split the gradient into several buckets and the comm hook
+    compresses each on its own, a top-k per bucket at the density rather than one over the
+    model, which can cost accuracy at low density (see :class:`sparsecoll.torch.CommHookState`)."""
+
+
 ERRORS_BY_CODE: dict[int, type[SparseCollError]] = {
     cls.code: cls
     for cls in (
@@ -128,10 +134,4 @@ ERRORS_BY_CODE: dict[int, type[SparseCollError]] = {
     )
 }
 
-__all__ = [cls.__name__ for cls in ERRORS_BY_CODE.values()] + ["ERRORS_BY_CODE"]
-
-
-class PerBucketDensityWarning(UserWarning):
-    """DDP split the gradient into several buckets and the comm hook compresses each on its own:
-    a top-k per bucket at the density, not one over the model, which can cost accuracy at low
-    density (see :class:`sparsecoll.torch.CommHookState`)."""
+__all__ = [cls.__name__ for cls in ERRORS_BY_CODE.values()] + ["ERRORS_BY_CODE", "PerBucketDensityWarning"]

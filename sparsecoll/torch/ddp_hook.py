@@ -14,11 +14,10 @@ default, as for SparseCollOptimizer).
 """
 
 # no ``from __future__ import annotations``: DDP checks the hook's annotations as objects
-from concurrent.futures import Future as ConcurrentFuture
-from typing import Any
-
 import math
 import warnings
+from concurrent.futures import Future as ConcurrentFuture
+from typing import Any
 
 import numpy as np
 import torch
@@ -143,7 +142,7 @@ class CommHookState:
         self._scale_read_at = -1
         self._warned_split = False
 
-    def warn_split_buckets(self, buckets: int) -> None:
+    def _warn_split_buckets(self, buckets: int) -> None:
         """Warn once that DDP reduces the model in ``buckets`` buckets, each compressed on its
         own at the density: a top-k per bucket, not over the model. On the MNIST CNN at 0.1%
         that ended 5 points lower than one bucket (87.2% against 93.1%, and 92.0% against 94.2%
@@ -374,7 +373,7 @@ def comm_hook(state: CommHookState, bucket: dist.GradBucket) -> torch.futures.Fu
     state._bucket_params[index] = (state.iteration, list(bucket.parameters()))
     compressed = state.iteration >= state.start_iter
     if compressed and index > 0 and bucket.is_last():
-        state.warn_split_buckets(index + 1)
+        state._warn_split_buckets(index + 1)
     iteration = state.iteration
     local_nonfinite = not all_finite(work)
     lane = state.lane(index)
