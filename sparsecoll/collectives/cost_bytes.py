@@ -14,6 +14,7 @@ lies; step 2, the bytes between hosts, does not).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -27,9 +28,9 @@ from sparsecoll.wire import HEADER_SIZE, index_dtype, sparse_payload_size
 SKETCH_ROWS = 5
 """Rows of sketch_allreduce's count sketch (its default)."""
 TWO_LEVEL_ALGORITHMS = ("dense", "allgather", "gtopk", "cltk")
+"""What :mod:`sparsecoll.collectives.hierarchical` runs in two levels."""
 BYTE_FORMULAS = ("dense", "allgather", "gtopk", "cltk", "sketch", "oktopk")
 """What :func:`bytes_sent` has a formula for: every builtin algorithm."""
-"""What :mod:`sparsecoll.collectives.hierarchical` runs in two levels."""
 
 
 def _frames(nbytes: int) -> int:
@@ -64,23 +65,25 @@ def dense_bytes(ranks: int, count: int, itemsize: int = 4) -> float:
     return ring_bytes(ranks, count, itemsize)
 
 
-def pair_frame(k: int, size: int, itemsize: int = 4) -> int:
-    """One frame of k (index, value) pairs of a ``size``-element gradient."""
-    return HEADER_SIZE + sparse_payload_size(k, size, np.dtype(f"f{itemsize}"), None)
+def pair_frame(k: int, size: int, itemsize: int = 4, bits: int | None = None) -> int:
+    """One frame of k (index, value) pairs of a ``size``-element gradient (values quantized to
+    ``bits`` when given)."""
+    return HEADER_SIZE + sparse_payload_size(k, size, np.dtype(f"f{itemsize}"), bits)
 
 
-def bytes_sent(algorithm: str, ranks: int, size: int, k: int, itemsize: int = 4) -> float:
-    """Mean bytes a rank sends in one flat call of ``algorithm`` (see the module docstring)."""
+def bytes_sent(algorithm: str, ranks: int, size: int, k: int, itemsize: int = 4, bits: int | None = None) -> float:
+    """Mean bytes a rank sends in one flat call of ``algorithm`` (see the module docstring);
+    ``bits`` (allgather and gTop-k): their pairs' values quantized."""
     if ranks == 1:
         return 0.0
     if algorithm == "dense":
         return dense_bytes(ranks, size, itemsize)
     if algorithm == "allgather":  # every block forwarded P-1 times around the ring
-        return (ranks - 1) * pair_frame(k, size, itemsize)
+        return (ranks - 1) * pair_frame(k, size, itemsize, bits)
     if algorithm == "gtopk":
         plan = DoublingPlan(0, ranks)
         mask = plan.extra * (HEADER_SIZE + (k + 7) // 8) / ranks
-        return _doubling_messages(ranks) * pair_frame(k, size, itemsize) + mask
+        return _doubling_messages(ranks) * pair_frame(k, size, itemsize, bits) + mask
     if algorithm == "cltk":  # the leader's indices down a chain (P-1 senders), then a ring of k values
         indices = k * index_dtype(size).itemsize
         return (ranks - 1) * (indices + HEADER_SIZE * _frames(indices)) / ranks + ring_bytes(ranks, k, itemsize)
@@ -93,6 +96,35 @@ def bytes_sent(algorithm: str, ranks: int, size: int, k: int, itemsize: int = 4)
         return 3 * (ranks - 1) / ranks * (index_dtype(size).itemsize + itemsize) * k \
             + frames * (8 + HEADER_SIZE) + counts
     raise InvalidArgumentError(f"no byte formula for {algorithm!r}")
+
+
+BREAK_EVEN_ALGORITHMS = ("allgather", "gtopk")
+"""What :func:`sparse_break_even` prices: the algorithms whose pairs can outweigh a dense
+allreduce at a warm-up's densities (their bytes grow with k times P - 1, or log P)."""
+
+
+@functools.lru_cache(maxsize=256)
+def sparse_break_even(algorithm: str, ranks: int, size: int, itemsize: int = 4, dense_itemsize: int | None = None,
+                      bits: int | None = None) -> float | None:
+    """The largest density at which one flat call of ``algorithm`` sends no more bytes a rank
+    than the dense allreduce of the same ``size`` values (sent as ``dense_itemsize``-byte
+    values, default ``itemsize``): above it the sparse call is the dearer one. None for an
+    algorithm outside :data:`BREAK_EVEN_ALGORITHMS`. Allgather's pairs cross P - 1 links, so
+    with float32 values it breaks even at 1/P (0.25 at P = 4, 0.03 at P = 32), half that
+    against a float16 dense allreduce."""
+    if algorithm not in BREAK_EVEN_ALGORITHMS:
+        return None
+    if ranks == 1 or size == 0:
+        return 1.0
+    dense = dense_bytes(ranks, size, dense_itemsize or itemsize)
+    low, high = 0, size  # bytes grow with k: the largest k within the dense bytes
+    while low < high:
+        middle = (low + high + 1) // 2
+        if bytes_sent(algorithm, ranks, size, middle, itemsize, bits) <= dense:
+            low = middle
+        else:
+            high = middle - 1
+    return low / size
 
 
 @dataclass(frozen=True)

@@ -84,7 +84,7 @@ class CommHookState:
     def __init__(self, group: SyncGroup, algorithm: str = "gtopk", density: "float | DensitySchedule" = 0.001, *,
                  quantize_bits: int | None = None, error_feedback: bool | None = None, momentum: float = 0.0,
                  nesterov: bool = False, momentum_masking: bool = False, warmup_steps: int = 0, start_iter: int = 1,
-                 dense_above: float = 0.25, seed: int = 0,
+                 dense_above: float | str = "auto", seed: int = 0,
                  algorithm_options: dict[str, Any] | None = None, module: Any = None,
                  memory_beta: float | None = None, skip_nonfinite: bool = True,
                  residual_dtype: torch.dtype | None = None, hierarchical: bool | str = False,
@@ -102,7 +102,7 @@ class CommHookState:
         if self.density_schedule is not None:
             density = self.density_schedule.sparsest
         self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
-                                       float(dense_above), int(seed), with_hierarchical(algorithm_options, hierarchical),
+                                       dense_above, int(seed), with_hierarchical(algorithm_options, hierarchical),
                                        memory_beta, dense_fp16=bool(dense_fp16))
         self.compression.validate()
         self.momentum = float(momentum)
@@ -151,11 +151,14 @@ class CommHookState:
         first bucket) selects over the whole model, at the cost of starting the reduction after
         backward."""
         compression = self.compression
-        if self._warned_split or compression.algorithm == "dense" or compression.density >= compression.dense_above:
+        params = [param for iteration, bucket in self._bucket_params.values() if iteration == self.iteration
+                  for param in bucket]
+        numel = sum(param.numel() for param in params)
+        size = sum(param.numel() * param.element_size() for param in params)
+        if (self._warned_split or compression.algorithm == "dense"
+                or compression.density >= compression.dense_cut(self.group.size, numel, size // max(numel, 1))):
             return
         self._warned_split = True
-        size = sum(param.numel() * param.element_size() for iteration, params in self._bucket_params.values()
-                   if iteration == self.iteration for param in params)
         warnings.warn(PerBucketDensityWarning(
             f"DDP reduces this model in {buckets} buckets and the sparsecoll hook compresses each on its "
             f"own at density {compression.density:g} (a top-k per bucket, not over the model), which can "

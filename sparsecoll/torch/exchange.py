@@ -16,6 +16,7 @@ import torch
 
 from sparsecoll import registry
 from sparsecoll.call import CommStats
+from sparsecoll.collectives.cost_bytes import sparse_break_even
 from sparsecoll.collectives.cost_model import QUANTIZE_BITS
 from sparsecoll.collectives.hierarchical import HIERARCHICAL_ALGORITHMS, check_mode
 from sparsecoll.collectives.lazy import LazyState
@@ -29,6 +30,10 @@ from sparsecoll.torch.device_launch import Launch, capture, launching
 from sparsecoll.torch.error_feedback import ErrorFeedback
 from sparsecoll.transport.staging import using_staging
 
+AUTO_DENSE_ABOVE = 0.25
+"""The most ``dense_above="auto"`` allows: a warm-up step denser than this reduces dense even
+where its pairs would cost fewer bytes (DGC's warm-up starts dense; at P = 4 a float32
+allgather breaks even here)."""
 SCALECOM_BETA = 0.1
 """ScaleCom's low-pass filter factor for CLT-k (Chen et al. 2020, their experiments' beta)."""
 
@@ -51,7 +56,10 @@ class Compression:
     density: float = 0.001
     quantize_bits: int | None = None
     error_feedback: bool | None = True
-    dense_above: float = 0.25
+    dense_above: float | str = "auto"
+    """Steps denser than this (the warm-up's first) reduce dense. "auto": where the sparse call
+    would send more bytes than the dense allreduce (:meth:`dense_cut`), at most
+    :data:`AUTO_DENSE_ABOVE`."""
     seed: int = 0
     options: dict = field(default_factory=dict)
     """Extra keyword options of the algorithm (a registered compressor's factory arguments)."""
@@ -64,6 +72,18 @@ class Compression:
     them: half the bytes. A mean that overflows float16 is redone in float32 on every rank.
     With a sparse algorithm it combines with ``quantize_bits``, which then quantizes the sparse
     steps' values while the dense steps go as float16."""
+
+    def dense_cut(self, ranks: int, size: int, itemsize: int = 4) -> float:
+        """The density above which a step of a ``size``-element bucket of ``itemsize``-byte
+        values on ``ranks`` ranks reduces dense: ``dense_above``, or for "auto" the byte
+        break-even of the algorithm's pairs (quantized with ``quantize_bits``) against the dense
+        allreduce (float16 with ``dense_fp16`` and float32 values), at most AUTO_DENSE_ABOVE; an
+        algorithm without a formula takes AUTO_DENSE_ABOVE."""
+        if self.dense_above != "auto":
+            return float(self.dense_above)
+        dense_itemsize = 2 if self.dense_fp16 and itemsize == 4 else itemsize
+        even = sparse_break_even(self.algorithm, ranks, size, itemsize, dense_itemsize, self.quantize_bits)
+        return AUTO_DENSE_ABOVE if even is None else min(even, AUTO_DENSE_ABOVE)
 
     def filter_factor(self) -> float:
         """The memory_beta in force: the given one, else the algorithm's default."""
@@ -93,8 +113,8 @@ class Compression:
                              "register one with sparsecoll.register_collective or register_compressor")
         if not 0.0 < self.density <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
-        if not 0.0 < self.dense_above <= 1.0:
-            raise ValueError(f"dense_above must be in (0, 1], got {self.dense_above}")
+        if self.dense_above != "auto" and (isinstance(self.dense_above, str) or not 0.0 < self.dense_above <= 1.0):
+            raise ValueError(f"dense_above must be 'auto' or in (0, 1], got {self.dense_above!r}")
         if self.quantize_bits is not None and not builtin:
             raise ValueError(f"quantize_bits applies to the builtin algorithms, not {self.algorithm!r} "
                              "(a registered compressor quantizes itself)")
@@ -131,7 +151,8 @@ async def reduce_buffer(group: Group, grad: torch.Tensor, memory: ErrorFeedback,
     result then clears the entries the previous sparse result left in ``grad`` (k writes instead
     of zeroing the whole buffer), unless ``grad`` was written since (its version moved).
 
-    Dense buffers, the "dense" algorithm and warm-up steps denser than ``dense_above`` use an
+    Dense buffers, the "dense" algorithm and warm-up steps denser than
+    :meth:`Compression.dense_cut` use an
     allreduce of ``residual + momentum-corrected gradient`` (nothing is left behind); the others
     send a sparse part of it and keep the rest (error feedback). ``algorithm_state`` is the
     bucket's :meth:`Compression.new_state`, passed to the algorithm as ``state``. A CUDA buffer's
@@ -161,7 +182,8 @@ async def _reduce(group: Group, grad: torch.Tensor, memory: ErrorFeedback, compr
                   lazy: LazyState | None, algorithm_state: OkTopkState | None,
                   source: torch.Tensor | None) -> CommStats:
     memory_beta = compression.filter_factor()
-    sparse = compressed and compression.algorithm != "dense" and density < compression.dense_above
+    sparse = (compressed and compression.algorithm != "dense"
+              and density < compression.dense_cut(group.size, grad.numel(), grad.element_size()))
     k = local_topk(compression, group, grad.numel(), density, step) if sparse else 0
     source = grad if source is None else source
     outgoing, selection = memory.prepare(source, momentum, nesterov, memory_beta, k=k, seed=seed,

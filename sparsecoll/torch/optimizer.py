@@ -74,7 +74,9 @@ class SparseCollOptimizer(OverlappedSteps, StepFlags, torch.optim.Optimizer):
     where a value was sent); off by default, since it leaves often-sent coordinates without
     momentum and costs epochs (README, "Epochs to accuracy"). Parameters for which ``dense_if`` is true (default: at most one dimension,
     i.e. biases and norms) are reduced dense. ``warmup_steps`` moves the density exponentially
-    from 1 to ``density``; steps denser than ``dense_above`` use a dense allreduce. ``lazy`` (a
+    from 1 to ``density``; steps denser than ``dense_above`` use a dense allreduce (default
+    "auto": where the step's pairs would send more bytes than the dense allreduce, at most 0.25;
+    allgather's break even at density 1/P, half that against ``dense_fp16``). ``lazy`` (a
     :class:`~sparsecoll.collectives.lazy.LazyState` used as a template, one copy per bucket)
     works with "dense" (LAG, or LAQ with ``quantize_bits``), "allgather" and "auto".
     ``dense_fp16=True`` sends the plain dense reductions of float32 buckets (the warm-up's dense
@@ -133,7 +135,7 @@ class SparseCollOptimizer(OverlappedSteps, StepFlags, torch.optim.Optimizer):
                  momentum_masking: bool = False, lazy: LazyState | None = None,
                  clip_norm: float | None = None, bucket_bytes: int = DEFAULT_BUCKET_BYTES,
                  dense_if: Callable[[torch.Tensor], bool] | None = small_parameters,
-                 dense_above: float = 0.25, seed: int = 0, grad_scaler: Any = None,
+                 dense_above: float | str = "auto", seed: int = 0, grad_scaler: Any = None,
                  skip_nonfinite: bool = True, algorithm_options: dict[str, Any] | None = None,
                  memory_beta: float | None = None, per_layer: bool = False,
                  module: torch.nn.Module | None = None, broadcast_buffers: bool = True,
@@ -157,7 +159,7 @@ class SparseCollOptimizer(OverlappedSteps, StepFlags, torch.optim.Optimizer):
         if self.density_schedule is not None:
             density = self.density_schedule.sparsest
         self.compression = Compression(algorithm, float(density), quantize_bits, error_feedback,
-                                       float(dense_above), int(seed), with_hierarchical(algorithm_options, hierarchical),
+                                       dense_above, int(seed), with_hierarchical(algorithm_options, hierarchical),
                                        memory_beta, dense_fp16=bool(dense_fp16))
         self.compression.validate()
         self.optimizer = optimizer
