@@ -70,8 +70,8 @@ def per_rank() -> list[dict]:
 
 def test_a_step_past_the_break_even_reduces_dense_in_float16(per_rank) -> None:
     for outcome in per_rank:
-        auto_bytes, auto_dense, auto_nonzero = outcome["auto"]
-        quarter_bytes, quarter_dense, quarter_nonzero = outcome["quarter"]
+        _, auto_dense, auto_nonzero = outcome["auto"]
+        _, quarter_dense, quarter_nonzero = outcome["quarter"]
         assert auto_dense and auto_nonzero == SIZE  # the float16 mean: every entry
         assert not quarter_dense and quarter_nonzero < SIZE  # 0.2 < 0.25: sparse pairs
     auto_total = sum(outcome["auto"][0] for outcome in per_rank)
