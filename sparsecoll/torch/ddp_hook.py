@@ -150,15 +150,17 @@ class CommHookState:
         gradients. One bucket (``bucket_cap_mb`` above the model's size, which also caps DDP's
         first bucket) selects over the whole model, at the cost of starting the reduction after
         backward."""
+        if self._warned_split:
+            return
         compression = self.compression
         params = [param for iteration, bucket in self._bucket_params.values() if iteration == self.iteration
                   for param in bucket]
         numel = sum(param.numel() for param in params)
-        size = sum(param.numel() * param.element_size() for param in params)
-        if (self._warned_split or compression.algorithm == "dense"
-                or compression.density >= compression.dense_cut(self.group.size, numel, size // max(numel, 1))):
+        if not params or not compression.sparse_at(compression.density, self.group.size, numel,
+                                                    params[0].element_size()):
             return
         self._warned_split = True
+        size = sum(param.numel() * param.element_size() for param in params)
         warnings.warn(PerBucketDensityWarning(
             f"DDP reduces this model in {buckets} buckets and the sparsecoll hook compresses each on its "
             f"own at density {compression.density:g} (a top-k per bucket, not over the model), which can "

@@ -85,6 +85,11 @@ class Compression:
         even = sparse_break_even(self.algorithm, ranks, size, itemsize, dense_itemsize, self.quantize_bits)
         return AUTO_DENSE_ABOVE if even is None else min(even, AUTO_DENSE_ABOVE)
 
+    def sparse_at(self, density: float, ranks: int, size: int, itemsize: int = 4) -> bool:
+        """Whether a compressed step at ``density`` sends a sparse part of such a bucket (else a
+        dense allreduce): never for "dense", nor above :meth:`dense_cut`."""
+        return self.algorithm != "dense" and density < self.dense_cut(ranks, size, itemsize)
+
     def filter_factor(self) -> float:
         """The memory_beta in force: the given one, else the algorithm's default."""
         if self.memory_beta is not None:
@@ -182,8 +187,7 @@ async def _reduce(group: Group, grad: torch.Tensor, memory: ErrorFeedback, compr
                   lazy: LazyState | None, algorithm_state: OkTopkState | None,
                   source: torch.Tensor | None) -> CommStats:
     memory_beta = compression.filter_factor()
-    sparse = (compressed and compression.algorithm != "dense"
-              and density < compression.dense_cut(group.size, grad.numel(), grad.element_size()))
+    sparse = compressed and compression.sparse_at(density, group.size, grad.numel(), grad.element_size())
     k = local_topk(compression, group, grad.numel(), density, step) if sparse else 0
     source = grad if source is None else source
     outgoing, selection = memory.prepare(source, momentum, nesterov, memory_beta, k=k, seed=seed,
